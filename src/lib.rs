@@ -1,0 +1,30 @@
+//! consent-proxy: a TLS-terminating egress proxy that enforces telemetry consent on the wire.
+//!
+//! ```text
+//! listener (explicit) → access check → destination decision (policy, pure)
+//!    ├─ blocked   → response + audit
+//!    ├─ tunnel    → copy bytes both ways + audit
+//!    └─ intercept → TLS accept with a minted leaf (ca) → for each request:
+//!           decide (policy) → rewrite (pure) → upstream (verified TLS, pooled)
+//!           → response streamed back → audit (hash chain)
+//! ```
+//!
+//! Vocabulary:
+//! - **client**: the application whose egress passes through the proxy (a Mattermost server).
+//! - **upstream**: the server the client meant to reach.
+//! - **feature**: a kind of traffic the admin consents to or not, known by its hosts and paths
+//!   (`security_alerts`, `diagnostics`, `push_notifications`, or the admin's own).
+//! - **category**: a kind of data (`activity_counts`, `user_names`, …) the admin may withhold.
+//! - **rule**: what to remove, replace or keep when a category is withheld (or always).
+//! - **selector**: where a rule points: `query:`, `header:`, `form:`, `json:` (RFC 9535).
+//! - **decision**: what happened to a request or connection; one audit record each.
+
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod response;
+pub mod rewrite;
+pub mod upstream;

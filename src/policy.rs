@@ -1,0 +1,449 @@
+//! The policy engine: which feature a destination belongs to, whether the admin consents to it,
+//! and which rules apply to a request. Pure: it takes names and paths and returns verdicts; it
+//! never touches a socket, a file or a clock. `config` builds a [`Policy`] from TOML.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use http::HeaderName;
+use serde_json_path::JsonPath;
+
+/// Whether decisions are enforced or only reported (`mode = "report"`: traffic leaves unchanged
+/// and the audit log says `would_block` / `would_strip`).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Mode {
+    Enforce,
+    Report,
+}
+
+/// What happens to destinations that belong to no feature.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum UnknownHosts {
+    Tunnel,
+    Deny,
+}
+
+/// How a denied feature's requests are answered.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum OnBlock {
+    /// 403 with a JSON error body.
+    Reject,
+    /// 200 with `{}`, for clients that retry on errors.
+    Sink,
+}
+
+/// The effective policy: features, their rules, and the admin's consent.
+#[derive(Debug)]
+pub struct Policy {
+    pub mode: Mode,
+    pub unknown_hosts: UnknownHosts,
+    pub features: Vec<Feature>,
+    pub consent: Consent,
+}
+
+/// The admin's choices: which features may send, which data categories they may not carry.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Consent {
+    pub granted: BTreeSet<String>,
+    pub withheld: BTreeSet<String>,
+}
+
+/// A kind of traffic the admin can consent to, known by its destinations.
+#[derive(Debug)]
+pub struct Feature {
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    /// Path prefixes; empty means every path of the hosts.
+    pub paths: Vec<String>,
+    pub on_block: OnBlock,
+    /// Categories the feature cannot work without (withholding one while granting the feature is
+    /// refused when the policy is loaded).
+    pub requires: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+/// One `[[feature.rule]]`: an action over selectors, applied when its category is withheld (or
+/// always, when it has none) and the request path is under one of its `paths`.
+#[derive(Debug)]
+pub struct Rule {
+    /// Position in the feature's rule list, for audit reasons and `explain`.
+    pub index: usize,
+    pub category: Option<String>,
+    pub paths: Vec<String>,
+    pub action: Action,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Remove(Vec<Selector>),
+    Replace(Vec<(Selector, String)>),
+    /// Allowlist: within each kind of selector named, everything not named goes.
+    Keep(Vec<Selector>),
+}
+
+/// What a rule points at in a request.
+#[derive(Clone, Debug)]
+pub enum Selector {
+    /// A query parameter, by its percent-decoded name.
+    Query(String),
+    /// A header, by name (case-insensitive).
+    Header(HeaderName),
+    /// A field of an `application/x-www-form-urlencoded` body, by its decoded name.
+    Form(String),
+    /// RFC 9535 JSONPath into a JSON body; each match is removed or replaced.
+    Json(JsonSelector),
+}
+
+#[derive(Clone, Debug)]
+pub struct JsonSelector {
+    pub source: String,
+    pub path: JsonPath,
+}
+
+/// A host name as written in a feature: exact, or `*.` for any subdomain.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored without the `*`, e.g. `.acme-telemetry.example`.
+    Subdomain(String),
+}
+
+/// What to do with a CONNECT (or a TLS ClientHello) before any request is seen.
+#[derive(Debug, Eq, PartialEq)]
+pub enum ConnectVerdict<'p> {
+    /// The host belongs to a feature: decrypt and decide each request.
+    Intercept,
+    /// Every request to the host would be blocked: answer now, before any TLS.
+    Block { feature: &'p Feature },
+    /// The host belongs to no feature.
+    Unknown(UnknownHosts),
+}
+
+/// What the policy says of one request.
+#[derive(Debug)]
+pub enum Verdict<'p> {
+    /// Consent for the feature is denied.
+    Denied { feature: &'p Feature },
+    /// Consent is granted; these rules apply (none: the request leaves as it is).
+    Granted {
+        feature: &'p Feature,
+        rules: Vec<&'p Rule>,
+        withheld: Vec<&'p str>,
+    },
+    /// The destination belongs to no feature.
+    Unknown(UnknownHosts),
+}
+
+impl Policy {
+    /// Decide a CONNECT to `host` before any TLS. Block only when no path of the host could be
+    /// allowed: every feature on the host is denied with `on_block = "reject"`, and paths not
+    /// covered by a feature are denied too.
+    pub fn connect(&self, host: &str) -> ConnectVerdict<'_> {
+        let host = normalize_host(host);
+        let on_host: Vec<&Feature> = self
+            .features
+            .iter()
+            .filter(|f| f.matches_host(&host))
+            .collect();
+        let Some(first) = on_host.first() else {
+            return ConnectVerdict::Unknown(self.unknown_hosts);
+        };
+        if self.mode == Mode::Report {
+            return ConnectVerdict::Intercept;
+        }
+        let all_rejected = on_host
+            .iter()
+            .all(|f| !self.consent.granted.contains(&f.name) && f.on_block == OnBlock::Reject);
+        let whole_host =
+            on_host.iter().any(|f| f.paths.is_empty()) || self.unknown_hosts == UnknownHosts::Deny;
+        if all_rejected && whole_host {
+            ConnectVerdict::Block { feature: first }
+        } else {
+            ConnectVerdict::Intercept
+        }
+    }
+
+    /// Decide one request by host and path: the feature with the longest matching path prefix on
+    /// the host wins (a feature without paths matches with length zero).
+    pub fn decide(&self, host: &str, path: &str) -> Verdict<'_> {
+        let host = normalize_host(host);
+        let best = self
+            .features
+            .iter()
+            .filter(|f| f.matches_host(&host))
+            .filter_map(|f| f.path_match_len(path).map(|len| (len, f)))
+            .max_by_key(|(len, _)| *len);
+        let Some((_, feature)) = best else {
+            return Verdict::Unknown(self.unknown_hosts);
+        };
+        if !self.consent.granted.contains(&feature.name) {
+            return Verdict::Denied { feature };
+        }
+        let rules: Vec<&Rule> = feature
+            .rules
+            .iter()
+            .filter(|r| match &r.category {
+                None => true,
+                Some(c) => self.consent.withheld.contains(c),
+            })
+            .filter(|r| r.paths.is_empty() || r.paths.iter().any(|p| path.starts_with(p.as_str())))
+            .collect();
+        let mut withheld: Vec<&str> = rules.iter().filter_map(|r| r.category.as_deref()).collect();
+        withheld.dedup();
+        Verdict::Granted {
+            feature,
+            rules,
+            withheld,
+        }
+    }
+
+    /// The feature a host belongs to, if any (the first one declared).
+    pub fn feature_for_host(&self, host: &str) -> Option<&Feature> {
+        let host = normalize_host(host);
+        self.features.iter().find(|f| f.matches_host(&host))
+    }
+}
+
+impl Feature {
+    fn matches_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    fn path_match_len(&self, path: &str) -> Option<usize> {
+        if self.paths.is_empty() {
+            return Some(0);
+        }
+        self.paths
+            .iter()
+            .filter(|p| path.starts_with(p.as_str()))
+            .map(|p| p.len())
+            .max()
+    }
+}
+
+impl PartialEq for Feature {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Feature {}
+
+impl HostPattern {
+    /// Parse `name` or `*.name`; names are compared lowercase without a trailing dot.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = normalize_host(s);
+        let (pattern, name) = match s.strip_prefix("*.") {
+            Some(rest) => (HostPattern::Subdomain(format!(".{rest}")), rest.to_string()),
+            None => (HostPattern::Exact(s.clone()), s.clone()),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if valid {
+            Ok(pattern)
+        } else {
+            Err(format!(
+                "{s:?} is not a host name (write `name` or `*.name`)"
+            ))
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Subdomain(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Subdomain(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+impl Selector {
+    /// Whether applying this selector needs the request body.
+    pub fn reads_body(&self) -> bool {
+        matches!(self, Selector::Form(_) | Selector::Json(_))
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Query(n) => write!(f, "query:{n}"),
+            Selector::Header(n) => write!(f, "header:{n}"),
+            Selector::Form(n) => write!(f, "form:{n}"),
+            Selector::Json(j) => write!(f, "json:{}", j.source),
+        }
+    }
+}
+
+impl Action {
+    pub fn selectors(&self) -> Box<dyn Iterator<Item = &Selector> + '_> {
+        match self {
+            Action::Remove(s) | Action::Keep(s) => Box::new(s.iter()),
+            Action::Replace(pairs) => Box::new(pairs.iter().map(|(s, _)| s)),
+        }
+    }
+}
+
+impl Rule {
+    pub fn reads_body(&self) -> bool {
+        self.action.selectors().any(Selector::reads_body)
+    }
+}
+
+/// Lowercase, without a trailing dot: the form in which hosts are compared.
+pub fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feature(name: &str, hosts: &[&str], paths: &[&str], on_block: OnBlock) -> Feature {
+        Feature {
+            name: name.into(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).expect("valid host"))
+                .collect(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            on_block,
+            requires: vec![],
+            rules: vec![
+                Rule {
+                    index: 0,
+                    category: None,
+                    paths: vec![],
+                    action: Action::Remove(vec![Selector::Query("u".into())]),
+                },
+                Rule {
+                    index: 1,
+                    category: Some("activity_counts".into()),
+                    paths: vec!["/v1/".into()],
+                    action: Action::Remove(vec![Selector::Query("c".into())]),
+                },
+            ],
+        }
+    }
+
+    fn policy(granted: &[&str], withheld: &[&str], unknown: UnknownHosts) -> Policy {
+        Policy {
+            mode: Mode::Enforce,
+            unknown_hosts: unknown,
+            features: vec![
+                feature("a", &["a.example", "*.wild.example"], &[], OnBlock::Reject),
+                feature("b", &["shared.example"], &["/b/"], OnBlock::Reject),
+                feature("c", &["shared.example"], &["/b/long/"], OnBlock::Sink),
+            ],
+            consent: Consent {
+                granted: granted.iter().map(|s| s.to_string()).collect(),
+                withheld: withheld.iter().map(|s| s.to_string()).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn hosts_match_exactly_by_wildcard_case_and_trailing_dot() {
+        let p = policy(&["a"], &[], UnknownHosts::Tunnel);
+        for (host, known) in [
+            ("a.example", true),
+            ("A.Example.", true),
+            ("x.wild.example", true),
+            ("x.y.wild.example", true),
+            ("wild.example", false),
+            ("xa.example", false),
+            ("a.example.evil", false),
+        ] {
+            assert_eq!(p.feature_for_host(host).is_some(), known, "{host}");
+        }
+    }
+
+    #[test]
+    fn connect_blocks_only_when_every_path_is_blocked() {
+        let p = policy(&[], &[], UnknownHosts::Tunnel);
+        assert!(matches!(
+            p.connect("a.example"),
+            ConnectVerdict::Block { .. }
+        ));
+        // shared.example: features only cover /b/, other paths tunnel; c is a sink.
+        assert_eq!(p.connect("shared.example"), ConnectVerdict::Intercept);
+        assert_eq!(
+            p.connect("other.example"),
+            ConnectVerdict::Unknown(UnknownHosts::Tunnel)
+        );
+        let granted = policy(&["a"], &[], UnknownHosts::Tunnel);
+        assert_eq!(granted.connect("a.example"), ConnectVerdict::Intercept);
+        let report = Policy {
+            mode: Mode::Report,
+            ..policy(&[], &[], UnknownHosts::Tunnel)
+        };
+        assert_eq!(report.connect("a.example"), ConnectVerdict::Intercept);
+    }
+
+    #[test]
+    fn longest_path_prefix_wins() {
+        let p = policy(&["b"], &[], UnknownHosts::Deny);
+        assert!(
+            matches!(p.decide("shared.example", "/b/x"), Verdict::Granted { feature, .. } if feature.name == "b")
+        );
+        assert!(
+            matches!(p.decide("shared.example", "/b/long/x"), Verdict::Denied { feature } if feature.name == "c")
+        );
+        assert!(matches!(
+            p.decide("shared.example", "/other"),
+            Verdict::Unknown(UnknownHosts::Deny)
+        ));
+    }
+
+    #[test]
+    fn rules_follow_withheld_categories_and_rule_paths() {
+        let p = policy(&["a"], &["activity_counts"], UnknownHosts::Tunnel);
+        let Verdict::Granted {
+            rules, withheld, ..
+        } = p.decide("a.example", "/v1/batch")
+        else {
+            panic!("granted expected");
+        };
+        assert_eq!(
+            rules.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert_eq!(withheld, vec!["activity_counts"]);
+        let Verdict::Granted { rules, .. } = p.decide("a.example", "/v2/batch") else {
+            panic!("granted expected");
+        };
+        assert_eq!(rules.iter().map(|r| r.index).collect::<Vec<_>>(), vec![0]);
+        let p = policy(&["a"], &[], UnknownHosts::Tunnel);
+        let Verdict::Granted { rules, .. } = p.decide("a.example", "/v1/batch") else {
+            panic!("granted expected");
+        };
+        assert_eq!(rules.len(), 1);
+    }
+
+    #[test]
+    fn host_patterns_reject_garbage() {
+        for bad in ["", "*.", "a..b", "a b", "a/b", "*"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            HostPattern::parse("*.X.example.")
+                .expect("valid")
+                .to_string(),
+            "*.x.example"
+        );
+    }
+}

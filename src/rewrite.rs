@@ -1,0 +1,872 @@
+//! The rewriter: applies a feature's rules to one request (query string, headers, form or JSON
+//! body) and reports what it changed as selectors, never as values. Pure: bytes in, bytes out.
+//!
+//! Byte fidelity: query and form parameters that no rule touches keep their exact bytes; a JSON
+//! body no rule changes is passed on as received. A changed JSON body is re-serialized compactly
+//! with member order and number text preserved (string escapes may be normalized, e.g. Go's
+//! `\u003c` becomes `<`; both decode to the same value).
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json_path::PathElement;
+
+use crate::policy::{Action, JsonSelector, Rule, Selector};
+
+/// The parts of a request the rules may change.
+#[derive(Debug)]
+pub struct Message {
+    /// The raw query string, without `?`.
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// The whole body; only read when a rule needs it.
+    pub body: Bytes,
+}
+
+/// What the rules changed, as selectors (`query:uc`, `json:$['batch'][3]`).
+#[derive(Debug, Default, Eq, PartialEq)]
+pub struct Edits {
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+}
+
+/// A body a rule must read but cannot.
+#[derive(Debug, Eq, PartialEq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body has a content encoding that cannot be inspected")]
+    Encoded,
+    #[error("body is not valid JSON")]
+    NotJson,
+    #[error("JSON body has a duplicate object key")]
+    DuplicateKey,
+    #[error("body is not application/x-www-form-urlencoded")]
+    NotForm,
+}
+
+/// Headers an allowlist (`keep`) never removes: without them the request cannot be framed.
+const FRAMING_HEADERS: [HeaderName; 5] = [
+    HOST,
+    CONTENT_LENGTH,
+    TRANSFER_ENCODING,
+    CONTENT_TYPE,
+    CONTENT_ENCODING,
+];
+
+/// Apply `rules` in order. On success the message is ready to leave: a changed body carries a
+/// matching `Content-Length` and no `Transfer-Encoding`.
+pub fn apply(rules: &[&Rule], msg: &mut Message) -> Result<Edits, BodyError> {
+    let reads_body = rules.iter().any(|r| r.reads_body());
+    if reads_body {
+        if let Some(enc) = msg.headers.get(CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Err(BodyError::Encoded);
+            }
+        }
+    }
+    let mut edits = Edits::default();
+    let mut body = Body::new(msg.body.clone());
+    for rule in rules {
+        match &rule.action {
+            Action::Remove(selectors) => {
+                for sel in selectors {
+                    remove(sel, msg, &mut body, &mut edits)?;
+                }
+            }
+            Action::Replace(pairs) => {
+                for (sel, value) in pairs {
+                    replace(sel, value, msg, &mut body, &mut edits)?;
+                }
+            }
+            Action::Keep(selectors) => keep(selectors, msg, &mut body, &mut edits)?,
+        }
+    }
+    if let Some(new_body) = body.finish() {
+        msg.headers.remove(TRANSFER_ENCODING);
+        msg.headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+        msg.body = new_body;
+    }
+    Ok(edits)
+}
+
+fn remove(
+    sel: &Selector,
+    msg: &mut Message,
+    body: &mut Body,
+    edits: &mut Edits,
+) -> Result<(), BodyError> {
+    let hit = match sel {
+        Selector::Query(name) => edit_params(&mut msg.query, |p| p.remove(name)),
+        Selector::Header(name) => msg.headers.remove(name).is_some(),
+        Selector::Form(name) => {
+            let form = body.form(&msg.headers)?;
+            edit_params(form, |p| p.remove(name))
+        }
+        Selector::Json(j) => {
+            let removed = match body.json()? {
+                Some(doc) => remove_json(doc, &[j]),
+                None => Vec::new(),
+            };
+            if !removed.is_empty() {
+                body.touch();
+            }
+            edits.removed.extend(removed);
+            false
+        }
+    };
+    if hit {
+        edits.removed.push(sel.to_string());
+    }
+    if hit && matches!(sel, Selector::Form(_)) {
+        body.touch();
+    }
+    Ok(())
+}
+
+fn replace(
+    sel: &Selector,
+    value: &str,
+    msg: &mut Message,
+    body: &mut Body,
+    edits: &mut Edits,
+) -> Result<(), BodyError> {
+    let hit = match sel {
+        Selector::Query(name) => edit_params(&mut msg.query, |p| p.replace(name, value)),
+        Selector::Header(name) => match (msg.headers.get_mut(name), HeaderValue::from_str(value)) {
+            (Some(slot), Ok(v)) => {
+                *slot = v;
+                true
+            }
+            _ => false,
+        },
+        Selector::Form(name) => {
+            let form = body.form(&msg.headers)?;
+            let hit = edit_params(form, |p| p.replace(name, value));
+            if hit {
+                body.touch();
+            }
+            hit
+        }
+        Selector::Json(j) => {
+            let before = edits.replaced.len();
+            if let Some(doc) = body.json()? {
+                for path in located(doc, j) {
+                    if let Some(node) = node_mut(doc, &path) {
+                        *node = Value::String(value.to_string());
+                        edits.replaced.push(format!("json:{}", render(&path)));
+                    }
+                }
+            }
+            if edits.replaced.len() > before {
+                body.touch();
+            }
+            false
+        }
+    };
+    if hit {
+        edits.replaced.push(sel.to_string());
+    }
+    Ok(())
+}
+
+/// Allowlist: within each kind of selector named, everything not named goes. What goes is
+/// recorded by kind and count (`keep:query(2)`), never by name: names outside the allowlist are
+/// exactly what the admin did not vouch for.
+fn keep(
+    selectors: &[Selector],
+    msg: &mut Message,
+    body: &mut Body,
+    edits: &mut Edits,
+) -> Result<(), BodyError> {
+    let names =
+        |f: fn(&Selector) -> Option<&str>| selectors.iter().filter_map(f).collect::<Vec<&str>>();
+    let query = names(|s| {
+        if let Selector::Query(n) = s {
+            Some(n)
+        } else {
+            None
+        }
+    });
+    let form = names(|s| {
+        if let Selector::Form(n) = s {
+            Some(n)
+        } else {
+            None
+        }
+    });
+    let headers: Vec<&HeaderName> = selectors
+        .iter()
+        .filter_map(|s| {
+            if let Selector::Header(n) = s {
+                Some(n)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let json: Vec<&JsonSelector> = selectors
+        .iter()
+        .filter_map(|s| {
+            if let Selector::Json(j) = s {
+                Some(j)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mut note = |kind: &str, n: usize| {
+        if n > 0 {
+            edits.removed.push(format!("keep:{kind}({n})"));
+        }
+    };
+    if !query.is_empty() {
+        let mut n = 0;
+        edit_params(&mut msg.query, |p| {
+            n = p.keep_only(&query);
+            n > 0
+        });
+        note("query", n);
+    }
+    if !headers.is_empty() {
+        let drop: Vec<HeaderName> = msg
+            .headers
+            .keys()
+            .filter(|k| !headers.contains(k) && !FRAMING_HEADERS.contains(k))
+            .cloned()
+            .collect();
+        for name in &drop {
+            msg.headers.remove(name);
+        }
+        note("header", drop.len());
+    }
+    if !form.is_empty() {
+        let mut n = 0;
+        let params = body.form(&msg.headers)?;
+        edit_params(params, |p| {
+            n = p.keep_only(&form);
+            n > 0
+        });
+        if n > 0 {
+            body.touch();
+        }
+        note("form", n);
+    }
+    if !json.is_empty() {
+        if let Some(doc) = body.json()? {
+            let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| located(doc, j)).collect();
+            let n = prune(doc, &mut Vec::new(), &kept);
+            if n > 0 {
+                body.touch();
+            }
+            note("json", n);
+        }
+    }
+    Ok(())
+}
+
+/// The body, parsed on first use by whichever kind of rule reads it.
+enum Body {
+    Raw(Bytes),
+    Empty,
+    Json {
+        doc: Value,
+        changed: bool,
+    },
+    Form {
+        params: Option<String>,
+        changed: bool,
+    },
+}
+
+impl Body {
+    fn new(raw: Bytes) -> Self {
+        if raw.is_empty() {
+            Body::Empty
+        } else {
+            Body::Raw(raw)
+        }
+    }
+
+    /// The JSON document, or `None` for an empty body (nothing to strip).
+    fn json(&mut self) -> Result<Option<&mut Value>, BodyError> {
+        if let Body::Raw(raw) = self {
+            *self = Body::Json {
+                doc: parse_json(raw)?,
+                changed: false,
+            };
+        }
+        match self {
+            Body::Empty => Ok(None),
+            Body::Json { doc, .. } => Ok(Some(doc)),
+            Body::Form { .. } => Err(BodyError::NotJson),
+            Body::Raw(_) => unreachable!("raw body was parsed above"),
+        }
+    }
+
+    fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, BodyError> {
+        if let Body::Raw(raw) = self {
+            let is_form = headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|v| {
+                    v.trim()
+                        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+                });
+            let text = std::str::from_utf8(raw).map_err(|_| BodyError::NotForm)?;
+            if !is_form {
+                return Err(BodyError::NotForm);
+            }
+            *self = Body::Form {
+                params: Some(text.to_string()),
+                changed: false,
+            };
+        }
+        match self {
+            Body::Empty => {
+                *self = Body::Form {
+                    params: None,
+                    changed: false,
+                };
+                self.form(headers)
+            }
+            Body::Form { params, .. } => Ok(params),
+            Body::Json { .. } => Err(BodyError::NotForm),
+            Body::Raw(_) => unreachable!("raw body was parsed above"),
+        }
+    }
+
+    /// Note that a rule changed the parsed body, so `finish` re-serializes it.
+    fn touch(&mut self) {
+        if let Body::Json { changed, .. } | Body::Form { changed, .. } = self {
+            *changed = true;
+        }
+    }
+
+    /// The new body, if it changed.
+    fn finish(self) -> Option<Bytes> {
+        match self {
+            Body::Json { doc, changed: true } => {
+                let bytes =
+                    serde_json::to_vec(&doc).expect("a serde_json::Value always serializes");
+                Some(Bytes::from(bytes))
+            }
+            Body::Form {
+                params,
+                changed: true,
+            } => Some(Bytes::from(params.unwrap_or_default())),
+            _ => None,
+        }
+    }
+}
+
+/// Parse a JSON body, refusing duplicate object keys (parsers disagree on which one wins, so a
+/// rule could remove one copy while the upstream reads the other).
+fn parse_json(raw: &[u8]) -> Result<Value, BodyError> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    match NoDuplicates::deserialize(&mut de).and_then(|_| de.end()) {
+        Ok(()) => {}
+        Err(e) if e.is_data() => return Err(BodyError::DuplicateKey),
+        Err(_) => return Err(BodyError::NotJson),
+    }
+    serde_json::from_slice(raw).map_err(|_| BodyError::NotJson)
+}
+
+/// A visitor that walks a JSON document and fails on a duplicate key in any object.
+struct NoDuplicates;
+
+impl<'de> Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicatesVisitor)
+    }
+}
+
+struct NoDuplicatesVisitor;
+
+impl<'de> Visitor<'de> for NoDuplicatesVisitor {
+    type Value = NoDuplicates;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoDuplicates, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key) {
+                return Err(de::Error::custom("duplicate key"));
+            }
+            map.next_value::<NoDuplicates>()?;
+        }
+        Ok(NoDuplicates)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoDuplicates, A::Error> {
+        while seq.next_element::<NoDuplicates>()?.is_some() {}
+        Ok(NoDuplicates)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_unit<E>(self) -> Result<NoDuplicates, E> {
+        Ok(NoDuplicates)
+    }
+}
+
+/// One step of a normalized JSONPath, owned so the document can be changed after the query.
+#[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
+enum Step {
+    Name(String),
+    Index(usize),
+}
+
+fn located(doc: &Value, sel: &JsonSelector) -> Vec<Vec<Step>> {
+    sel.path
+        .query_located(doc)
+        .locations()
+        .map(|loc| {
+            loc.iter()
+                .map(|el| match el {
+                    PathElement::Name(n) => Step::Name(n.to_string()),
+                    PathElement::Index(i) => Step::Index(*i),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Remove every match of the selectors; returns the removed locations, rendered.
+fn remove_json(doc: &mut Value, sels: &[&JsonSelector]) -> Vec<String> {
+    let mut paths: Vec<Vec<Step>> = sels
+        .iter()
+        .flat_map(|s| located(doc, s))
+        .filter(|p| !p.is_empty())
+        .collect();
+    // Deepest and highest index first, so earlier removals never shift a later path.
+    paths.sort();
+    paths.dedup();
+    paths.reverse();
+    let mut removed = Vec::new();
+    for path in paths {
+        let (last, parent) = path.split_last().expect("empty paths were filtered out");
+        let gone = match (node_mut(doc, parent), last) {
+            (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
+            (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+                items.remove(*i);
+                true
+            }
+            _ => false,
+        };
+        if gone {
+            removed.push(format!("json:{}", render(&path)));
+        }
+    }
+    removed.reverse();
+    removed
+}
+
+/// Remove everything that is neither kept nor on the way to something kept; returns the count.
+fn prune(node: &mut Value, at: &mut Vec<Step>, kept: &BTreeSet<Vec<Step>>) -> usize {
+    let verdict = |at: &Vec<Step>| -> Option<bool> {
+        if kept.contains(at) {
+            Some(true)
+        } else if kept.iter().any(|k| k.starts_with(at)) {
+            None
+        } else {
+            Some(false)
+        }
+    };
+    let mut removed = 0;
+    match node {
+        Value::Object(map) => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for key in keys {
+                at.push(Step::Name(key.clone()));
+                match verdict(at) {
+                    Some(true) => {}
+                    Some(false) => {
+                        map.shift_remove(&key);
+                        removed += 1;
+                    }
+                    None => {
+                        if let Some(child) = map.get_mut(&key) {
+                            removed += prune(child, at, kept);
+                        }
+                    }
+                }
+                at.pop();
+            }
+        }
+        Value::Array(items) => {
+            for i in (0..items.len()).rev() {
+                at.push(Step::Index(i));
+                match verdict(at) {
+                    Some(true) => {}
+                    Some(false) => {
+                        items.remove(i);
+                        removed += 1;
+                    }
+                    None => removed += prune(&mut items[i], at, kept),
+                }
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+    removed
+}
+
+fn node_mut<'v>(mut node: &'v mut Value, path: &[Step]) -> Option<&'v mut Value> {
+    for step in path {
+        node = match (node, step) {
+            (Value::Object(map), Step::Name(n)) => map.get_mut(n)?,
+            (Value::Array(items), Step::Index(i)) => items.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
+/// RFC 9535 normalized path: `$['batch'][3]`.
+fn render(path: &[Step]) -> String {
+    let mut out = String::from("$");
+    for step in path {
+        match step {
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+            Step::Name(n) => {
+                out.push_str("['");
+                for c in n.chars() {
+                    match c {
+                        '\'' => out.push_str("\\'"),
+                        '\\' => out.push_str("\\\\"),
+                        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
+                out.push_str("']");
+            }
+        }
+    }
+    out
+}
+
+/// `a=1&b=2` pieces with their original bytes; names compared percent-decoded.
+struct Params<'s> {
+    pieces: Vec<&'s str>,
+    replaced: Vec<(usize, String)>,
+}
+
+impl Params<'_> {
+    fn name(piece: &str) -> String {
+        let raw = piece.split('=').next().unwrap_or_default();
+        form_urlencoded::parse(raw.as_bytes())
+            .next()
+            .map(|(k, _)| k.into_owned())
+            .unwrap_or_default()
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        let before = self.pieces.len();
+        self.pieces
+            .retain(|p| p.is_empty() || Self::name(p) != name);
+        self.pieces.len() != before
+    }
+
+    fn replace(&mut self, name: &str, value: &str) -> bool {
+        let mut hit = false;
+        for (i, p) in self.pieces.iter().enumerate() {
+            if !p.is_empty() && Self::name(p) == name {
+                let raw_name = p.split('=').next().unwrap_or_default();
+                let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+                self.replaced.push((i, format!("{raw_name}={encoded}")));
+                hit = true;
+            }
+        }
+        hit
+    }
+
+    fn keep_only(&mut self, names: &[&str]) -> usize {
+        let before = self.pieces.len();
+        self.pieces
+            .retain(|p| p.is_empty() || names.contains(&Self::name(p).as_str()));
+        before - self.pieces.len()
+    }
+}
+
+/// Run `f` over the parameters of `slot`, writing them back if it reports a change. An empty
+/// result becomes `None` (no `?` left behind).
+fn edit_params(slot: &mut Option<String>, f: impl FnOnce(&mut Params<'_>) -> bool) -> bool {
+    let Some(text) = slot.as_deref() else {
+        return false;
+    };
+    let mut params = Params {
+        pieces: text.split('&').collect(),
+        replaced: Vec::new(),
+    };
+    if !f(&mut params) {
+        return false;
+    }
+    let Params { pieces, replaced } = params;
+    let mut out: Vec<String> = pieces.into_iter().map(str::to_string).collect();
+    for (i, new) in replaced {
+        out[i] = new;
+    }
+    let joined = out.join("&");
+    *slot = if joined.is_empty() {
+        None
+    } else {
+        Some(joined)
+    };
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::JsonSelector;
+    use serde_json_path::JsonPath;
+
+    fn json(s: &str) -> Selector {
+        Selector::Json(JsonSelector {
+            source: s.into(),
+            path: JsonPath::parse(s).expect("valid path"),
+        })
+    }
+
+    fn rule(action: Action) -> Rule {
+        Rule {
+            index: 0,
+            category: None,
+            paths: vec![],
+            action,
+        }
+    }
+
+    fn msg(query: Option<&str>, headers: &[(&str, &str)], body: &str) -> Message {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        Message {
+            query: query.map(str::to_string),
+            headers: map,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn query_removal_keeps_other_bytes() {
+        let cases = [
+            (
+                "auc=58&b=10.5.2&id=x&tc=4&uc=212&ut=0",
+                vec!["uc", "auc", "tc"],
+                Some("b=10.5.2&id=x&ut=0"),
+            ),
+            ("a%20b=1&c=%2F", vec!["a b"], Some("c=%2F")),
+            ("uc=1", vec!["uc"], None),
+            ("u%63=1&x", vec!["uc"], Some("x")),
+            ("x=1&&y=2", vec!["y"], Some("x=1&")),
+        ];
+        for (query, names, want) in cases {
+            let r = rule(Action::Remove(
+                names
+                    .iter()
+                    .map(|n| Selector::Query(n.to_string()))
+                    .collect(),
+            ));
+            let mut m = msg(Some(query), &[], "");
+            apply(&[&r], &mut m).expect("applies");
+            assert_eq!(m.query.as_deref(), want, "{query}");
+        }
+    }
+
+    #[test]
+    fn query_replace_and_keep() {
+        let r = rule(Action::Replace(vec![(
+            Selector::Query("id".into()),
+            "a b&c".into(),
+        )]));
+        let mut m = msg(Some("id=secret&v=1"), &[], "");
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.query.as_deref(), Some("id=a+b%26c&v=1"));
+        assert_eq!(edits.replaced, vec!["query:id"]);
+
+        let r = rule(Action::Keep(vec![Selector::Query("v".into())]));
+        let mut m = msg(Some("id=secret&v=1&z=2"), &[], "");
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.query.as_deref(), Some("v=1"));
+        assert_eq!(edits.removed, vec!["keep:query(2)"]);
+    }
+
+    #[test]
+    fn headers_remove_replace_keep() {
+        let r = rule(Action::Remove(vec![Selector::Header(
+            HeaderName::from_static("x-install-id"),
+        )]));
+        let mut m = msg(None, &[("X-Install-Id", "secret"), ("accept", "*/*")], "");
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert!(m.headers.get("x-install-id").is_none());
+        assert_eq!(edits.removed, vec!["header:x-install-id"]);
+
+        let r = rule(Action::Keep(vec![Selector::Header(
+            HeaderName::from_static("accept"),
+        )]));
+        let mut m = msg(
+            None,
+            &[
+                ("host", "h"),
+                ("x-a", "1"),
+                ("x-b", "2"),
+                ("accept", "*/*"),
+                ("content-length", "0"),
+            ],
+            "",
+        );
+        let edits = apply(&[&r], &mut m).expect("applies");
+        let left: Vec<&str> = m.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host", "content-length", "accept"]);
+        assert_eq!(edits.removed, vec!["keep:header(2)"]);
+    }
+
+    #[test]
+    fn json_batch_items_are_removed_by_filter() {
+        let body = r#"{"batch":[{"event":"activity","n":1},{"event":"server"},{"event":"activity"}],"sentAt":"t"}"#;
+        let r = rule(Action::Remove(vec![json(
+            "$.batch[?@.event == 'activity']",
+        )]));
+        let mut m = msg(
+            None,
+            &[("content-length", "99"), ("transfer-encoding", "chunked")],
+            body,
+        );
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.body, r#"{"batch":[{"event":"server"}],"sentAt":"t"}"#);
+        assert_eq!(
+            edits.removed,
+            vec!["json:$['batch'][0]", "json:$['batch'][2]"]
+        );
+        assert_eq!(
+            m.headers["content-length"],
+            m.body.len().to_string().as_str()
+        );
+        assert!(m.headers.get("transfer-encoding").is_none());
+    }
+
+    #[test]
+    fn json_replace_keeps_member_order_and_numbers() {
+        let body =
+            r#"{"ack_id":"a","message":"secret","badge":3,"big":12345678901234567890,"f":1.50}"#;
+        let rules = [
+            rule(Action::Replace(vec![(
+                json("$.message"),
+                "You've received a new message.".into(),
+            )])),
+            rule(Action::Remove(vec![json("$.channel_name")])),
+        ];
+        let refs: Vec<&Rule> = rules.iter().collect();
+        let mut m = msg(None, &[], body);
+        let edits = apply(&refs, &mut m).expect("applies");
+        assert_eq!(
+            m.body,
+            r#"{"ack_id":"a","message":"You've received a new message.","badge":3,"big":12345678901234567890,"f":1.50}"#
+        );
+        assert_eq!(edits.replaced, vec!["json:$['message']"]);
+        assert!(edits.removed.is_empty());
+    }
+
+    #[test]
+    fn unchanged_json_is_passed_on_as_received() {
+        let body = "{\"a\":\"\\u003cb\\u003e\"}";
+        let r = rule(Action::Remove(vec![json("$.missing")]));
+        let mut m = msg(None, &[], body);
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.body, body);
+        assert_eq!(edits, Edits::default());
+    }
+
+    #[test]
+    fn json_keep_prunes_to_the_allowlist() {
+        let body = r#"{"event":"e","version":2,"props":{"a":1,"b":2},"x":[1,2]}"#;
+        let r = rule(Action::Keep(vec![json("$.event"), json("$.props.a")]));
+        let mut m = msg(None, &[], body);
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.body, r#"{"event":"e","props":{"a":1}}"#);
+        assert_eq!(edits.removed, vec!["keep:json(3)"]);
+    }
+
+    #[test]
+    fn unreadable_bodies_fail_closed() {
+        let r = rule(Action::Remove(vec![json("$.a")]));
+        for (headers, body, want) in [
+            (vec![], "not json", BodyError::NotJson),
+            (vec![], r#"{"a":1} trailing"#, BodyError::NotJson),
+            (vec![], r#"{"a":1,"a":2}"#, BodyError::DuplicateKey),
+            (vec![], r#"{"x":{"a":1,"a":2}}"#, BodyError::DuplicateKey),
+            (
+                vec![("content-encoding", "gzip")],
+                r#"{"a":1}"#,
+                BodyError::Encoded,
+            ),
+        ] {
+            let mut m = msg(None, &headers, body);
+            assert_eq!(apply(&[&r], &mut m), Err(want), "{body}");
+        }
+        let r = rule(Action::Remove(vec![Selector::Form("a".into())]));
+        let mut m = msg(None, &[("content-type", "application/json")], "a=1");
+        assert_eq!(apply(&[&r], &mut m), Err(BodyError::NotForm));
+    }
+
+    #[test]
+    fn empty_body_has_nothing_to_strip() {
+        let r = rule(Action::Remove(vec![json("$.a")]));
+        let mut m = msg(None, &[], "");
+        assert_eq!(apply(&[&r], &mut m), Ok(Edits::default()));
+        assert!(m.body.is_empty());
+    }
+
+    #[test]
+    fn form_fields() {
+        let r = rule(Action::Remove(vec![Selector::Form("uid".into())]));
+        let mut m = msg(
+            None,
+            &[(
+                "content-type",
+                "application/x-www-form-urlencoded; charset=utf-8",
+            )],
+            "a=1&uid=secret&b=%20",
+        );
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(m.body, "a=1&b=%20");
+        assert_eq!(edits.removed, vec!["form:uid"]);
+        assert_eq!(m.headers["content-length"], "9");
+    }
+
+    #[test]
+    fn normalized_paths_escape_names() {
+        assert_eq!(
+            render(&[Step::Name("it's".into()), Step::Index(2)]),
+            "$['it\\'s'][2]"
+        );
+    }
+}
