@@ -1,1 +1,464 @@
+//! The audit log: one JSON line per decision, hash-chained (DESIGN §9). It is data, not logging:
+//! its own record type and writer thread, a bounded queue where senders wait, nothing dropped,
+//! never routed through `tracing`. A record names what was removed by selector; it never holds a
+//! value, a query string, a header value or a body.
+//!
+//! `hash` is `sha256:` + hex SHA-256 over the record's JSON line without the `hash` member (the
+//! line is `{…,"prev":"sha256:…"}` and `hash` is appended last); `prev` is the previous
+//! record's `hash`, and `sha256:` + 64 zeros for the first record of a log.
 
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::AuditTarget;
+
+/// The closed vocabulary of decisions.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allowed,
+    Stripped,
+    Blocked,
+    Tunneled,
+    Denied,
+    Error,
+    WouldBlock,
+    WouldStrip,
+    PolicyLoaded,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Stripped => "stripped",
+            Decision::Blocked => "blocked",
+            Decision::Tunneled => "tunneled",
+            Decision::Denied => "denied",
+            Decision::Error => "error",
+            Decision::WouldBlock => "would_block",
+            Decision::WouldStrip => "would_strip",
+            Decision::PolicyLoaded => "policy_loaded",
+        }
+    }
+}
+
+/// What a caller knows about one decision. Fields that do not apply stay `None` (`null`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry {
+    pub client: Option<String>,
+    pub listener: Option<&'static str>,
+    pub method: Option<String>,
+    pub scheme: Option<&'static str>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// The path without its query string.
+    pub path: Option<String>,
+    pub feature: Option<String>,
+    pub decision: Decision,
+    pub reason: String,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+    pub status: Option<u16>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+}
+
+impl Entry {
+    pub fn new(decision: Decision, reason: impl Into<String>) -> Self {
+        Entry {
+            client: None,
+            listener: None,
+            method: None,
+            scheme: None,
+            host: None,
+            port: None,
+            path: None,
+            feature: None,
+            decision,
+            reason: reason.into(),
+            removed: Vec::new(),
+            replaced: Vec::new(),
+            status: None,
+            bytes_in: None,
+            bytes_out: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    seq: u64,
+    time: String,
+    #[serde(flatten)]
+    entry: &'a Entry,
+    policy: &'a str,
+    consent: &'a str,
+    prev: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {path} ends with a damaged record; check it with `consent-proxy audit verify` and move it aside")]
+    DamagedTail { path: PathBuf },
+    #[error("cannot write the audit log")]
+    Write(#[source] io::Error),
+    #[error("the audit log is closed")]
+    Closed,
+}
+
+struct Job {
+    entry: Entry,
+    /// New policy and consent hashes, carried by `policy_loaded` entries.
+    hashes: Option<(String, String)>,
+    done: oneshot::Sender<Result<(), AuditError>>,
+}
+
+/// A handle to the audit writer; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// The writer thread; join it after every [`AuditLog`] handle is dropped to flush the log.
+pub struct AuditWriter(std::thread::JoinHandle<()>);
+
+impl AuditWriter {
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+const ZERO_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+impl AuditLog {
+    /// Open (or continue) the log. An existing file's chain is continued from its last record.
+    pub fn open(
+        target: &AuditTarget,
+        policy_hash: String,
+        consent_hash: String,
+    ) -> Result<(AuditLog, AuditWriter), AuditError> {
+        let (out, seq, prev): (Box<dyn Write + Send>, u64, String) = match target {
+            AuditTarget::Stdout => (Box::new(io::stdout()), 0, ZERO_HASH.to_string()),
+            AuditTarget::File(path) => {
+                let open_err = |source| AuditError::Open {
+                    path: path.clone(),
+                    source,
+                };
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(open_err)?;
+                }
+                let mut file = OpenOptions::new()
+                    .create(true)
+                    .read(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(open_err)?;
+                let (seq, prev) = match last_line(&mut file).map_err(open_err)? {
+                    None => (0, ZERO_HASH.to_string()),
+                    Some(line) => chain_tail(&line)
+                        .ok_or_else(|| AuditError::DamagedTail { path: path.clone() })?,
+                };
+                (Box::new(file), seq, prev)
+            }
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let state = WriterState {
+            out,
+            seq,
+            prev,
+            policy: policy_hash,
+            consent: consent_hash,
+            healthy: healthy.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(AuditError::Write)?;
+        Ok((AuditLog { tx, healthy }, AuditWriter(handle)))
+    }
+
+    /// Write one record; returns once it is written and flushed.
+    pub async fn write(&self, entry: Entry) -> Result<(), AuditError> {
+        self.send(entry, None).await
+    }
+
+    /// Record that a policy (or consent) took effect; later records carry its hashes.
+    pub async fn policy_loaded(
+        &self,
+        reason: String,
+        policy_hash: String,
+        consent_hash: String,
+    ) -> Result<(), AuditError> {
+        self.send(
+            Entry::new(Decision::PolicyLoaded, reason),
+            Some((policy_hash, consent_hash)),
+        )
+        .await
+    }
+
+    /// False once a write failed: inspected traffic must then be blocked.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, entry: Entry, hashes: Option<(String, String)>) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job {
+                entry,
+                hashes,
+                done,
+            })
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        wait.await.map_err(|_| AuditError::Closed)?
+    }
+}
+
+struct WriterState {
+    out: Box<dyn Write + Send>,
+    seq: u64,
+    prev: String,
+    policy: String,
+    consent: String,
+    healthy: Arc<AtomicBool>,
+}
+
+impl WriterState {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(job) = rx.blocking_recv() {
+            if let Some((policy, consent)) = job.hashes {
+                self.policy = policy;
+                self.consent = consent;
+            }
+            let result = self.append(&job.entry);
+            if result.is_err() {
+                self.healthy.store(false, Ordering::Relaxed);
+            }
+            let _ = job.done.send(result);
+        }
+        let _ = self.out.flush();
+    }
+
+    fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
+        let time = OffsetDateTime::now_utc();
+        let time = time
+            .replace_nanosecond(time.microsecond() * 1000)
+            .unwrap_or(time)
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        let seq = self.seq + 1;
+        let record = Record {
+            seq,
+            time,
+            entry,
+            policy: &self.policy,
+            consent: &self.consent,
+            prev: &self.prev,
+        };
+        let body = serde_json::to_string(&record).map_err(|e| AuditError::Write(e.into()))?;
+        let hash = hash_line(&body);
+        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+        self.out
+            .write_all(line.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(AuditError::Write)?;
+        self.seq = seq;
+        self.prev = hash;
+        Ok(())
+    }
+}
+
+fn hash_line(body: &str) -> String {
+    let digest = Sha256::digest(body.as_bytes());
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The last non-empty line of a file (read from its last 1 MiB).
+fn last_line(file: &mut File) -> io::Result<Option<String>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let start = len.saturating_sub(1 << 20);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.read_to_string(&mut tail)?;
+    if !tail.is_empty() && !tail.ends_with('\n') {
+        // A record cut short by a crash: refuse to continue the chain from it.
+        return Ok(Some(String::new()));
+    }
+    Ok(tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string))
+}
+
+fn chain_tail(line: &str) -> Option<(u64, String)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((
+        v.get("seq")?.as_u64()?,
+        v.get("hash")?.as_str()?.to_string(),
+    ))
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Eq, PartialEq)]
+pub enum Verdict {
+    /// Every record's hash and link checks out.
+    Intact { records: u64 },
+    /// The first record that does not.
+    Broken {
+        line: u64,
+        seq: Option<u64>,
+        reason: String,
+    },
+}
+
+/// Recompute the hash chain of an audit file.
+pub fn verify(path: &Path) -> io::Result<Verdict> {
+    let file = File::open(path)?;
+    let mut prev = ZERO_HASH.to_string();
+    let mut last_seq: Option<u64> = None;
+    let mut n = 0;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        let line_no = i as u64 + 1;
+        let broken = |seq, reason: &str| Verdict::Broken {
+            line: line_no,
+            seq,
+            reason: reason.to_string(),
+        };
+        let Ok(serde_json::Value::Object(mut record)) =
+            serde_json::from_str::<serde_json::Value>(&line)
+        else {
+            return Ok(broken(None, "not a JSON record"));
+        };
+        let seq = record.get("seq").and_then(|s| s.as_u64());
+        let Some(serde_json::Value::String(hash)) = record.shift_remove("hash") else {
+            return Ok(broken(seq, "no hash"));
+        };
+        let body = serde_json::to_string(&record).map_err(io::Error::other)?;
+        if hash_line(&body) != hash {
+            return Ok(broken(seq, "hash does not match the record (edited)"));
+        }
+        if record.get("prev").and_then(|p| p.as_str()) != Some(prev.as_str()) {
+            return Ok(broken(
+                seq,
+                "prev does not match the previous record's hash (deleted, reordered or inserted)",
+            ));
+        }
+        match (seq, last_seq) {
+            (Some(s), Some(l)) if s == l + 1 => {}
+            (Some(1), None) => {}
+            _ => return Ok(broken(seq, "seq does not follow the previous record")),
+        }
+        last_seq = seq;
+        prev = hash;
+        n += 1;
+    }
+    Ok(Verdict::Intact { records: n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(reason: &str) -> Entry {
+        let mut e = Entry::new(Decision::Allowed, reason);
+        e.host = Some("h.example".into());
+        e.removed = vec!["query:uc".into()];
+        e
+    }
+
+    #[tokio::test]
+    async fn chain_survives_restart_and_detects_tampering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a/audit.jsonl");
+        let target = AuditTarget::File(path.clone());
+        for round in 0..2 {
+            let (log, writer) =
+                AuditLog::open(&target, "sha256:p".into(), "sha256:c".into()).expect("opens");
+            log.policy_loaded(
+                format!("start {round}"),
+                "sha256:p".into(),
+                "sha256:c".into(),
+            )
+            .await
+            .expect("writes");
+            log.write(entry("one")).await.expect("writes");
+            log.write(entry("two")).await.expect("writes");
+            drop(log);
+            writer.join();
+        }
+        assert_eq!(
+            verify(&path).expect("reads"),
+            Verdict::Intact { records: 6 }
+        );
+        let text = std::fs::read_to_string(&path).expect("reads");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("{\"seq\":1,\"time\":\""));
+        assert!(lines[0].contains(&format!("\"prev\":\"{ZERO_HASH}\"")));
+
+        let tampered = [
+            (
+                text.replacen("\"reason\":\"one\"", "\"reason\":\"uno\"", 1),
+                2,
+                "edited",
+            ),
+            (
+                lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != 2)
+                    .map(|(_, l)| format!("{l}\n"))
+                    .collect::<String>(),
+                3,
+                "prev",
+            ),
+            ([lines[0], lines[2], lines[1]].join("\n"), 2, "prev"),
+        ];
+        for (bad, line, why) in tampered {
+            std::fs::write(&path, bad).expect("writes");
+            match verify(&path).expect("reads") {
+                Verdict::Broken {
+                    line: l, reason, ..
+                } => {
+                    assert_eq!(l, line);
+                    assert!(reason.contains(why), "{reason}");
+                }
+                v => panic!("tampering not detected: {v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_record_refuses_to_continue_the_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "{\"seq\":1,\"hash\":\"sha256:ab").expect("writes");
+        let r = AuditLog::open(&AuditTarget::File(path), String::new(), String::new());
+        assert!(matches!(r, Err(AuditError::DamagedTail { .. })));
+    }
+}

@@ -1,1 +1,327 @@
+//! The interception CA: loads (or creates) the CA the clients trust, and mints a leaf certificate
+//! per intercepted host, cached with its rustls server config (bounded, renewed before expiry).
+//! The CA key is written 0600 and never logged.
 
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use time::{Duration, OffsetDateTime};
+
+/// How long a minted leaf is valid, and when it is replaced.
+const LEAF_VALIDITY: Duration = Duration::days(30);
+const LEAF_RENEW_BEFORE: Duration = Duration::days(7);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{present} exists but {missing} does not; restore the missing file or remove both to create a new CA")]
+    HalfPresent { present: PathBuf, missing: PathBuf },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no usable private key (PKCS#8, SEC1 or PKCS#1; ECDSA or RSA)")]
+    BadKey { path: PathBuf },
+    #[error("the key in {key} does not belong to the certificate in {cert}")]
+    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path} is not a usable CA certificate: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("cannot mint a certificate for {host}: {reason}")]
+    Mint { host: String, reason: String },
+}
+
+/// Whether `load_or_create` found the CA or made it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Origin {
+    Loaded,
+    Created,
+}
+
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    /// One key for every leaf: leaves live in memory only, and minting stays cheap.
+    leaf_key: KeyPair,
+    provider: Arc<CryptoProvider>,
+    cache: Mutex<LruCache<String, Leaf>>,
+}
+
+struct Leaf {
+    config: Arc<ServerConfig>,
+    renew_at: OffsetDateTime,
+}
+
+impl CertificateAuthority {
+    /// Load the CA pair, or create it when both files are missing.
+    pub fn load_or_create(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<CryptoProvider>,
+        cache_size: usize,
+    ) -> Result<(Self, Origin), CaError> {
+        let origin = match (cert.exists(), key.exists()) {
+            (true, true) => Origin::Loaded,
+            (false, false) => {
+                create(cert, key)?;
+                Origin::Created
+            }
+            (true, false) => {
+                return Err(CaError::HalfPresent {
+                    present: cert.into(),
+                    missing: key.into(),
+                })
+            }
+            (false, true) => {
+                return Err(CaError::HalfPresent {
+                    present: key.into(),
+                    missing: cert.into(),
+                })
+            }
+        };
+        Ok((Self::load(cert, key, provider, cache_size)?, origin))
+    }
+
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<CryptoProvider>,
+        cache_size: usize,
+    ) -> Result<Self, CaError> {
+        let cert_pem = std::fs::read_to_string(cert).map_err(|source| CaError::Read {
+            path: cert.into(),
+            source,
+        })?;
+        let key_pem = std::fs::read_to_string(key).map_err(|source| CaError::Read {
+            path: key.into(),
+            source,
+        })?;
+        let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| CaError::NoCertificate { path: cert.into() })?;
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|_| CaError::BadKey { path: key.into() })?;
+        // Check the pair with rustls (it reads every key format), then sign with rcgen.
+        let signing = provider
+            .key_provider
+            .load_private_key(key_der.clone_key())
+            .map_err(|_| CaError::BadKey { path: key.into() })?;
+        CertifiedKey::new(vec![ca_der.clone()], signing)
+            .keys_match()
+            .map_err(|_| CaError::Mismatch {
+                cert: cert.into(),
+                key: key.into(),
+            })?;
+        let key_pair =
+            KeyPair::try_from(&key_der).map_err(|_| CaError::BadKey { path: key.into() })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&ca_der, key_pair).map_err(|e| CaError::BadCertificate {
+                path: cert.into(),
+                reason: e.to_string(),
+            })?;
+        let leaf_key = KeyPair::generate().map_err(|e| CaError::Mint {
+            host: String::new(),
+            reason: e.to_string(),
+        })?;
+        let cap = NonZeroUsize::new(cache_size).unwrap_or(NonZeroUsize::MIN);
+        Ok(CertificateAuthority {
+            issuer,
+            ca_der,
+            leaf_key,
+            provider,
+            cache: Mutex::new(LruCache::new(cap)),
+        })
+    }
+
+    /// The rustls server config presenting a leaf for `host` (a DNS name or an IP literal),
+    /// offering ALPN `h2` and `http/1.1`.
+    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
+        let now = OffsetDateTime::now_utc();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(leaf) = cache.get(host) {
+                if leaf.renew_at > now {
+                    return Ok(leaf.config.clone());
+                }
+            }
+        }
+        let config = Arc::new(self.mint(host, now)?);
+        let leaf = Leaf {
+            config: config.clone(),
+            renew_at: now + LEAF_VALIDITY - LEAF_RENEW_BEFORE,
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(host.to_string(), leaf);
+        Ok(config)
+    }
+
+    /// Leaves currently cached.
+    pub fn cached_leaves(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn mint(&self, host: &str, now: OffsetDateTime) -> Result<ServerConfig, CaError> {
+        let fail = |reason: String| CaError::Mint {
+            host: host.to_string(),
+            reason,
+        };
+        let mut params = CertificateParams::default();
+        let san = match host.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                host.try_into()
+                    .map_err(|e: rcgen::Error| fail(e.to_string()))?,
+            ),
+        };
+        params.subject_alt_names = vec![san];
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + LEAF_VALIDITY;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&self.leaf_key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        let key = PrivateKeyDer::Pkcs8(self.leaf_key.serialize_der().into());
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key)
+            .map_err(|e| fail(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// Create a new CA (ECDSA P-256, ten years) at the two paths; the key is written 0600.
+pub fn create(cert: &Path, key: &Path) -> Result<(), CaError> {
+    let key_pair = KeyPair::generate().map_err(|e| CaError::Mint {
+        host: "CA".into(),
+        reason: e.to_string(),
+    })?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "consent-proxy interception CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "consent-proxy");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(3650);
+    let ca = params.self_signed(&key_pair).map_err(|e| CaError::Mint {
+        host: "CA".into(),
+        reason: e.to_string(),
+    })?;
+    write_new(key, key_pair.serialize_pem().as_bytes(), 0o600)?;
+    write_new(cert, ca.pem().as_bytes(), 0o644)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let err = |source| CaError::Write {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(err)?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    #[test]
+    fn creates_with_a_private_key_then_loads_and_mints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("c/ca.pem"), dir.path().join("c/ca.key"));
+        let (ca, origin) =
+            CertificateAuthority::load_or_create(&cert, &key, provider(), 2).expect("creates");
+        assert_eq!(origin, Origin::Created);
+        assert_eq!(
+            std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+            0o600
+        );
+        let a = ca.server_config("a.example").expect("mints");
+        assert!(Arc::ptr_eq(
+            &a,
+            &ca.server_config("a.example").expect("cached")
+        ));
+        ca.server_config("127.0.0.1").expect("mints for an IP");
+        ca.server_config("b.example").expect("mints");
+        assert_eq!(ca.cached_leaves(), 2);
+        let (_, origin) =
+            CertificateAuthority::load_or_create(&cert, &key, provider(), 2).expect("loads");
+        assert_eq!(origin, Origin::Loaded);
+    }
+
+    #[test]
+    fn rejects_half_pairs_and_mismatched_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        create(&cert, &key).expect("creates");
+        std::fs::remove_file(&key).expect("removes");
+        assert!(matches!(
+            CertificateAuthority::load_or_create(&cert, &key, provider(), 1),
+            Err(CaError::HalfPresent { .. })
+        ));
+        std::fs::write(&key, KeyPair::generate().expect("key").serialize_pem()).expect("writes");
+        assert!(matches!(
+            CertificateAuthority::load(&cert, &key, provider(), 1),
+            Err(CaError::Mismatch { .. })
+        ));
+        std::fs::write(&key, "garbage").expect("writes");
+        assert!(matches!(
+            CertificateAuthority::load(&cert, &key, provider(), 1),
+            Err(CaError::BadKey { .. })
+        ));
+    }
+}

@@ -1,1 +1,801 @@
+//! The proxy: the explicit listener (CONNECT and absolute-form plain HTTP), the access check,
+//! tunnels, interception (TLS accept with a minted leaf, then HTTP/1.1 or h2 as the client
+//! negotiated), and the per-request path: decide → rewrite → forward → audit.
 
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HOST};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::audit::{AuditError, AuditLog, AuditWriter, Decision, Entry};
+use crate::ca::{CaError, CertificateAuthority, Origin};
+use crate::config::{Config, Limits};
+use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
+use crate::response::Refusal;
+use crate::rewrite::{self, Message};
+use crate::upstream::{self, ConnectError, OutBody, Upstream, UpstreamSetupError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("interception CA")]
+    Ca(#[from] CaError),
+    #[error("upstream TLS")]
+    Upstream(#[from] UpstreamSetupError),
+    #[error("audit log")]
+    Audit(#[from] AuditError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a started proxy tells its operator.
+#[derive(Debug)]
+pub struct Started {
+    pub proxy_addr: SocketAddr,
+    pub ca_origin: Origin,
+}
+
+/// A running proxy; [`Running::shutdown`] drains it and flushes the audit log.
+pub struct Running {
+    pub started: Started,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    writer: AuditWriter,
+}
+
+impl Running {
+    /// Stop accepting, let in-flight requests finish (up to `deadline`), flush the audit log.
+    pub async fn shutdown(self, deadline: Duration) {
+        self.token.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            // Every task, and with them every audit handle, is gone: the writer ends and flushes.
+            let writer = self.writer;
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        } else {
+            warn!("shutdown deadline passed with connections still open");
+        }
+    }
+}
+
+/// Shared state of every connection.
+struct Proxy {
+    policy: Arc<Policy>,
+    clients: Vec<IpNet>,
+    ca: CertificateAuthority,
+    upstream: Upstream,
+    audit: AuditLog,
+    limits: Limits,
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Which listener a connection came in on, and from where.
+#[derive(Clone, Copy)]
+struct Peer {
+    client: SocketAddr,
+    listener: &'static str,
+}
+
+/// Where a request goes.
+#[derive(Clone)]
+struct Target {
+    scheme: &'static str,
+    host: String,
+    port: u16,
+}
+
+/// Start the proxy from a checked config: CA, upstream TLS, audit log, listener.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let (ca, ca_origin) = CertificateAuthority::load_or_create(
+        &config.ca_cert,
+        &config.ca_key,
+        provider.clone(),
+        config.limits.leaf_cache_size,
+    )?;
+    let upstream = Upstream::new(&config.upstream, provider, config.limits.connect_timeout)?;
+    let (audit, writer) = AuditLog::open(
+        &config.audit,
+        config.policy_hash.clone(),
+        config.consent_hash.clone(),
+    )?;
+    let listener = TcpListener::bind(config.listen.proxy)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen.proxy,
+            source,
+        })?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen.proxy,
+        source,
+    })?;
+    audit
+        .policy_loaded(
+            format!("started with {}", config.source),
+            config.policy_hash.clone(),
+            config.consent_hash.clone(),
+        )
+        .await?;
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let proxy = Arc::new(Proxy {
+        policy: Arc::new(config.policy),
+        clients: config.clients,
+        ca,
+        upstream,
+        audit,
+        limits: config.limits,
+        token: token.clone(),
+        tracker: tracker.clone(),
+    });
+    tracker.spawn(accept_loop(proxy, listener));
+    Ok(Running {
+        started: Started {
+            proxy_addr,
+            ca_origin,
+        },
+        token,
+        tracker,
+        writer,
+    })
+}
+
+async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(proxy.limits.max_connections));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = proxy.token.cancelled() => return,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let peer = Peer {
+            client,
+            listener: "explicit",
+        };
+        let span = tracing::info_span!("conn", client = %client, listener = "explicit");
+        let p = proxy.clone();
+        proxy.tracker.spawn(
+            async move {
+                serve_explicit(p, peer, tcp).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {
+    let p = proxy.clone();
+    let service = service_fn(move |req| {
+        let p = p.clone();
+        async move { Ok::<_, Infallible>(p.explicit(peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.limits.header_read_timeout)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = proxy.token.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "client connection ended");
+    }
+}
+
+impl Proxy {
+    /// One request on the explicit listener: CONNECT, or an absolute-form plain-HTTP request.
+    async fn explicit(self: &Arc<Self>, peer: Peer, req: Request<Incoming>) -> Response<OutBody> {
+        let ip = canonical(peer.client.ip());
+        if !self.clients.iter().any(|net| net.contains(&ip)) {
+            let entry = self.entry(peer, None, req.method(), None);
+            return self.refuse(entry, Refusal::ClientNotAllowed, None).await;
+        }
+        if req.method() == Method::CONNECT {
+            return self.connect(peer, req).await;
+        }
+        match (req.uri().scheme_str(), req.uri().host()) {
+            (Some("http"), Some(host)) => {
+                let target = Target {
+                    scheme: "http",
+                    host: normalize_host(host),
+                    port: req.uri().port_u16().unwrap_or(80),
+                };
+                self.request(peer, target, req).await
+            }
+            _ => {
+                let entry = self.entry(peer, None, req.method(), None);
+                let why = "not a proxy request (use CONNECT for https, absolute-form for http)";
+                self.refuse(entry, Refusal::Malformed(why), None).await
+            }
+        }
+    }
+
+    async fn connect(self: &Arc<Self>, peer: Peer, req: Request<Incoming>) -> Response<OutBody> {
+        let Some(target) = connect_target(req.uri()) else {
+            let entry = self.entry(peer, None, req.method(), None);
+            return self
+                .refuse(
+                    entry,
+                    Refusal::Malformed("CONNECT target is not host:port"),
+                    None,
+                )
+                .await;
+        };
+        let entry = self.entry(peer, Some(&target), req.method(), None);
+        match self.policy.connect(&target.host) {
+            ConnectVerdict::Block { feature } => {
+                self.refuse(
+                    entry,
+                    Refusal::ConsentDenied(feature.on_block),
+                    Some(&feature.name),
+                )
+                .await
+            }
+            ConnectVerdict::Unknown(UnknownHosts::Deny) => {
+                self.refuse(entry, Refusal::UnknownHost, None).await
+            }
+            ConnectVerdict::Unknown(UnknownHosts::Tunnel) => self.tunnel(entry, target, req).await,
+            ConnectVerdict::Intercept => {
+                let this = self.clone();
+                let span = tracing::info_span!("intercept", host = %target.host);
+                self.tracker.spawn(
+                    async move {
+                        match hyper::upgrade::on(req).await {
+                            Ok(upgraded) => this.intercept(peer, target, upgraded).await,
+                            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
+                        }
+                    }
+                    .instrument(span),
+                );
+                empty(StatusCode::OK)
+            }
+        }
+    }
+
+    /// Open a blind tunnel: connect first (so a dead upstream is a 502), audit, then copy.
+    async fn tunnel(
+        self: &Arc<Self>,
+        mut entry: Entry,
+        target: Target,
+        req: Request<Incoming>,
+    ) -> Response<OutBody> {
+        let upstream = match self.upstream.dial(&target.host, target.port).await {
+            Ok(tcp) => tcp,
+            Err(e) => return self.refuse(entry, connect_refusal(&e), None).await,
+        };
+        entry.decision = Decision::Tunneled;
+        entry.reason = "destination belongs to no feature".into();
+        entry.status = Some(200);
+        if self.audit.write(entry).await.is_err() {
+            return Refusal::AuditUnavailable.response(None);
+        }
+        let token = self.token.clone();
+        self.tracker.spawn(async move {
+            let Ok(upgraded) = hyper::upgrade::on(req).await else {
+                return;
+            };
+            let mut client = TokioIo::new(upgraded);
+            let mut upstream = upstream;
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                    if let Ok((up, down)) = r {
+                        debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                    }
+                }
+                () = token.cancelled() => {}
+            }
+        });
+        empty(StatusCode::OK)
+    }
+
+    /// Terminate the client's TLS with a leaf for the CONNECT host, then decide each request.
+    async fn intercept(
+        self: Arc<Self>,
+        peer: Peer,
+        target: Target,
+        upgraded: hyper::upgrade::Upgraded,
+    ) {
+        let acceptor =
+            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+        let start = match tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return debug!(error = %e, "client TLS hello failed"),
+            Err(_) => return debug!("client TLS hello timed out"),
+        };
+        if let Some(sni) = start.client_hello().server_name() {
+            if normalize_host(sni) != target.host {
+                let mut entry = self.entry(peer, Some(&target), &Method::CONNECT, None);
+                entry.decision = Decision::Blocked;
+                entry.reason = "TLS SNI does not match the CONNECT target".into();
+                let _ = self.audit.write(entry).await;
+                return;
+            }
+        }
+        let config = match self.ca.server_config(&target.host) {
+            Ok(c) => c,
+            Err(e) => return warn!(error = %e, "cannot mint a leaf"),
+        };
+        let tls = match tokio::time::timeout(
+            self.limits.tls_handshake_timeout,
+            start.into_stream(config),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return debug!(error = %e, "client TLS handshake failed"),
+            Err(_) => return debug!("client TLS handshake timed out"),
+        };
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            let target = target.clone();
+            async move { Ok::<_, Infallible>(this.request(peer, target, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = self.token.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "intercepted connection ended");
+        }
+    }
+
+    /// Decide one request to `target` and answer it: refuse, or rewrite and forward.
+    async fn request(
+        &self,
+        peer: Peer,
+        target: Target,
+        req: Request<Incoming>,
+    ) -> Response<OutBody> {
+        let (parts, body) = req.into_parts();
+        let mut entry = self.entry(peer, Some(&target), &parts.method, Some(parts.uri.path()));
+        if let Err(why) = names_agree(&parts, &target) {
+            return self.refuse(entry, Refusal::Malformed(why), None).await;
+        }
+        let report = self.policy.mode == Mode::Report;
+        match self.policy.decide(&target.host, parts.uri.path()) {
+            Verdict::Unknown(UnknownHosts::Deny) => {
+                self.refuse(entry, Refusal::UnknownHost, None).await
+            }
+            Verdict::Unknown(UnknownHosts::Tunnel) => {
+                entry.decision = Decision::Tunneled;
+                entry.reason = "destination belongs to no feature".into();
+                self.forward(entry, &target, parts, streamed(body)).await
+            }
+            Verdict::Denied { feature } if report => {
+                entry.feature = Some(feature.name.clone());
+                entry.decision = Decision::WouldBlock;
+                entry.reason = "consent denied".into();
+                self.forward(entry, &target, parts, streamed(body)).await
+            }
+            Verdict::Denied { feature } => {
+                entry.feature = Some(feature.name.clone());
+                self.refuse(
+                    entry,
+                    Refusal::ConsentDenied(feature.on_block),
+                    Some(&feature.name),
+                )
+                .await
+            }
+            Verdict::Granted {
+                feature,
+                rules,
+                withheld,
+            } => {
+                entry.feature = Some(feature.name.clone());
+                if !self.audit.is_healthy() {
+                    return self
+                        .refuse(entry, Refusal::AuditUnavailable, Some(&feature.name))
+                        .await;
+                }
+                entry.decision = Decision::Allowed;
+                entry.reason = "consent granted".into();
+                if rules.is_empty() {
+                    return self.forward(entry, &target, parts, streamed(body)).await;
+                }
+                let reads_body = rules.iter().any(|r| r.reads_body());
+                let (raw, body) = if reads_body {
+                    match self.read_body(&parts.headers, body).await {
+                        Ok(bytes) => (bytes, None),
+                        Err(refusal) => {
+                            return self.refuse(entry, refusal, Some(&feature.name)).await
+                        }
+                    }
+                } else {
+                    (Bytes::new(), Some(body))
+                };
+                let mut msg = Message {
+                    query: parts.uri.query().map(str::to_string),
+                    headers: parts.headers.clone(),
+                    body: raw.clone(),
+                };
+                let edits = match rewrite::apply(&rules, &mut msg) {
+                    Ok(edits) => edits,
+                    Err(e) => {
+                        return self
+                            .refuse(entry, Refusal::Unreadable(e), Some(&feature.name))
+                            .await
+                    }
+                };
+                if reads_body {
+                    entry.bytes_in = Some(raw.len() as u64);
+                }
+                if edits.removed.is_empty() && edits.replaced.is_empty() {
+                    let out = body.map(streamed).unwrap_or_else(|| full(raw));
+                    return self.forward(entry, &target, parts, out).await;
+                }
+                entry.decision = if report {
+                    Decision::WouldStrip
+                } else {
+                    Decision::Stripped
+                };
+                entry.reason = format!("withheld: {}", withheld.join(", "));
+                entry.removed = edits.removed;
+                entry.replaced = edits.replaced;
+                if report {
+                    let out = body.map(streamed).unwrap_or_else(|| full(raw));
+                    return self.forward(entry, &target, parts, out).await;
+                }
+                let mut parts = parts;
+                parts.uri = with_query(&parts.uri, msg.query.as_deref());
+                parts.headers = msg.headers;
+                if reads_body {
+                    entry.bytes_out = Some(msg.body.len() as u64);
+                }
+                let out = body.map(streamed).unwrap_or_else(|| full(msg.body));
+                self.forward(entry, &target, parts, out).await
+            }
+        }
+    }
+
+    /// Read a body a rule must inspect, within `max_body_bytes`.
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+        let max = self.limits.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(Refusal::BodyTooLarge);
+        }
+        match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge),
+            Err(_) => Err(Refusal::Malformed("request body truncated or malformed")),
+        }
+    }
+
+    /// Send the request upstream; audit once the response head is in; stream the body back.
+    async fn forward(
+        &self,
+        mut entry: Entry,
+        target: &Target,
+        parts: Parts,
+        body: OutBody,
+    ) -> Response<OutBody> {
+        if entry.bytes_in.is_none() {
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            entry.bytes_in = declared;
+            entry.bytes_out = declared;
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = upstream_uri(target, &parts.uri);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = parts.headers;
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut().remove(HOST);
+        let resp =
+            match tokio::time::timeout(self.limits.upstream_timeout, self.upstream.request(req))
+                .await
+            {
+                Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
+                Ok(Err(e)) => {
+                    let refusal = match upstream::connect_error(&e) {
+                        Some(c) => connect_refusal(c),
+                        None => Refusal::UpstreamFailed("upstream connection failed".into()),
+                    };
+                    warn!(host = %target.host, error = %e, "upstream request failed");
+                    return self.refuse(entry, refusal, None).await;
+                }
+                Ok(Ok(resp)) => resp,
+            };
+        entry.status = Some(resp.status().as_u16());
+        if self.audit.write(entry.clone()).await.is_err() {
+            return Refusal::AuditUnavailable.response(entry.feature.as_deref());
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        Response::from_parts(parts, body.map_err(Into::into).boxed())
+    }
+
+    /// Audit a refusal and answer it.
+    async fn refuse(
+        &self,
+        mut entry: Entry,
+        refusal: Refusal,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        entry.decision = refusal.decision();
+        entry.reason = refusal.reason();
+        entry.status = Some(refusal.status().as_u16());
+        if entry.feature.is_none() {
+            entry.feature = feature.map(str::to_string);
+        }
+        info!(decision = entry.decision.as_str(), reason = %entry.reason, "refused");
+        if self.audit.write(entry).await.is_err() {
+            return Refusal::AuditUnavailable.response(feature);
+        }
+        refusal.response(feature)
+    }
+
+    fn entry(
+        &self,
+        peer: Peer,
+        target: Option<&Target>,
+        method: &Method,
+        path: Option<&str>,
+    ) -> Entry {
+        let mut e = Entry::new(Decision::Error, "");
+        e.client = Some(peer.client.to_string());
+        e.listener = Some(peer.listener);
+        e.method = Some(method.to_string());
+        if let Some(t) = target {
+            e.scheme = Some(t.scheme);
+            e.host = Some(t.host.clone());
+            e.port = Some(t.port);
+        }
+        e.path = path.map(str::to_string);
+        e
+    }
+}
+
+fn connect_refusal(e: &ConnectError) -> Refusal {
+    match e {
+        ConnectError::Timeout => Refusal::UpstreamTimeout,
+        other => Refusal::UpstreamFailed(other.to_string()),
+    }
+}
+
+/// `host:port` of a CONNECT, with a host that can be named in TLS.
+fn connect_target(uri: &Uri) -> Option<Target> {
+    let authority = uri.authority()?;
+    if uri.scheme().is_some()
+        || uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return None;
+    }
+    let port = authority.port_u16().filter(|p| *p != 0)?;
+    let host = normalize_host(authority.host());
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || ServerName::try_from(bare.to_string()).is_err() {
+        return None;
+    }
+    Some(Target {
+        scheme: "https",
+        host,
+        port,
+    })
+}
+
+/// A request's own names (URI authority, `Host`) must name the CONNECT target.
+fn names_agree(parts: &Parts, target: &Target) -> Result<(), &'static str> {
+    let default_port = if target.scheme == "https" { 443 } else { 80 };
+    let matches = |host: &str, port: Option<u16>| {
+        normalize_host(host) == target.host && port.unwrap_or(default_port) == target.port
+    };
+    if let Some(a) = parts.uri.authority() {
+        if !matches(a.host(), a.port_u16()) {
+            return Err("request authority does not match the CONNECT target");
+        }
+    }
+    let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err("more than one Host header");
+    }
+    if let Some(h) = hosts.first() {
+        let parsed = h
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok());
+        match parsed {
+            Some(a) if matches(a.host(), a.port_u16()) => {}
+            _ => return Err("Host header does not match the CONNECT target"),
+        }
+    }
+    Ok(())
+}
+
+fn upstream_uri(target: &Target, uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let host = if target.host.contains(':') && !target.host.starts_with('[') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    format!("{}://{}:{}{}", target.scheme, host, target.port, pq)
+        .parse()
+        .unwrap_or_else(|_| uri.clone())
+}
+
+fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
+    let path = uri.path();
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// Remove connection-scoped headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn streamed(body: Incoming) -> OutBody {
+    body.map_err(Into::into).boxed()
+}
+
+fn full(bytes: Bytes) -> OutBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty(status: StatusCode) -> Response<OutBody> {
+    let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_targets() {
+        for (uri, want) in [
+            ("a.example:443", Some(("a.example", 443))),
+            ("A.Example.:8443", Some(("a.example", 8443))),
+            ("127.0.0.1:443", Some(("127.0.0.1", 443))),
+            ("[::1]:443", Some(("[::1]", 443))),
+            ("a.example", None),
+            ("a.example:0", None),
+            ("a.example:99999", None),
+        ] {
+            let got = uri
+                .parse::<Uri>()
+                .ok()
+                .and_then(|u| connect_target(&u))
+                .map(|t| (t.host, t.port));
+            assert_eq!(got, want.map(|(h, p)| (h.to_string(), p)), "{uri}");
+        }
+    }
+
+    #[test]
+    fn names_must_agree_with_the_target() {
+        let target = Target {
+            scheme: "https",
+            host: "push.example".into(),
+            port: 443,
+        };
+        for (uri, host, ok) in [
+            ("/x", Some("push.example"), true),
+            ("/x", Some("PUSH.example:443"), true),
+            ("/x", None, true),
+            ("/x", Some("evil.example"), false),
+            ("/x", Some("push.example:8443"), false),
+            ("https://push.example/x", None, true),
+            ("https://evil.example/x", Some("push.example"), false),
+        ] {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(HOST, h);
+            }
+            let (parts, ()) = b.body(()).expect("request").into_parts();
+            assert_eq!(names_agree(&parts, &target).is_ok(), ok, "{uri} {host:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret-hop".parse().expect("value"));
+        h.insert("x-secret-hop", "1".parse().expect("value"));
+        h.insert("keep-alive", "5".parse().expect("value"));
+        h.insert("accept", "*/*".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+}
