@@ -1,0 +1,374 @@
+//! Test harness: a fake upstream PKI and HTTPS servers that record what they receive, the proxy
+//! started in-process on port 0, and real clients (curl, Go) pointed at it.
+//!
+//! Two trust domains stay apart: the proxy's interception CA (what clients trust, `ca/ca.pem`)
+//! and the fake upstreams' CA (what the proxy trusts through `extra_ca`).
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use consent_proxy::config;
+use consent_proxy::proxy::{self, Running};
+
+pub const FIXTURES: &str = "../shared/fixtures/mattermost";
+
+pub const SECURITY: &str = "securityupdatecheck.mattermost.com";
+pub const RUDDER: &str = "pdat.matterlytics.com";
+pub const SEGMENT: &str = "api.segment.io";
+pub const SENTRY: &str = "o94110.ingest.us.sentry.io";
+pub const PUSH: &str = "push.mattermost.com";
+pub const TUNNELLED: &str = "elsewhere.example";
+const HOSTS: [&str; 6] = [SECURITY, RUDDER, SEGMENT, SENTRY, PUSH, TUNNELLED];
+
+/// Read a fixture file; the fixtures live beside the project in `../shared`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(FIXTURES)
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+/// A fixture body as Mattermost sends it (the files end with a newline the wire does not carry).
+pub fn fixture_body(name: &str) -> Vec<u8> {
+    let mut b = fixture(name);
+    while b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    b
+}
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(FIXTURES)
+        .join(name)
+}
+
+/// What a fake upstream received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: Version,
+}
+
+/// A fake HTTPS upstream answering every request `{"status":"OK"}`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+/// The fake upstreams' CA, and one leaf for every test host.
+pub struct UpstreamPki {
+    pub ca_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl UpstreamPki {
+    pub fn new() -> Self {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "fake upstream CA");
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let mut leaf =
+            CertificateParams::new(HOSTS.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        leaf.subject_alt_names
+            .push(SanType::DnsName("localhost".try_into().expect("name")));
+        let leaf = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+        UpstreamPki {
+            ca_pem: ca.pem(),
+            chain: vec![leaf.der().clone(), ca.der().clone()],
+            key: PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        }
+    }
+
+    /// Start a recording HTTPS upstream offering the given ALPN protocols.
+    pub async fn serve(&self, alpn: &[&[u8]]) -> Upstream {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(self.chain.clone(), self.key.clone_key())
+        .expect("cert");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (rec, conns) = (received.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, rec) = (acceptor.clone(), rec.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let rec = rec.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            rec.lock().expect("lock").push(Received {
+                                method: parts.method.to_string(),
+                                path_and_query: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default(),
+                                headers: parts.headers,
+                                body,
+                                version: parts.version,
+                            });
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                b"{\"status\":\"OK\"}",
+                            ))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            received,
+            connections,
+        }
+    }
+}
+
+/// A raw TCP upstream that echoes every byte, for tunnels; it records what it received.
+pub async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    s.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A proxy running in-process against a fake upstream, in its own folder.
+pub struct Env {
+    pub dir: TempDir,
+    pub proxy: SocketAddr,
+    pub upstream: Upstream,
+    pub ca_pem: PathBuf,
+    running: Option<Running>,
+}
+
+pub struct Setup<'a> {
+    /// The `[consent]` table and anything else, appended to the policy.
+    pub policy: &'a str,
+    /// ALPN the fake upstream offers.
+    pub upstream_alpn: &'a [&'a [u8]],
+    /// Where `elsewhere.example:443` goes (an echo server for tunnels).
+    pub tunnel_to: Option<SocketAddr>,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            policy: "",
+            upstream_alpn: &[b"h2", b"http/1.1"],
+            tunnel_to: None,
+        }
+    }
+}
+
+impl Env {
+    pub async fn start(setup: Setup<'_>) -> Env {
+        capture_diagnostics();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = UpstreamPki::new();
+        std::fs::write(dir.path().join("upstream-ca.pem"), &pki.ca_pem).expect("write");
+        let upstream = pki.serve(setup.upstream_alpn).await;
+        let mut resolve: Vec<String> = HOSTS[..5]
+            .iter()
+            .map(|h| format!("\"{h}:443\" = \"{}\"", upstream.addr))
+            .collect();
+        if let Some(addr) = setup.tunnel_to {
+            resolve.push(format!("\"{TUNNELLED}:443\" = \"{addr}\""));
+        }
+        let text = format!(
+            "{}\n[listen]\nproxy = \"127.0.0.1:0\"\n[tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
+             [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ {} }}\n[audit]\npath = \"audit.jsonl\"\n",
+            setup.policy,
+            resolve.join(", ")
+        );
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, text).expect("write");
+        let config = config::load(Some(&path)).expect("test policy is valid");
+        let running = proxy::start(config).await.expect("proxy starts");
+        Env {
+            proxy: running.started.proxy_addr,
+            ca_pem: dir.path().join("ca/ca.pem"),
+            upstream,
+            dir,
+            running: Some(running),
+        }
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).expect("audit log")
+    }
+
+    /// Audit records after the start-up `policy_loaded` one.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.audit_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .filter(|r: &serde_json::Value| r["decision"] != "policy_loaded")
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Run curl through the proxy, trusting only the interception CA.
+    pub async fn curl(&self, args: &[&str]) -> Curl {
+        let out_file = self.dir.path().join(format!(
+            "curl-{}.out",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let output = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--proxy",
+                &format!("http://{}", self.proxy),
+            ])
+            .arg("--cacert")
+            .arg(&self.ca_pem)
+            .arg("-o")
+            .arg(&out_file)
+            .args(["-w", "%{http_code} %{http_connect} %{http_version}"])
+            .args(args)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .output()
+            .await
+            .expect("curl runs (install curl)");
+        let w = String::from_utf8_lossy(&output.stdout).to_string();
+        let mut parts = w.split_whitespace();
+        let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let connect = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let version = parts.next().unwrap_or_default().to_string();
+        Curl {
+            code,
+            connect,
+            version,
+            body: std::fs::read_to_string(&out_file).unwrap_or_default(),
+            exit: output.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+        }
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Debug)]
+pub struct Curl {
+    /// The final response's status (0 when there was none).
+    pub code: u16,
+    /// The CONNECT response's status.
+    pub connect: u16,
+    pub version: String,
+    pub body: String,
+    pub exit: i32,
+    /// Read in failure messages (`{:?}`).
+    #[allow(dead_code)]
+    pub stderr: String,
+}
+
+/// Everything the proxy logs through `tracing` during the tests, at every level.
+pub fn diagnostics() -> String {
+    String::from_utf8_lossy(&LOG.get_or_init(Default::default).lock().expect("lock")).to_string()
+}
+
+static LOG: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.get_or_init(Default::default)
+            .lock()
+            .expect("lock")
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_diagnostics() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .try_init();
+    });
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: the proxy in-process, fake HTTPS upstreams that record what they receive,
+//! real clients (curl over HTTP/1.1 and HTTP/2, Go's net/http). One test binary, several modules.
+
+mod bad_input;
+mod clients;
+mod harness;
+mod mattermost;

@@ -1,0 +1,3 @@
+module consentproxy/goclient
+
+go 1.19
