@@ -24,6 +24,10 @@ pub struct Cli {
     /// Policy file laid over the built-in Mattermost pack (for the default `run`).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Mattermost's config.json to derive consent from (overrides `[consent]
+    /// from_mattermost_config`).
+    #[arg(long, global = true)]
+    mattermost_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,23 +69,29 @@ enum AuditCommand {
 impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command.unwrap_or(Command::Run) {
-            Command::Run => serve(self.config),
-            Command::Check { print } => match load(self.config.as_deref()) {
-                Some(c) => {
-                    if print {
-                        print!("{}", c.effective);
-                    } else {
-                        println!(
-                            "{}: ok ({} features; consent {})",
-                            c.source,
-                            c.policy.features.len(),
-                            c.consent_hash
-                        );
+            Command::Run => serve(self.config, self.mattermost_config),
+            Command::Check { print } => {
+                match load(self.config.as_deref(), self.mattermost_config.as_deref()) {
+                    Some(c) => {
+                        if print {
+                            print!("{}", c.effective);
+                            println!("\n# Consent in force, and where each value came from:");
+                            for line in &c.consent_origin {
+                                println!("#   {line}");
+                            }
+                        } else {
+                            println!(
+                                "{}: ok ({} features; consent {})",
+                                c.source,
+                                c.policy.features.len(),
+                                c.consent_hash
+                            );
+                        }
+                        ExitCode::SUCCESS
                     }
-                    ExitCode::SUCCESS
+                    None => ExitCode::from(1),
                 }
-                None => ExitCode::from(1),
-            },
+            }
             Command::Ca {
                 command: CaCommand::Init { dir },
             } => {
@@ -130,8 +140,8 @@ impl Cli {
     }
 }
 
-fn load(path: Option<&std::path::Path>) -> Option<Config> {
-    match config::load(path) {
+fn load(path: Option<&std::path::Path>, mattermost: Option<&std::path::Path>) -> Option<Config> {
+    match config::load(path, mattermost) {
         Ok(c) => Some(c),
         Err(e) => {
             fail(&e);
@@ -140,8 +150,8 @@ fn load(path: Option<&std::path::Path>) -> Option<Config> {
     }
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
-    let Some(config) = load(path.as_deref()) else {
+fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>) -> ExitCode {
+    let Some(config) = load(path.as_deref(), mattermost.as_deref()) else {
         return ExitCode::from(1);
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

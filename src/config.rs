@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json_path::JsonPath;
 use sha2::{Digest, Sha256};
 
+use crate::mattermost;
 use crate::policy::{
     Action, Consent, Feature, HostPattern, JsonSelector, Mode, OnBlock, Policy, Rule, Selector,
     UnknownHosts,
@@ -58,6 +59,11 @@ pub struct Config {
     pub consent_hash: String,
     /// The merged policy as TOML, for `check --print`.
     pub effective: String,
+    /// Each consent value in force and where it came from, for `check --print` and reloads.
+    pub consent_origin: Vec<String>,
+    /// The files this config was read from, to watch for changes.
+    pub policy_file: Option<PathBuf>,
+    pub mattermost_config: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -141,10 +147,11 @@ pub enum ConfigError {
     },
 }
 
-/// Load the policy: the built-in pack, with `path` laid over it when given.
-pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-    match path {
-        None => build(PACK_NAME, None),
+/// Load the policy: the built-in pack, with `path` laid over it when given. `mattermost`
+/// (`run --mattermost-config`) overrides `[consent] from_mattermost_config`.
+pub fn load(path: Option<&Path>, mattermost: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut config = match path {
+        None => build(PACK_NAME, None, mattermost)?,
         Some(path) => {
             let file = path.display().to_string();
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -152,18 +159,25 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
                 source,
             })?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            build(&file, Some((&text, &base)))
+            build(&file, Some((&text, &base)), mattermost)?
         }
-    }
+    };
+    config.policy_file = path.map(Path::to_path_buf);
+    Ok(config)
 }
 
 /// Load from text (tests, `explain`): `base` is the folder relative paths start from.
 pub fn load_str(name: &str, text: &str, base: &Path) -> Result<Config, ConfigError> {
-    build(name, Some((text, base)))
+    build(name, Some((text, base)), None)
 }
 
-fn build(source: &str, overlay: Option<(&str, &Path)>) -> Result<Config, ConfigError> {
+fn build(
+    source: &str,
+    overlay: Option<(&str, &Path)>,
+    mattermost: Option<&Path>,
+) -> Result<Config, ConfigError> {
     let mut merged = parse_table(PACK_NAME, PACK)?;
+    let mut admin_consent = None;
     if let Some((text, base)) = overlay {
         let mut table = parse_table(source, text)?;
         // Check the admin's file on its own first, so errors point at its lines and keys.
@@ -172,8 +186,41 @@ fn build(source: &str, overlay: Option<(&str, &Path)>) -> Result<Config, ConfigE
             .try_into::<File>()
             .map_err(|e| parse_error(source, e))?;
         absolutize(&mut table, base);
+        admin_consent = table.get("consent").and_then(|c| c.as_table()).cloned();
         merge(&mut merged, table);
     }
+    // Consent derived from Mattermost's config.json replaces the pack's default consent; the
+    // admin's explicit [consent] keys still apply over it.
+    let mattermost = match mattermost {
+        Some(p) => Some(p.to_path_buf()),
+        None => match admin_consent
+            .as_ref()
+            .and_then(|c| c.get("from_mattermost_config"))
+        {
+            None => None,
+            Some(toml::Value::String(p)) => Some(PathBuf::from(p)),
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    file: source.to_string(),
+                    key: "consent.from_mattermost_config".into(),
+                    reason: "must be the path of Mattermost's config.json".into(),
+                })
+            }
+        },
+    };
+    let derived = match &mattermost {
+        None => None,
+        Some(path) => Some(read_mattermost(path)?),
+    };
+    let explicit = match (admin_consent, &derived) {
+        (Some(table), _) => table,
+        (None, Some(_)) => toml::Table::new(),
+        (None, None) => merged
+            .get("consent")
+            .and_then(|c| c.as_table())
+            .cloned()
+            .unwrap_or_default(),
+    };
     let file: File = merged
         .clone()
         .try_into()
@@ -189,7 +236,31 @@ fn build(source: &str, overlay: Option<(&str, &Path)>) -> Result<Config, ConfigE
         key: key.to_string(),
         reason,
     };
-    file.into_config(source, effective, policy_hash, &err)
+    let mut config = file.into_config(source, effective, policy_hash, &err)?;
+    let (consent, origin) = parse_consent(
+        explicit,
+        &mut config.policy.features,
+        derived.as_ref(),
+        &err,
+    )?;
+    config.consent_hash = consent_hash(&consent);
+    config.policy.consent = consent;
+    config.consent_origin = origin;
+    config.mattermost_config = mattermost;
+    Ok(config)
+}
+
+/// Read and derive a Mattermost config.json; errors name the file.
+pub fn read_mattermost(path: &Path) -> Result<mattermost::Derived, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    mattermost::derive(&text).map_err(|e| ConfigError::Parse {
+        file,
+        message: e.to_string(),
+    })
 }
 
 fn parse_table(name: &str, text: &str) -> Result<toml::Table, ConfigError> {
@@ -300,6 +371,9 @@ struct File {
     audit: AuditFile,
     #[serde(default)]
     limits: LimitsFile,
+    /// Read as a raw table by `parse_consent` (its keys are feature names); declared here so
+    /// `deny_unknown_fields` accepts it.
+    #[allow(dead_code)]
     consent: Option<toml::Table>,
     #[serde(default)]
     feature: Vec<FeatureFile>,
@@ -499,8 +573,6 @@ impl File {
             }
             features.push(feature);
         }
-        let consent = parse_consent(self.consent.unwrap_or_default(), &features, err)?;
-        let consent_hash = consent_hash(&consent);
         let policy = Policy {
             mode: match self.mode {
                 ModeFile::Enforce => Mode::Enforce,
@@ -511,7 +583,7 @@ impl File {
                 UnknownHostsFile::Deny => UnknownHosts::Deny,
             },
             features,
-            consent,
+            consent: Consent::default(),
         };
         Ok(Config {
             source: source.to_string(),
@@ -528,8 +600,11 @@ impl File {
             limits,
             policy,
             policy_hash,
-            consent_hash,
+            consent_hash: String::new(),
             effective,
+            consent_origin: Vec::new(),
+            policy_file: None,
+            mattermost_config: None,
         })
     }
 }
@@ -664,19 +739,46 @@ pub fn selector(s: &str) -> Result<Selector, String> {
     }
 }
 
+/// The consent in force: derived from Mattermost's config when given, then the explicit
+/// `[consent]` keys (features override, `withhold` adds). Returns it with each value's origin.
 fn parse_consent(
     table: toml::Table,
-    features: &[Feature],
+    features: &mut [Feature],
+    derived: Option<&mattermost::Derived>,
     err: ErrFn<'_>,
-) -> Result<Consent, ConfigError> {
+) -> Result<(Consent, Vec<String>), ConfigError> {
     let mut consent = Consent::default();
-    let known: BTreeSet<&str> = CATEGORIES
+    let mut feature_origin: BTreeMap<String, String> = BTreeMap::new();
+    let mut category_origin: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(d) = derived {
+        for (name, granted, why) in &d.features {
+            if features.iter().any(|f| f.name == *name) {
+                if *granted {
+                    consent.granted.insert(name.to_string());
+                }
+                feature_origin.insert(name.to_string(), format!("Mattermost {why}"));
+            }
+        }
+        for (category, why) in &d.withheld {
+            consent.withheld.insert(category.to_string());
+            category_origin.insert(category.to_string(), format!("Mattermost {why}"));
+        }
+        if let Some(host) = &d.push_host {
+            if let Some(push) = features.iter_mut().find(|f| f.name == "push_notifications") {
+                let pattern = HostPattern::Exact(host.clone());
+                if !push.hosts.contains(&pattern) {
+                    push.hosts.push(pattern);
+                }
+            }
+        }
+    }
+    let known: BTreeSet<String> = CATEGORIES
         .iter()
-        .copied()
+        .map(|c| c.to_string())
         .chain(
             features
                 .iter()
-                .flat_map(|f| f.rules.iter().filter_map(|r| r.category.as_deref())),
+                .flat_map(|f| f.rules.iter().filter_map(|r| r.category.clone())),
         )
         .collect();
     for (key, value) in table {
@@ -688,7 +790,7 @@ fn parse_consent(
                         .as_str()
                         .ok_or_else(|| err(&k, "lists category names as strings".into()))?;
                     if !known.contains(name) {
-                        let all: Vec<&str> = known.iter().copied().collect();
+                        let all: Vec<&str> = known.iter().map(String::as_str).collect();
                         return Err(err(
                             &k,
                             format!(
@@ -698,15 +800,11 @@ fn parse_consent(
                         ));
                     }
                     consent.withheld.insert(name.to_string());
+                    category_origin.insert(name.to_string(), "policy [consent] withhold".into());
                 }
             }
             ("withhold", _) => return Err(err(&k, "must be a list of category names".into())),
-            ("from_mattermost_config", _) => {
-                return Err(err(
-                    &k,
-                    "is not supported by this version; set each feature in [consent]".into(),
-                ));
-            }
+            ("from_mattermost_config", _) => {}
             (name, value) => {
                 if !features.iter().any(|f| f.name == name) {
                     let all: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
@@ -719,9 +817,12 @@ fn parse_consent(
                     Some("granted") => {
                         consent.granted.insert(name.to_string());
                     }
-                    Some("denied") => {}
+                    Some("denied") => {
+                        consent.granted.remove(name);
+                    }
                     _ => return Err(err(&k, "must be \"granted\" or \"denied\"".into())),
                 }
+                feature_origin.insert(name.to_string(), format!("policy [consent] {name}"));
             }
         }
     }
@@ -736,7 +837,24 @@ fn parse_consent(
             ));
         }
     }
-    Ok(consent)
+    let mut origin = Vec::new();
+    for f in features.iter() {
+        let state = if consent.granted.contains(&f.name) {
+            "granted"
+        } else {
+            "denied"
+        };
+        let from = feature_origin
+            .get(&f.name)
+            .cloned()
+            .unwrap_or_else(|| "no key: denied".into());
+        origin.push(format!("{} = {state:?}  # {from}", f.name));
+    }
+    for c in &consent.withheld {
+        let from = category_origin.get(c).cloned().unwrap_or_default();
+        origin.push(format!("withhold {c:?}  # {from}"));
+    }
+    Ok((consent, origin))
 }
 
 #[cfg(test)]
@@ -749,7 +867,7 @@ mod tests {
 
     #[test]
     fn the_pack_loads_with_the_default_consent() {
-        let c = load(None).expect("pack loads");
+        let c = load(None, None).expect("pack loads");
         assert_eq!(c.listen.proxy, "127.0.0.1:3128".parse().expect("addr"));
         let names: Vec<&str> = c.policy.features.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
@@ -839,6 +957,67 @@ mod tests {
         )
         .expect("valid");
         assert!(c.policy.consent.withheld.contains("server_identifier"));
+    }
+
+    #[test]
+    fn consent_derived_from_mattermost_with_explicit_overrides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = dir.path().join("config.json");
+        std::fs::write(
+            &mm,
+            r#"{"LogSettings":{"EnableDiagnostics":false},"EmailSettings":{"PushNotificationServer":"https://push.corp.example","PushNotificationContents":"generic"}}"#,
+        )
+        .expect("write");
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[consent]\nfrom_mattermost_config = \"config.json\"\nsecurity_alerts = \"denied\"\nwithhold = [\"activity_counts\"]\n",
+        )
+        .expect("write");
+        let c = load(Some(&policy), None).expect("valid");
+        assert_eq!(c.mattermost_config.as_deref(), Some(mm.as_path()));
+        assert_eq!(
+            c.policy.consent.granted.iter().collect::<Vec<_>>(),
+            ["push_notifications"]
+        );
+        assert_eq!(
+            c.policy.consent.withheld.iter().collect::<Vec<_>>(),
+            ["activity_counts", "message_content"]
+        );
+        assert!(c.policy.feature_for_host("push.corp.example").is_some());
+        let origin = c.consent_origin.join("\n");
+        assert!(
+            origin.contains("security_alerts = \"denied\"  # policy [consent] security_alerts"),
+            "{origin}"
+        );
+        assert!(
+            origin.contains("LogSettings.EnableDiagnostics = false"),
+            "{origin}"
+        );
+        assert!(
+            origin.contains("PushNotificationContents = \"generic\""),
+            "{origin}"
+        );
+
+        // With no policy file at all: the pack, and consent wholly from Mattermost.
+        let c = load(None, Some(&mm)).expect("valid");
+        assert_eq!(
+            c.policy.consent.granted.iter().collect::<Vec<_>>(),
+            ["push_notifications", "security_alerts"]
+        );
+        assert_eq!(
+            c.policy.consent.withheld.iter().collect::<Vec<_>>(),
+            ["message_content"]
+        );
+
+        std::fs::write(&mm, "{not json").expect("write");
+        let e = load(None, Some(&mm))
+            .expect_err("bad config.json")
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains("not valid JSON"),
+            "{e}"
+        );
     }
 
     #[test]

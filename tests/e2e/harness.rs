@@ -252,7 +252,7 @@ impl Env {
         );
         let path = dir.path().join("policy.toml");
         std::fs::write(&path, text).expect("write");
-        let config = config::load(Some(&path)).expect("test policy is valid");
+        let config = config::load(Some(&path), None).expect("test policy is valid");
         let running = proxy::start(config).await.expect("proxy starts");
         Env {
             proxy: running.started.proxy_addr,
