@@ -71,6 +71,9 @@ pub struct Entry {
     pub status: Option<u16>,
     pub bytes_in: Option<u64>,
     pub bytes_out: Option<u64>,
+    /// The policy and consent hashes the decision was made under; `None`: those in force.
+    #[serde(skip)]
+    pub under: Option<(Arc<str>, Arc<str>)>,
 }
 
 impl Entry {
@@ -91,6 +94,7 @@ impl Entry {
             status: None,
             bytes_in: None,
             bytes_out: None,
+            under: None,
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct Config {
     /// The files this config was read from, to watch for changes.
     pub policy_file: Option<PathBuf>,
     pub mattermost_config: Option<PathBuf>,
+    /// `run --mattermost-config`, which a reload must honour again.
+    pub mattermost_override: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +165,7 @@ pub fn load(path: Option<&Path>, mattermost: Option<&Path>) -> Result<Config, Co
         }
     };
     config.policy_file = path.map(Path::to_path_buf);
+    config.mattermost_override = mattermost.map(Path::to_path_buf);
     Ok(config)
 }
 
@@ -605,6 +608,7 @@ impl File {
             consent_origin: Vec::new(),
             policy_file: None,
             mattermost_config: None,
+            mattermost_override: None,
         })
     }
 }

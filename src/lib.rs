@@ -26,6 +26,7 @@ pub mod config;
 pub mod mattermost;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod response;
 pub mod rewrite;
 pub mod upstream;

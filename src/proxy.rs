@@ -14,11 +14,12 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,9 +82,38 @@ impl Running {
     }
 }
 
+/// The policy in force with its hashes; replaced whole on reload.
+pub struct Active {
+    pub policy: Policy,
+    pub source: String,
+    pub policy_hash: Arc<str>,
+    pub consent_hash: Arc<str>,
+}
+
+impl Active {
+    pub fn from_config(config: &mut Config) -> Active {
+        let policy = std::mem::replace(
+            &mut config.policy,
+            Policy {
+                mode: Mode::Enforce,
+                unknown_hosts: UnknownHosts::Deny,
+                features: Vec::new(),
+                consent: Default::default(),
+            },
+        );
+        Active {
+            policy,
+            source: config.source.clone(),
+            policy_hash: config.policy_hash.as_str().into(),
+            consent_hash: config.consent_hash.as_str().into(),
+        }
+    }
+}
+
 /// Shared state of every connection.
-struct Proxy {
-    policy: Arc<Policy>,
+pub(crate) struct Proxy {
+    /// The policy in force: read once per decision; tunnels watch it to close on a change.
+    active: watch::Sender<Arc<Active>>,
     clients: Vec<IpNet>,
     ca: CertificateAuthority,
     upstream: Upstream,
@@ -91,6 +121,8 @@ struct Proxy {
     limits: Limits,
     token: CancellationToken,
     tracker: TaskTracker,
+    /// Where the policy came from, to reload it.
+    sources: crate::reload::Sources,
 }
 
 /// Which listener a connection came in on, and from where.
@@ -109,7 +141,7 @@ struct Target {
 }
 
 /// Start the proxy from a checked config: CA, upstream TLS, audit log, listener.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let (ca, ca_origin) = CertificateAuthority::load_or_create(
         &config.ca_cert,
@@ -143,7 +175,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let proxy = Arc::new(Proxy {
-        policy: Arc::new(config.policy),
+        active: watch::Sender::new(Arc::new(Active::from_config(&mut config))),
         clients: config.clients,
         ca,
         upstream,
@@ -151,7 +183,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         limits: config.limits,
         token: token.clone(),
         tracker: tracker.clone(),
+        sources: crate::reload::Sources {
+            policy_file: config.policy_file.clone(),
+            mattermost_override: config.mattermost_override.clone(),
+            mattermost: config.mattermost_config.clone(),
+        },
     });
+    tracker.spawn(crate::reload::watch(proxy.clone()));
     tracker.spawn(accept_loop(proxy, listener));
     Ok(Running {
         started: Started {
@@ -228,7 +266,7 @@ impl Proxy {
     async fn explicit(self: &Arc<Self>, peer: Peer, req: Request<Incoming>) -> Response<OutBody> {
         let ip = canonical(peer.client.ip());
         if !self.clients.iter().any(|net| net.contains(&ip)) {
-            let entry = self.entry(peer, None, req.method(), None);
+            let entry = self.entry(&self.current(), peer, None, req.method(), None);
             return self.refuse(entry, Refusal::ClientNotAllowed, None).await;
         }
         if req.method() == Method::CONNECT {
@@ -244,7 +282,7 @@ impl Proxy {
                 self.request(peer, target, req).await
             }
             _ => {
-                let entry = self.entry(peer, None, req.method(), None);
+                let entry = self.entry(&self.current(), peer, None, req.method(), None);
                 let why = "not a proxy request (use CONNECT for https, absolute-form for http)";
                 self.refuse(entry, Refusal::Malformed(why), None).await
             }
@@ -253,7 +291,7 @@ impl Proxy {
 
     async fn connect(self: &Arc<Self>, peer: Peer, req: Request<Incoming>) -> Response<OutBody> {
         let Some(target) = connect_target(req.uri()) else {
-            let entry = self.entry(peer, None, req.method(), None);
+            let entry = self.entry(&self.current(), peer, None, req.method(), None);
             return self
                 .refuse(
                     entry,
@@ -262,8 +300,9 @@ impl Proxy {
                 )
                 .await;
         };
-        let entry = self.entry(peer, Some(&target), req.method(), None);
-        match self.policy.connect(&target.host) {
+        let active = self.current();
+        let entry = self.entry(&active, peer, Some(&target), req.method(), None);
+        match active.policy.connect(&target.host) {
             ConnectVerdict::Block { feature } => {
                 self.refuse(
                     entry,
@@ -275,7 +314,9 @@ impl Proxy {
             ConnectVerdict::Unknown(UnknownHosts::Deny) => {
                 self.refuse(entry, Refusal::UnknownHost, None).await
             }
-            ConnectVerdict::Unknown(UnknownHosts::Tunnel) => self.tunnel(entry, target, req).await,
+            ConnectVerdict::Unknown(UnknownHosts::Tunnel) => {
+                self.tunnel(peer, entry, target, req).await
+            }
             ConnectVerdict::Intercept => {
                 let this = self.clone();
                 let span = tracing::info_span!("intercept", host = %target.host);
@@ -296,6 +337,7 @@ impl Proxy {
     /// Open a blind tunnel: connect first (so a dead upstream is a 502), audit, then copy.
     async fn tunnel(
         self: &Arc<Self>,
+        peer: Peer,
         mut entry: Entry,
         target: Target,
         req: Request<Incoming>,
@@ -310,23 +352,56 @@ impl Proxy {
         if self.audit.write(entry).await.is_err() {
             return Refusal::AuditUnavailable.response(None);
         }
-        let token = self.token.clone();
+        let this = self.clone();
         self.tracker.spawn(async move {
             let Ok(upgraded) = hyper::upgrade::on(req).await else {
                 return;
             };
-            let mut client = TokioIo::new(upgraded);
-            let mut upstream = upstream;
+            this.relay(peer, target, TokioIo::new(upgraded), upstream)
+                .await;
+        });
+        empty(StatusCode::OK)
+    }
+
+    /// Copy bytes both ways until either side closes, the proxy shuts down, or a new policy
+    /// makes the destination a feature host (then the tunnel is closed and audited: a feature
+    /// must not keep flowing around the policy over an old tunnel).
+    async fn relay(
+        &self,
+        peer: Peer,
+        target: Target,
+        mut client: TokioIo<Upgraded>,
+        mut upstream: TcpStream,
+    ) {
+        let mut policy = self.active.subscribe();
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        loop {
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                r = &mut copy => {
                     if let Ok((up, down)) = r {
                         debug!(bytes_up = up, bytes_down = down, "tunnel closed");
                     }
+                    return;
                 }
-                () = token.cancelled() => {}
+                () = self.token.cancelled() => return,
+                changed = policy.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let active = policy.borrow_and_update().clone();
+                    let verdict = active.policy.connect(&target.host);
+                    if verdict != ConnectVerdict::Unknown(UnknownHosts::Tunnel) {
+                        let mut entry = self.entry(&active, peer, Some(&target), &Method::CONNECT, None);
+                        entry.decision = Decision::Blocked;
+                        entry.reason = "open tunnel closed: the new policy no longer tunnels this destination".into();
+                        entry.feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
+                        let _ = self.audit.write(entry).await;
+                        return;
+                    }
+                }
             }
-        });
-        empty(StatusCode::OK)
+        }
     }
 
     /// Terminate the client's TLS with a leaf for the CONNECT host, then decide each request.
@@ -345,7 +420,8 @@ impl Proxy {
         };
         if let Some(sni) = start.client_hello().server_name() {
             if normalize_host(sni) != target.host {
-                let mut entry = self.entry(peer, Some(&target), &Method::CONNECT, None);
+                let mut entry =
+                    self.entry(&self.current(), peer, Some(&target), &Method::CONNECT, None);
                 entry.decision = Decision::Blocked;
                 entry.reason = "TLS SNI does not match the CONNECT target".into();
                 let _ = self.audit.write(entry).await;
@@ -400,12 +476,19 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Response<OutBody> {
         let (parts, body) = req.into_parts();
-        let mut entry = self.entry(peer, Some(&target), &parts.method, Some(parts.uri.path()));
+        let active = self.current();
+        let mut entry = self.entry(
+            &active,
+            peer,
+            Some(&target),
+            &parts.method,
+            Some(parts.uri.path()),
+        );
         if let Err(why) = names_agree(&parts, &target) {
             return self.refuse(entry, Refusal::Malformed(why), None).await;
         }
-        let report = self.policy.mode == Mode::Report;
-        match self.policy.decide(&target.host, parts.uri.path()) {
+        let report = active.policy.mode == Mode::Report;
+        match active.policy.decide(&target.host, parts.uri.path()) {
             Verdict::Unknown(UnknownHosts::Deny) => {
                 self.refuse(entry, Refusal::UnknownHost, None).await
             }
@@ -589,14 +672,66 @@ impl Proxy {
         refusal.response(feature)
     }
 
+    /// Load the policy again; on success put it in force and audit what changed, on failure
+    /// keep the last good one and audit that. Returns the new config's Mattermost path.
+    pub(crate) async fn reload(&self, trigger: &str) -> Option<std::path::PathBuf> {
+        let loaded = crate::config::load(
+            self.sources.policy_file.as_deref(),
+            self.sources.mattermost_override.as_deref(),
+        );
+        let mut config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reload failed; the last good policy stays in force");
+                let reason =
+                    format!("reload ({trigger}) failed, the last good policy stays in force: {e}");
+                let _ = self.audit.write(Entry::new(Decision::Error, reason)).await;
+                return None;
+            }
+        };
+        let mattermost = config.mattermost_config.clone();
+        let old = self.current();
+        if *old.policy_hash == *config.policy_hash && *old.consent_hash == *config.consent_hash {
+            return mattermost;
+        }
+        let change = crate::reload::describe_change(&old.policy, &config.policy);
+        let new = Arc::new(Active::from_config(&mut config));
+        let reason = format!("reloaded ({trigger}): {change}");
+        info!(%reason, "policy reloaded");
+        let _ = self
+            .audit
+            .policy_loaded(
+                reason,
+                new.policy_hash.to_string(),
+                new.consent_hash.to_string(),
+            )
+            .await;
+        self.active.send_replace(new);
+        mattermost
+    }
+
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub(crate) fn sources(&self) -> &crate::reload::Sources {
+        &self.sources
+    }
+
+    fn current(&self) -> Arc<Active> {
+        self.active.borrow().clone()
+    }
+
     fn entry(
         &self,
+        active: &Active,
         peer: Peer,
         target: Option<&Target>,
         method: &Method,
         path: Option<&str>,
     ) -> Entry {
         let mut e = Entry::new(Decision::Error, "");
+        e.under = Some((active.policy_hash.clone(), active.consent_hash.clone()));
         e.client = Some(peer.client.to_string());
         e.listener = Some(peer.listener);
         e.method = Some(method.to_string());

@@ -218,6 +218,8 @@ pub struct Setup<'a> {
     pub upstream_alpn: &'a [&'a [u8]],
     /// Where `elsewhere.example:443` goes (an echo server for tunnels).
     pub tunnel_to: Option<SocketAddr>,
+    /// More files to write into the proxy's folder before it starts: `(name, text)`.
+    pub files: &'a [(&'a str, &'a str)],
 }
 
 impl Default for Setup<'_> {
@@ -226,6 +228,7 @@ impl Default for Setup<'_> {
             policy: "",
             upstream_alpn: &[b"h2", b"http/1.1"],
             tunnel_to: None,
+            files: &[],
         }
     }
 }
@@ -250,6 +253,11 @@ impl Env {
             setup.policy,
             resolve.join(", ")
         );
+        for (name, text) in setup.files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
         let path = dir.path().join("policy.toml");
         std::fs::write(&path, text).expect("write");
         let config = config::load(Some(&path), None).expect("test policy is valid");
@@ -261,6 +269,88 @@ impl Env {
             dir,
             running: Some(running),
         }
+    }
+
+    /// Wait (up to 10 s) for an audit record that satisfies `pred`; polls the file.
+    pub async fn wait_for_record(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .audit_text()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| pred(r));
+            if let Some(r) = found {
+                return r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no audit record: {what}\n{}",
+                self.audit_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Open one intercepted HTTP/1.1 connection to `host` through the proxy (CONNECT, TLS
+    /// trusting the interception CA) and keep it, to send several requests over it.
+    pub async fn keep_alive(
+        &self,
+        host: &str,
+    ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let mut tcp = tokio::net::TcpStream::connect(self.proxy)
+            .await
+            .expect("connect");
+        tcp.write_all(
+            format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut head = [0u8; 512];
+        let n = tcp.read(&mut head).await.expect("read");
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        let tls = self.tls_client(tcp, host).await;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// TLS over `tcp` to `host`, trusting only the interception CA, offering HTTP/1.1.
+    pub async fn tls_client(
+        &self,
+        tcp: tokio::net::TcpStream,
+        host: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&self.ca_pem).expect("ca");
+        roots
+            .add(CertificateDer::from_pem_slice(&pem).expect("pem"))
+            .expect("root");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
+        connector
+            .connect(name, tcp)
+            .await
+            .expect("TLS with the minted leaf")
     }
 
     pub fn audit_text(&self) -> String {

@@ -5,3 +5,4 @@ mod bad_input;
 mod clients;
 mod harness;
 mod mattermost;
+mod reload;

@@ -1,0 +1,235 @@
+//! Consent that follows the application: Mattermost's config.json and the policy file are
+//! watched; a change takes effect for new requests on connections already open, an invalid file
+//! keeps the last good consent, and every change is audited. Also report mode and sinks.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{echo_server, fixture_body, Env, Setup, RUDDER, SECURITY, TUNNELLED};
+
+fn batch() -> Request<Full<Bytes>> {
+    Request::post("/v1/batch")
+        .header("host", RUDDER)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(fixture_body(
+            "telemetry_batch_plain.json",
+        ))))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn flipping_enable_diagnostics_blocks_the_next_request_on_an_open_connection() {
+    let on = r#"{"LogSettings":{"EnableDiagnostics":true}}"#;
+    let env = Env::start(Setup {
+        policy: "[consent]\nfrom_mattermost_config = \"mm/config.json\"",
+        files: &[("mm/config.json", on)],
+        ..Setup::default()
+    })
+    .await;
+    let mut conn = env.keep_alive(RUDDER).await;
+    let resp = conn.send_request(batch()).await.expect("first request");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+
+    // The admin switches diagnostics off in the System Console.
+    std::fs::write(
+        env.dir.path().join("mm/config.json"),
+        r#"{"LogSettings":{"EnableDiagnostics":false}}"#,
+    )
+    .expect("write");
+    let loaded = env
+        .wait_for_record("diagnostics denied", |r| {
+            r["decision"] == "policy_loaded"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("diagnostics granted -> denied")
+        })
+        .await;
+    assert!(loaded["reason"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("reloaded (Mattermost config changed)"));
+
+    let resp = conn
+        .send_request(batch())
+        .await
+        .expect("second request on the same connection");
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-consent-proxy"], "blocked");
+    assert_eq!(
+        env.upstream.requests().len(),
+        1,
+        "the second batch reached the upstream"
+    );
+    let last = env.audit().pop().expect("record");
+    assert_eq!(
+        (last["decision"].as_str(), last["feature"].as_str()),
+        (Some("blocked"), Some("diagnostics"))
+    );
+    assert_eq!(
+        last["consent"], loaded["consent"],
+        "the block was decided under the new consent"
+    );
+
+    // A config.json that does not parse keeps the last good consent, and says so.
+    std::fs::write(env.dir.path().join("mm/config.json"), "{\"LogSettings\": {").expect("write");
+    env.wait_for_record("reload failure", |r| {
+        r["decision"] == "error"
+            && r["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("last good policy stays in force")
+    })
+    .await;
+    let resp = conn.send_request(batch()).await.expect("third request");
+    assert_eq!(resp.status(), 403, "the last good consent (denied) stays");
+    assert!(matches!(
+        consent_proxy::audit::verify(&env.dir.path().join("audit.jsonl")).expect("reads"),
+        consent_proxy::audit::Verdict::Intact { .. }
+    ));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_tunnel_closes_when_its_host_becomes_a_feature() {
+    let (echo, _) = echo_server().await;
+    let env = Env::start(Setup {
+        tunnel_to: Some(echo),
+        ..Setup::default()
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(env.proxy)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        format!("CONNECT {TUNNELLED}:443 HTTP/1.1\r\nHost: {TUNNELLED}:443\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = [0u8; 512];
+    let n = tcp.read(&mut buf).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tcp.write_all(b"ping").await.expect("write");
+    tcp.read_exact(&mut buf[..4]).await.expect("echo");
+
+    let policy_path = env.dir.path().join("policy.toml");
+    let mut policy = std::fs::read_to_string(&policy_path).expect("policy");
+    policy.push_str(&format!(
+        "\n[[feature]]\nname = \"elsewhere\"\nhosts = [\"{TUNNELLED}\"]\n"
+    ));
+    std::fs::write(&policy_path, policy).expect("write");
+    env.wait_for_record("tunnel closed", |r| {
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("open tunnel closed")
+    })
+    .await;
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel is closed");
+    let loaded = env
+        .wait_for_record("policy loaded", |r| {
+            r["decision"] == "policy_loaded"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("elsewhere absent -> denied")
+        })
+        .await;
+    assert!(loaded["reason"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("reloaded (policy file changed)"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_policy_file_keeps_the_old_policy() {
+    let env = Env::start(Setup::default()).await;
+    let policy_path = env.dir.path().join("policy.toml");
+    let good = std::fs::read_to_string(&policy_path).expect("policy");
+    std::fs::write(&policy_path, format!("{good}\nunknown_key = 1\n")).expect("write");
+    let rec = env
+        .wait_for_record("reload failure", |r| r["decision"] == "error")
+        .await;
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown field `unknown_key`"),
+        "{rec}"
+    );
+    let out = env
+        .curl(&[&format!("https://{SECURITY}/security?id=x&uc=3")])
+        .await;
+    assert_eq!(out.code, 200);
+    assert_eq!(env.upstream.requests()[0].path_and_query, "/security?id=x");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn report_mode_forwards_unchanged_and_says_what_it_would_do() {
+    let env = Env::start(Setup {
+        policy: "mode = \"report\"",
+        ..Setup::default()
+    })
+    .await;
+    let out = env
+        .curl(&[&format!("https://{SECURITY}/security?id=x&uc=3")])
+        .await;
+    assert_eq!(out.code, 200);
+    let mut conn = env.keep_alive(RUDDER).await;
+    assert_eq!(
+        conn.send_request(batch()).await.expect("batch").status(),
+        200
+    );
+    let got = env.upstream.requests();
+    assert_eq!(
+        got[0].path_and_query, "/security?id=x&uc=3",
+        "report mode changed the request"
+    );
+    assert_eq!(got[1].body, fixture_body("telemetry_batch_plain.json"));
+    let audit = env.audit();
+    assert_eq!(audit[0]["decision"], "would_strip");
+    assert_eq!(audit[0]["removed"], serde_json::json!(["query:uc"]));
+    assert_eq!(audit[1]["decision"], "would_block");
+    assert_eq!(audit[1]["feature"], "diagnostics");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_sink_answers_200_empty_json_and_audits_blocked() {
+    let policy = "[[feature]]\nname = \"diagnostics\"\nhosts = [\"pdat.matterlytics.com\"]\non_block = \"sink\"\n";
+    let env = Env::start(Setup {
+        policy,
+        ..Setup::default()
+    })
+    .await;
+    let mut conn = env.keep_alive(RUDDER).await;
+    for _ in 0..3 {
+        let resp = conn.send_request(batch()).await.expect("batch");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-consent-proxy"], "blocked");
+        assert_eq!(
+            resp.into_body().collect().await.expect("body").to_bytes(),
+            "{}"
+        );
+    }
+    assert_eq!(
+        env.upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(env
+        .audit()
+        .iter()
+        .all(|r| r["decision"] == "blocked" && r["status"] == 200));
+    env.stop().await;
+}
