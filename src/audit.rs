@@ -19,7 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::AuditTarget;
+use crate::config::{AuditTarget, Rotation};
 
 /// The closed vocabulary of decisions.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Serialize)]
@@ -152,15 +152,16 @@ impl AuditWriter {
 const ZERO_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
 impl AuditLog {
-    /// Open (or continue) the log. An existing file's chain is continued from its last record.
+    /// Open (or continue) the log. An existing file's chain is continued from its last record
+    /// (or from the newest rotated file's, when the current one is empty).
     pub fn open(
         target: &AuditTarget,
         policy_hash: String,
         consent_hash: String,
     ) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let (out, seq, prev): (Box<dyn Write + Send>, u64, String) = match target {
-            AuditTarget::Stdout => (Box::new(io::stdout()), 0, ZERO_HASH.to_string()),
-            AuditTarget::File(path) => {
+        let (sink, seq, prev) = match target {
+            AuditTarget::Stdout => (Sink::Stdout(io::stdout()), 0, ZERO_HASH.to_string()),
+            AuditTarget::File(path, rotation) => {
                 let open_err = |source| AuditError::Open {
                     path: path.clone(),
                     source,
@@ -168,24 +169,33 @@ impl AuditLog {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(open_err)?;
                 }
-                let mut file = OpenOptions::new()
-                    .create(true)
-                    .read(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(open_err)?;
-                let (seq, prev) = match last_line(&mut file).map_err(open_err)? {
+                let mut file = open_append(path).map_err(open_err)?;
+                let mut tail = last_line(&mut file).map_err(open_err)?;
+                if tail.is_none() {
+                    let rotated = rotated_name(path, 1);
+                    if let Ok(mut older) = File::open(&rotated) {
+                        tail = last_line(&mut older).map_err(open_err)?;
+                    }
+                }
+                let (seq, prev) = match tail {
                     None => (0, ZERO_HASH.to_string()),
                     Some(line) => chain_tail(&line)
                         .ok_or_else(|| AuditError::DamagedTail { path: path.clone() })?,
                 };
-                (Box::new(file), seq, prev)
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let sink = Sink::File {
+                    file,
+                    path: path.clone(),
+                    rotation: *rotation,
+                    size,
+                };
+                (sink, seq, prev)
             }
         };
         let (tx, rx) = mpsc::channel(1024);
         let healthy = Arc::new(AtomicBool::new(true));
         let state = WriterState {
-            out,
+            sink,
             seq,
             prev,
             policy: policy_hash,
@@ -237,8 +247,80 @@ impl AuditLog {
     }
 }
 
+/// Where records go: stdout, or a file rotated by size.
+enum Sink {
+    Stdout(io::Stdout),
+    File {
+        file: File,
+        path: PathBuf,
+        rotation: Option<Rotation>,
+        size: u64,
+    },
+}
+
+impl Sink {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stdout(out) => out.write_all(line).and_then(|()| out.flush()),
+            Sink::File {
+                file,
+                path,
+                rotation,
+                size,
+            } => {
+                file.write_all(line)?;
+                file.flush()?;
+                *size += line.len() as u64;
+                match rotation {
+                    Some(r) if *size >= r.max_bytes => {
+                        // FILE.(k) -> FILE.(k+1), oldest dropped; FILE -> FILE.1; a new FILE.
+                        let _ = std::fs::remove_file(rotated_name(path, r.keep));
+                        for k in (1..r.keep).rev() {
+                            let _ =
+                                std::fs::rename(rotated_name(path, k), rotated_name(path, k + 1));
+                        }
+                        std::fs::rename(&*path, rotated_name(path, 1))?;
+                        *file = open_append(path)?;
+                        *size = 0;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+}
+
+/// `FILE.k`, the k-th newest rotated file.
+fn rotated_name(path: &Path, k: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{k}"));
+    PathBuf::from(name)
+}
+
+/// The files of a log, oldest first: `FILE.n` … `FILE.1`, `FILE`.
+pub fn chain_files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|k| rotated_name(path, k))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    if path.exists() || files.is_empty() {
+        files.push(path.to_path_buf());
+    }
+    files
+}
+
 struct WriterState {
-    out: Box<dyn Write + Send>,
+    sink: Sink,
     seq: u64,
     prev: String,
     policy: String,
@@ -259,7 +341,6 @@ impl WriterState {
             }
             let _ = job.done.send(result);
         }
-        let _ = self.out.flush();
     }
 
     fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
@@ -281,9 +362,8 @@ impl WriterState {
         let body = serde_json::to_string(&record).map_err(|e| AuditError::Write(e.into()))?;
         let hash = hash_line(&body);
         let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
-        self.out
-            .write_all(line.as_bytes())
-            .and_then(|()| self.out.flush())
+        self.sink
+            .write_line(line.as_bytes())
             .map_err(AuditError::Write)?;
         self.seq = seq;
         self.prev = hash;
@@ -330,59 +410,157 @@ fn chain_tail(line: &str) -> Option<(u64, String)> {
 /// What `audit verify` found.
 #[derive(Debug, Eq, PartialEq)]
 pub enum Verdict {
-    /// Every record's hash and link checks out.
-    Intact { records: u64 },
+    /// Every record's hash and link checks out. `first_seq` > 1 means older records were
+    /// rotated away (their files deleted); the chain is checked from there on.
+    Intact {
+        records: u64,
+        files: usize,
+        first_seq: u64,
+    },
     /// The first record that does not.
     Broken {
+        file: PathBuf,
         line: u64,
         seq: Option<u64>,
         reason: String,
     },
 }
 
-/// Recompute the hash chain of an audit file.
+/// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …).
 pub fn verify(path: &Path) -> io::Result<Verdict> {
-    let file = File::open(path)?;
-    let mut prev = ZERO_HASH.to_string();
+    let files = chain_files(path);
+    let mut prev: Option<String> = None;
     let mut last_seq: Option<u64> = None;
+    let mut first_seq = None;
     let mut n = 0;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        let line_no = i as u64 + 1;
-        let broken = |seq, reason: &str| Verdict::Broken {
-            line: line_no,
-            seq,
-            reason: reason.to_string(),
-        };
-        let Ok(serde_json::Value::Object(mut record)) =
-            serde_json::from_str::<serde_json::Value>(&line)
-        else {
-            return Ok(broken(None, "not a JSON record"));
-        };
-        let seq = record.get("seq").and_then(|s| s.as_u64());
-        let Some(serde_json::Value::String(hash)) = record.shift_remove("hash") else {
-            return Ok(broken(seq, "no hash"));
-        };
-        let body = serde_json::to_string(&record).map_err(io::Error::other)?;
-        if hash_line(&body) != hash {
-            return Ok(broken(seq, "hash does not match the record (edited)"));
-        }
-        if record.get("prev").and_then(|p| p.as_str()) != Some(prev.as_str()) {
-            return Ok(broken(
+    for file_path in &files {
+        let file = File::open(file_path)?;
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line?;
+            let broken = |seq, reason: &str| Verdict::Broken {
+                file: file_path.clone(),
+                line: i as u64 + 1,
                 seq,
-                "prev does not match the previous record's hash (deleted, reordered or inserted)",
-            ));
+                reason: reason.to_string(),
+            };
+            let Ok(serde_json::Value::Object(mut record)) =
+                serde_json::from_str::<serde_json::Value>(&line)
+            else {
+                return Ok(broken(None, "not a JSON record"));
+            };
+            let seq = record.get("seq").and_then(|s| s.as_u64());
+            let Some(serde_json::Value::String(hash)) = record.shift_remove("hash") else {
+                return Ok(broken(seq, "no hash"));
+            };
+            let body = serde_json::to_string(&record).map_err(io::Error::other)?;
+            if hash_line(&body) != hash {
+                return Ok(broken(seq, "hash does not match the record (edited)"));
+            }
+            let record_prev = record.get("prev").and_then(|p| p.as_str());
+            let linked = match (&prev, record_prev) {
+                (Some(p), Some(r)) => p == r,
+                // The oldest record present: the chain starts at zero, or older files were
+                // rotated away (then only a rotated file may open the log).
+                (None, Some(r)) => r == ZERO_HASH || files.len() > 1,
+                (_, None) => false,
+            };
+            if !linked {
+                return Ok(broken(
+                    seq,
+                    "prev does not match the previous record's hash (deleted, reordered or inserted)",
+                ));
+            }
+            match (seq, last_seq) {
+                (Some(s), Some(l)) if s == l + 1 => {}
+                (Some(1), None) => {}
+                (Some(_), None) if files.len() > 1 && record_prev != Some(ZERO_HASH) => {}
+                _ => return Ok(broken(seq, "seq does not follow the previous record")),
+            }
+            first_seq = first_seq.or(seq);
+            last_seq = seq;
+            prev = Some(hash);
+            n += 1;
         }
-        match (seq, last_seq) {
-            (Some(s), Some(l)) if s == l + 1 => {}
-            (Some(1), None) => {}
-            _ => return Ok(broken(seq, "seq does not follow the previous record")),
-        }
-        last_seq = seq;
-        prev = hash;
-        n += 1;
     }
-    Ok(Verdict::Intact { records: n })
+    Ok(Verdict::Intact {
+        records: n,
+        files: files.len(),
+        first_seq: first_seq.unwrap_or(0),
+    })
+}
+
+/// Per feature and decision counts, and the selectors removed or replaced most often.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub records: u64,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    /// feature (`-` for none) → decision → count.
+    pub decisions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// `(selector, count)`, most frequent first; array indexes folded to `[*]`.
+    pub selectors: Vec<(String, u64)>,
+}
+
+/// Summarize an audit log (and its rotated files), records at or after `since` (RFC 3339).
+pub fn summarize(path: &Path, since: Option<OffsetDateTime>) -> io::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut selectors: std::collections::HashMap<String, u64> = Default::default();
+    for file_path in chain_files(path) {
+        for line in BufReader::new(File::open(&file_path)?).lines() {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(&line?) else {
+                continue;
+            };
+            let time = record["time"].as_str().unwrap_or_default();
+            if let Some(since) = since {
+                match OffsetDateTime::parse(time, &Rfc3339) {
+                    Ok(t) if t >= since => {}
+                    _ => continue,
+                }
+            }
+            summary.records += 1;
+            summary.first.get_or_insert_with(|| time.to_string());
+            summary.last = Some(time.to_string());
+            let feature = record["feature"].as_str().unwrap_or("-").to_string();
+            let decision = record["decision"].as_str().unwrap_or("?").to_string();
+            *summary
+                .decisions
+                .entry(feature)
+                .or_default()
+                .entry(decision)
+                .or_default() += 1;
+            for key in ["removed", "replaced"] {
+                for sel in record[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                {
+                    *selectors.entry(fold_indexes(sel)).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut selectors: Vec<(String, u64)> = selectors.into_iter().collect();
+    selectors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    summary.selectors = selectors;
+    Ok(summary)
+}
+
+/// `json:$['batch'][3]['userId']` → `json:$['batch'][*]['userId']`.
+fn fold_indexes(selector: &str) -> String {
+    let mut out = String::with_capacity(selector.len());
+    let mut rest = selector;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && rest[digits..].starts_with(']') {
+            out.push('*');
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -400,7 +578,7 @@ mod tests {
     async fn chain_survives_restart_and_detects_tampering() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a/audit.jsonl");
-        let target = AuditTarget::File(path.clone());
+        let target = AuditTarget::File(path.clone(), None);
         for round in 0..2 {
             let (log, writer) =
                 AuditLog::open(&target, "sha256:p".into(), "sha256:c".into()).expect("opens");
@@ -418,7 +596,11 @@ mod tests {
         }
         assert_eq!(
             verify(&path).expect("reads"),
-            Verdict::Intact { records: 6 }
+            Verdict::Intact {
+                records: 6,
+                files: 1,
+                first_seq: 1
+            }
         );
         let text = std::fs::read_to_string(&path).expect("reads");
         let lines: Vec<&str> = text.lines().collect();
@@ -457,12 +639,75 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn rotation_keeps_the_chain_across_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rotation = Rotation {
+            max_bytes: 2000,
+            keep: 3,
+        };
+        let target = AuditTarget::File(path.clone(), Some(rotation));
+        for round in 0..2 {
+            let (log, writer) =
+                AuditLog::open(&target, "sha256:p".into(), "sha256:c".into()).expect("opens");
+            for i in 0..20 {
+                log.write(entry(&format!("r{round} {i}")))
+                    .await
+                    .expect("writes");
+            }
+            drop(log);
+            writer.join();
+        }
+        let files = chain_files(&path);
+        assert_eq!(files.len(), 4, "{files:?}");
+        match verify(&path).expect("reads") {
+            Verdict::Intact {
+                records,
+                files: 4,
+                first_seq,
+            } => {
+                assert!(first_seq > 1, "the oldest files were rotated away");
+                assert_eq!(
+                    first_seq + records - 1,
+                    40,
+                    "the chain runs to the last record"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+        let summary = summarize(&path, None).expect("reads");
+        assert_eq!(summary.decisions["-"]["allowed"], summary.records);
+        assert_eq!(
+            summary.selectors,
+            vec![("query:uc".to_string(), summary.records)]
+        );
+
+        // Edit one record in a rotated file: verify names that file.
+        let older = &files[1];
+        let text = std::fs::read_to_string(older).expect("reads");
+        std::fs::write(older, text.replacen("\"r", "\"R", 1)).expect("writes");
+        match verify(&path).expect("reads") {
+            Verdict::Broken { file, line: 1, .. } => assert_eq!(&file, older),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn indexes_fold_for_the_summary() {
+        assert_eq!(
+            fold_indexes("json:$['batch'][3]['userId']"),
+            "json:$['batch'][*]['userId']"
+        );
+        assert_eq!(fold_indexes("query:uc"), "query:uc");
+    }
+
     #[test]
     fn a_cut_record_refuses_to_continue_the_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "{\"seq\":1,\"hash\":\"sha256:ab").expect("writes");
-        let r = AuditLog::open(&AuditTarget::File(path), String::new(), String::new());
+        let r = AuditLog::open(&AuditTarget::File(path, None), String::new(), String::new());
         assert!(matches!(r, Err(AuditError::DamagedTail { .. })));
     }
 }

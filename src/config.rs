@@ -94,7 +94,16 @@ pub enum Roots {
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum AuditTarget {
     Stdout,
-    File(PathBuf),
+    /// A file, rotated by size when `[audit] rotate_bytes` is set.
+    File(PathBuf, Option<Rotation>),
+}
+
+/// Rotate the audit file once it reaches `max_bytes`, keeping `keep` older files
+/// (`FILE.1` newest); the hash chain continues across them.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: usize,
 }
 
 /// Every bound the proxy keeps, with its default.
@@ -433,6 +442,8 @@ struct UpstreamFile {
 #[serde(default, deny_unknown_fields)]
 struct AuditFile {
     path: String,
+    rotate_bytes: Option<u64>,
+    rotate_keep: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -547,7 +558,16 @@ impl File {
                     "must name a file, or \"-\" for stdout".into(),
                 ))
             }
-            p => AuditTarget::File(PathBuf::from(p)),
+            p => {
+                let rotation = match self.audit.rotate_bytes {
+                    None | Some(0) => None,
+                    Some(max_bytes) => Some(Rotation {
+                        max_bytes,
+                        keep: self.audit.rotate_keep.unwrap_or(10).max(1),
+                    }),
+                };
+                AuditTarget::File(PathBuf::from(p), rotation)
+            }
         };
         let defaults = Limits::default();
         let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
@@ -921,7 +941,7 @@ mod tests {
         );
         assert_eq!(
             c.audit,
-            AuditTarget::File("/etc/consent/logs/audit.jsonl".into())
+            AuditTarget::File("/etc/consent/logs/audit.jsonl".into(), None)
         );
         assert_eq!(c.policy.features.len(), 4);
         assert_eq!(

@@ -23,6 +23,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod mattermost;
 pub mod policy;
 pub mod proxy;

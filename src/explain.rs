@@ -1,0 +1,258 @@
+//! `consent-proxy explain`: a dry run of one request against a policy, with no network. It
+//! follows the proxy's decision order (CONNECT verdict, then the request's feature, rules and
+//! body) and shows the request as it would leave.
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use http::{HeaderMap, Uri};
+
+use crate::audit::Decision;
+use crate::policy::{Action, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
+use crate::response::Refusal;
+use crate::rewrite::{self, Message};
+
+/// The request to explain.
+pub struct Request {
+    pub method: String,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Explain `req` under `policy`; `max_body_bytes` as the proxy would enforce it.
+pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
+    let mut out = String::new();
+    let host = crate::policy::normalize_host(req.uri.host().unwrap_or_default());
+    let https = req.uri.scheme_str() != Some("http");
+    let path = req.uri.path().to_string();
+    let report = policy.mode == Mode::Report;
+    let refused = |out: &mut String, refusal: Refusal, feature: Option<&str>, when: &str| {
+        let decision = match (report, refusal.decision()) {
+            (true, Decision::Blocked) => Decision::WouldBlock,
+            (_, d) => d,
+        };
+        let _ = writeln!(out, "decision: {}", decision.as_str());
+        let _ = writeln!(out, "feature: {}", feature.unwrap_or("(none)"));
+        let _ = writeln!(out, "reason: {}", refusal.reason());
+        let _ = writeln!(
+            out,
+            "response: {} from the proxy{when}",
+            refusal.status().as_u16()
+        );
+    };
+    if https {
+        match policy.connect(&host) {
+            ConnectVerdict::Block { feature } => {
+                refused(
+                    &mut out,
+                    Refusal::ConsentDenied(feature.on_block),
+                    Some(&feature.name),
+                    ", at CONNECT before any TLS",
+                );
+                return out;
+            }
+            ConnectVerdict::Unknown(UnknownHosts::Deny) => {
+                refused(&mut out, Refusal::UnknownHost, None, ", at CONNECT");
+                return out;
+            }
+            ConnectVerdict::Unknown(UnknownHosts::Tunnel) => {
+                let _ = writeln!(out, "decision: tunneled\nfeature: (none)\nreason: destination belongs to no feature");
+                let _ = writeln!(
+                    out,
+                    "the connection is tunnelled without decryption; the request leaves as sent"
+                );
+                return out;
+            }
+            ConnectVerdict::Intercept => {}
+        }
+    }
+    let (feature, rules, withheld) = match policy.decide(&host, &path) {
+        Verdict::Unknown(UnknownHosts::Deny) => {
+            refused(&mut out, Refusal::UnknownHost, None, "");
+            return out;
+        }
+        Verdict::Unknown(UnknownHosts::Tunnel) => {
+            let _ = writeln!(
+                out,
+                "decision: tunneled\nfeature: (none)\nreason: destination belongs to no feature"
+            );
+            write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
+            return out;
+        }
+        Verdict::Denied { feature } => {
+            refused(
+                &mut out,
+                Refusal::ConsentDenied(feature.on_block),
+                Some(&feature.name),
+                "",
+            );
+            return out;
+        }
+        Verdict::Granted {
+            feature,
+            rules,
+            withheld,
+        } => (feature, rules, withheld),
+    };
+    let _ = writeln!(out, "feature: {} (consent granted)", feature.name);
+    for rule in &rules {
+        let verb = match rule.action {
+            Action::Remove(_) => "remove",
+            Action::Replace(_) => "replace",
+            Action::Keep(_) => "keep",
+        };
+        let why = rule
+            .category
+            .as_deref()
+            .map(|c| format!("category {c} withheld"))
+            .unwrap_or_else(|| "always".into());
+        let selectors: Vec<String> = rule.action.selectors().map(|s| s.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "rule: {}.rule[{}] ({why}): {verb} {}",
+            feature.name,
+            rule.index,
+            selectors.join(", ")
+        );
+    }
+    if rules.iter().any(|r| r.reads_body()) && req.body.len() as u64 > max_body_bytes {
+        refused(&mut out, Refusal::BodyTooLarge, Some(&feature.name), "");
+        return out;
+    }
+    let mut msg = Message {
+        query: req.uri.query().map(str::to_string),
+        headers: req.headers.clone(),
+        body: req.body.clone(),
+    };
+    let edits = match rewrite::apply(&rules, &mut msg) {
+        Ok(e) => e,
+        Err(e) => {
+            refused(&mut out, Refusal::Unreadable(e), Some(&feature.name), "");
+            return out;
+        }
+    };
+    let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
+    let decision = match (changed, report) {
+        (false, _) => Decision::Allowed,
+        (true, false) => Decision::Stripped,
+        (true, true) => Decision::WouldStrip,
+    };
+    let _ = writeln!(out, "decision: {}", decision.as_str());
+    let reason = if changed {
+        format!("withheld: {}", withheld.join(", "))
+    } else {
+        "consent granted".into()
+    };
+    let _ = writeln!(out, "reason: {reason}");
+    let _ = writeln!(out, "removed: {}", edits.removed.join(", "));
+    let _ = writeln!(out, "replaced: {}", edits.replaced.join(", "));
+    if report || !changed {
+        write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
+    } else {
+        let pq = match &msg.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let uri: Uri = format!(
+            "{}://{}{}",
+            req.uri.scheme_str().unwrap_or("https"),
+            req.uri.authority().map(|a| a.as_str()).unwrap_or(""),
+            pq
+        )
+        .parse()
+        .unwrap_or(req.uri.clone());
+        write_request(&mut out, &req.method, &uri, &msg.headers, &msg.body);
+    }
+    out
+}
+
+fn write_request(out: &mut String, method: &str, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
+    let _ = writeln!(out, "\nthe request as it would leave:\n{method} {uri}");
+    for (name, value) in headers {
+        let _ = writeln!(out, "{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+    }
+    if !body.is_empty() {
+        let _ = writeln!(out, "\n{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn run(policy: &str, method: &str, url: &str, body: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = config::load_str("p", policy, dir.path()).expect("valid");
+        let mut headers = HeaderMap::new();
+        if !body.is_empty() {
+            headers.insert("content-length", body.len().into());
+        }
+        let req = Request {
+            method: method.into(),
+            uri: url.parse().expect("url"),
+            headers,
+            body: Bytes::from(body.to_string()),
+        };
+        explain(&c.policy, req, c.limits.max_body_bytes)
+    }
+
+    #[test]
+    fn explains_each_kind_of_decision() {
+        let out = run(
+            "",
+            "GET",
+            "https://securityupdatecheck.mattermost.com/security?id=a&uc=1&ut=0",
+            "",
+        );
+        assert!(out.contains("decision: stripped"), "{out}");
+        assert!(out.contains("rule: security_alerts.rule[1] (category activity_counts withheld): remove query:uc, query:auc, query:tc"), "{out}");
+        assert!(
+            out.contains("GET https://securityupdatecheck.mattermost.com/security?id=a&ut=0"),
+            "{out}"
+        );
+
+        let out = run("", "POST", "https://pdat.matterlytics.com/v1/batch", "{}");
+        assert!(
+            out.contains("decision: blocked")
+                && out.contains("403 from the proxy, at CONNECT before any TLS"),
+            "{out}"
+        );
+
+        let out = run(
+            "",
+            "POST",
+            "https://push.mattermost.com/api/v1/send_push",
+            "{\"message\":\"x\",\"channel_name\":\"c\"}",
+        );
+        assert!(
+            out.contains("replaced: json:$['message']")
+                && out.contains("removed: json:$['channel_name']"),
+            "{out}"
+        );
+        assert!(out.contains("content-length: 44"), "{out}");
+
+        let out = run(
+            "",
+            "POST",
+            "https://push.mattermost.com/api/v1/send_push",
+            "not json",
+        );
+        assert!(
+            out.contains("decision: blocked") && out.contains("415"),
+            "{out}"
+        );
+
+        let out = run("", "GET", "https://example.org/", "");
+        assert!(out.contains("decision: tunneled"), "{out}");
+
+        let out = run(
+            "mode = \"report\"",
+            "POST",
+            "https://pdat.matterlytics.com/v1/batch",
+            "{}",
+        );
+        assert!(out.contains("decision: would_block"), "{out}");
+    }
+}
