@@ -22,6 +22,8 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use time::{Duration, OffsetDateTime};
 
+use crate::metrics::LeafMetrics;
+
 /// How long a minted leaf is valid, and when it is replaced.
 const LEAF_VALIDITY: Duration = Duration::days(30);
 const LEAF_RENEW_BEFORE: Duration = Duration::days(7);
@@ -68,6 +70,7 @@ pub struct CertificateAuthority {
     leaf_key: KeyPair,
     provider: Arc<CryptoProvider>,
     cache: Mutex<LruCache<String, Leaf>>,
+    metrics: LeafMetrics,
 }
 
 struct Leaf {
@@ -152,6 +155,7 @@ impl CertificateAuthority {
             leaf_key,
             provider,
             cache: Mutex::new(LruCache::new(cap)),
+            metrics: LeafMetrics::default(),
         })
     }
 
@@ -163,20 +167,27 @@ impl CertificateAuthority {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(leaf) = cache.get(host) {
                 if leaf.renew_at > now {
+                    self.metrics.hits.inc();
                     return Ok(leaf.config.clone());
                 }
             }
         }
+        self.metrics.misses.inc();
         let config = Arc::new(self.mint(host, now)?);
         let leaf = Leaf {
             config: config.clone(),
             renew_at: now + LEAF_VALIDITY - LEAF_RENEW_BEFORE,
         };
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(host.to_string(), leaf);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.put(host.to_string(), leaf);
+        self.metrics.size.set(cache.len() as i64);
         Ok(config)
+    }
+
+    /// Report cache hits, misses and size to these metrics.
+    pub fn with_metrics(mut self, metrics: LeafMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Leaves currently cached.

@@ -358,6 +358,9 @@ fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>) -> ExitCode {
             "consent-proxy: listening on http://{} (set HTTPS_PROXY to it)",
             running.started.proxy_addr
         );
+        if let Some(admin) = running.started.admin_addr {
+            eprintln!("consent-proxy: admin on http://{admin} (/metrics, /healthz, /readyz)");
+        }
         wait_for_signal().await;
         eprintln!("consent-proxy: shutting down");
         running.shutdown(Duration::from_secs(10)).await;

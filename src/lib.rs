@@ -19,12 +19,14 @@
 //! - **selector**: where a rule points: `query:`, `header:`, `form:`, `json:` (RFC 9535).
 //! - **decision**: what happened to a request or connection; one audit record each.
 
+pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod explain;
 pub mod mattermost;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

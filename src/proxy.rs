@@ -28,6 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::audit::{AuditError, AuditLog, AuditWriter, Decision, Entry};
 use crate::ca::{CaError, CertificateAuthority, Origin};
 use crate::config::{Config, Limits};
+use crate::metrics::{ListenerLabels, Metrics, OutcomeLabels};
 use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
 use crate::response::Refusal;
 use crate::rewrite::{self, Message};
@@ -53,6 +54,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Started {
     pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     pub ca_origin: Origin,
 }
 
@@ -123,6 +125,8 @@ pub(crate) struct Proxy {
     tracker: TaskTracker,
     /// Where the policy came from, to reload it.
     sources: crate::reload::Sources,
+    metrics: Metrics,
+    registry: prometheus_client::registry::Registry,
 }
 
 /// Which listener a connection came in on, and from where.
@@ -149,6 +153,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         provider.clone(),
         config.limits.leaf_cache_size,
     )?;
+    let metrics = Metrics::default();
+    let ca = ca.with_metrics(metrics.leaf.clone());
     let upstream = Upstream::new(&config.upstream, provider, config.limits.connect_timeout)?;
     let (audit, writer) = AuditLog::open(
         &config.audit,
@@ -165,6 +171,16 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         addr: config.listen.proxy,
         source,
     })?;
+    let admin = match config.listen.admin {
+        None => None,
+        Some(addr) => {
+            let bind_err = |source| StartError::Bind { addr, source };
+            let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+            let bound = l.local_addr().map_err(bind_err)?;
+            Some((l, bound))
+        }
+    };
+    let admin_addr = admin.as_ref().map(|(_, a)| *a);
     audit
         .policy_loaded(
             format!("started with {}", config.source),
@@ -181,6 +197,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         upstream,
         audit,
         limits: config.limits,
+        registry: metrics.registry(),
+        metrics,
         token: token.clone(),
         tracker: tracker.clone(),
         sources: crate::reload::Sources {
@@ -190,10 +208,14 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         },
     });
     tracker.spawn(crate::reload::watch(proxy.clone()));
+    if let Some((l, _)) = admin {
+        tracker.spawn(crate::admin::serve(proxy.clone(), l));
+    }
     tracker.spawn(accept_loop(proxy, listener));
     Ok(Running {
         started: Started {
             proxy_addr,
+            admin_addr,
             ca_origin,
         },
         token,
@@ -221,6 +243,13 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        proxy
+            .metrics
+            .connections
+            .get_or_create(&ListenerLabels {
+                listener: "explicit".into(),
+            })
+            .inc();
         let peer = Peer {
             client,
             listener: "explicit",
@@ -264,8 +293,7 @@ async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {
 impl Proxy {
     /// One request on the explicit listener: CONNECT, or an absolute-form plain-HTTP request.
     async fn explicit(self: &Arc<Self>, peer: Peer, req: Request<Incoming>) -> Response<OutBody> {
-        let ip = canonical(peer.client.ip());
-        if !self.clients.iter().any(|net| net.contains(&ip)) {
+        if !self.client_allowed(peer.client) {
             let entry = self.entry(&self.current(), peer, None, req.method(), None);
             return self.refuse(entry, Refusal::ClientNotAllowed, None).await;
         }
@@ -349,7 +377,7 @@ impl Proxy {
         entry.decision = Decision::Tunneled;
         entry.reason = "destination belongs to no feature".into();
         entry.status = Some(200);
-        if self.audit.write(entry).await.is_err() {
+        if self.record(entry).await.is_err() {
             return Refusal::AuditUnavailable.response(None);
         }
         let this = self.clone();
@@ -396,7 +424,7 @@ impl Proxy {
                         entry.decision = Decision::Blocked;
                         entry.reason = "open tunnel closed: the new policy no longer tunnels this destination".into();
                         entry.feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
-                        let _ = self.audit.write(entry).await;
+                        let _ = self.record(entry).await;
                         return;
                     }
                 }
@@ -424,7 +452,7 @@ impl Proxy {
                     self.entry(&self.current(), peer, Some(&target), &Method::CONNECT, None);
                 entry.decision = Decision::Blocked;
                 entry.reason = "TLS SNI does not match the CONNECT target".into();
-                let _ = self.audit.write(entry).await;
+                let _ = self.record(entry).await;
                 return;
             }
         }
@@ -643,13 +671,24 @@ impl Proxy {
                 Ok(Ok(resp)) => resp,
             };
         entry.status = Some(resp.status().as_u16());
-        if self.audit.write(entry.clone()).await.is_err() {
+        if self.record(entry.clone()).await.is_err() {
             return Refusal::AuditUnavailable.response(entry.feature.as_deref());
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, body.map_err(Into::into).boxed())
+    }
+
+    /// Write an audit record and count the decision.
+    async fn record(&self, entry: Entry) -> Result<(), AuditError> {
+        self.metrics.decision(&entry);
+        let written = self.audit.write(entry).await;
+        match &written {
+            Ok(()) => self.metrics.audit_records.inc(),
+            Err(_) => self.metrics.audit_failures.inc(),
+        };
+        written
     }
 
     /// Audit a refusal and answer it.
@@ -659,6 +698,12 @@ impl Proxy {
         refusal: Refusal,
         feature: Option<&str>,
     ) -> Response<OutBody> {
+        if matches!(
+            refusal,
+            Refusal::UpstreamFailed(_) | Refusal::UpstreamTimeout
+        ) {
+            self.metrics.upstream_errors.inc();
+        }
         entry.decision = refusal.decision();
         entry.reason = refusal.reason();
         entry.status = Some(refusal.status().as_u16());
@@ -666,7 +711,7 @@ impl Proxy {
             entry.feature = feature.map(str::to_string);
         }
         info!(decision = entry.decision.as_str(), reason = %entry.reason, "refused");
-        if self.audit.write(entry).await.is_err() {
+        if self.record(entry).await.is_err() {
             return Refusal::AuditUnavailable.response(feature);
         }
         refusal.response(feature)
@@ -685,7 +730,13 @@ impl Proxy {
                 warn!(error = %e, "reload failed; the last good policy stays in force");
                 let reason =
                     format!("reload ({trigger}) failed, the last good policy stays in force: {e}");
-                let _ = self.audit.write(Entry::new(Decision::Error, reason)).await;
+                let _ = self.record(Entry::new(Decision::Error, reason)).await;
+                self.metrics
+                    .reloads
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "failed".into(),
+                    })
+                    .inc();
                 return None;
             }
         };
@@ -697,6 +748,12 @@ impl Proxy {
         let change = crate::reload::describe_change(&old.policy, &config.policy);
         let new = Arc::new(Active::from_config(&mut config));
         let reason = format!("reloaded ({trigger}): {change}");
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: "ok".into(),
+            })
+            .inc();
         info!(%reason, "policy reloaded");
         let _ = self
             .audit
@@ -714,8 +771,28 @@ impl Proxy {
         &self.token
     }
 
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
     pub(crate) fn sources(&self) -> &crate::reload::Sources {
         &self.sources
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(crate) fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.registry)
+    }
+
+    /// Why the proxy is not ready, if it is not: the audit log must be writable. (Listening,
+    /// the CA and a policy are given once it runs.)
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
+        (!self.audit.is_healthy()).then_some("audit log cannot be written")
+    }
+
+    pub(crate) fn client_allowed(&self, addr: SocketAddr) -> bool {
+        let ip = canonical(addr.ip());
+        self.clients.iter().any(|net| net.contains(&ip))
     }
 
     fn current(&self) -> Arc<Active> {

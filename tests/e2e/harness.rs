@@ -220,6 +220,8 @@ pub struct Setup<'a> {
     pub tunnel_to: Option<SocketAddr>,
     /// More files to write into the proxy's folder before it starts: `(name, text)`.
     pub files: &'a [(&'a str, &'a str)],
+    /// Start the admin listener too.
+    pub admin: bool,
 }
 
 impl Default for Setup<'_> {
@@ -229,6 +231,7 @@ impl Default for Setup<'_> {
             upstream_alpn: &[b"h2", b"http/1.1"],
             tunnel_to: None,
             files: &[],
+            admin: false,
         }
     }
 }
@@ -248,9 +251,10 @@ impl Env {
             resolve.push(format!("\"{TUNNELLED}:443\" = \"{addr}\""));
         }
         let text = format!(
-            "{}\n[listen]\nproxy = \"127.0.0.1:0\"\n[tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
+            "{}\n[listen]\nproxy = \"127.0.0.1:0\"\n{}[tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
              [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ {} }}\n[audit]\npath = \"audit.jsonl\"\n",
             setup.policy,
+            if setup.admin { "admin = \"127.0.0.1:0\"\n" } else { "" },
             resolve.join(", ")
         );
         for (name, text) in setup.files {
@@ -269,6 +273,11 @@ impl Env {
             dir,
             running: Some(running),
         }
+    }
+
+    /// The admin listener's address, when `[listen] admin` is set.
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.running.as_ref().and_then(|r| r.started.admin_addr)
     }
 
     /// Wait (up to 10 s) for an audit record that satisfies `pred`; polls the file.

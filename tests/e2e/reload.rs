@@ -233,3 +233,114 @@ async fn a_sink_answers_200_empty_json_and_audits_blocked() {
         .all(|r| r["decision"] == "blocked" && r["status"] == 200));
     env.stop().await;
 }
+
+#[tokio::test]
+async fn the_admin_endpoint_counts_traffic_in_prometheus_text() {
+    let env = Env::start(Setup {
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    let admin = env.admin().expect("admin listener");
+    let get = |path: &'static str| {
+        let url = format!("http://{admin}{path}");
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "--noproxy", "*", "-w", "\n%{http_code}", &url])
+                .output()
+                .await
+                .expect("curl");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let (body, code) = text.rsplit_once('\n').expect("status line");
+            (code.to_string(), body.to_string())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, "200");
+    assert_eq!(
+        get("/readyz").await,
+        ("200".to_string(), "ready\n".to_string())
+    );
+
+    let metric = |text: &str, name: &str, labels: &[(&str, &str)]| -> f64 {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses");
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = get("/metrics").await.1;
+    assert_eq!(
+        metric(
+            &before,
+            "consent_proxy_decisions_total",
+            &[("feature", "security_alerts")]
+        ),
+        0.0
+    );
+
+    for _ in 0..2 {
+        let out = env
+            .curl(&[&format!("https://{SECURITY}/security?id=x&uc=1")])
+            .await;
+        assert_eq!(out.code, 200);
+    }
+    let out = env.curl(&[&format!("https://{RUDDER}/v1/batch")]).await;
+    assert_eq!(out.connect, 403);
+
+    let after = get("/metrics").await.1;
+    assert_eq!(
+        metric(
+            &after,
+            "consent_proxy_decisions_total",
+            &[
+                ("feature", "security_alerts"),
+                ("decision", "stripped"),
+                ("listener", "explicit")
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "consent_proxy_decisions_total",
+            &[("feature", "diagnostics"), ("decision", "blocked")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "consent_proxy_connections_total",
+            &[("listener", "explicit")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&after, "consent_proxy_leaf_cache_misses_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "consent_proxy_leaf_cache_hits_total", &[]),
+        1.0
+    );
+    assert_eq!(metric(&after, "consent_proxy_leaf_cache_size", &[]), 1.0);
+    assert_eq!(
+        metric(&after, "consent_proxy_audit_records_total", &[]),
+        3.0
+    );
+    assert_eq!(
+        metric(&after, "consent_proxy_audit_write_failures_total", &[]),
+        0.0
+    );
+    assert!(!after.contains("uc=1"), "request data in metrics");
+    env.stop().await;
+}

@@ -1,0 +1,88 @@
+//! The admin endpoint (`[listen] admin`): `GET /metrics` (Prometheus text), `/healthz` (the
+//! process is up), `/readyz` (listening, CA loaded, policy loaded, audit log writable). It
+//! serves only clients in `[clients] allow` (loopback by default) and never proxies traffic.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::proxy::Proxy;
+
+pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = proxy.token().cancelled() => return,
+        };
+        let Ok((tcp, client)) = accepted else {
+            continue;
+        };
+        let p = proxy.clone();
+        let token = proxy.token().clone();
+        proxy.tracker().spawn(async move {
+            let service = service_fn(move |req| {
+                let allowed = p.client_allowed(client);
+                let answer = if allowed {
+                    route(&p, &req)
+                } else {
+                    text(StatusCode::FORBIDDEN, "client not allowed\n".into())
+                };
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "admin connection ended");
+                    }
+                }
+                () = token.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, proxy.metrics_text());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match proxy.not_ready() {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found (try /metrics, /healthz, /readyz)\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}

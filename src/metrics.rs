@@ -1,0 +1,138 @@
+//! Prometheus metrics (prometheus-client): decisions by listener, feature and decision, client
+//! connections, body bytes, upstream errors, leaf-certificate cache, audit writes, reloads.
+//! Labels hold names from the policy only, never request data.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::audit::Entry;
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct DecisionLabels {
+    pub listener: String,
+    pub feature: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct DirectionLabels {
+    /// `in`: from clients; `out`: to upstreams.
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+/// Leaf-certificate cache counters, owned by the CA.
+#[derive(Clone, Debug, Default)]
+pub struct LeafMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub size: Gauge,
+}
+
+/// Every metric the proxy exports; cheap to clone (each handle is shared).
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub body_bytes: Family<DirectionLabels, Counter>,
+    pub upstream_errors: Counter,
+    pub leaf: LeafMetrics,
+    pub audit_records: Counter,
+    pub audit_failures: Counter,
+    pub reloads: Family<OutcomeLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("consent_proxy");
+        r.register(
+            "decisions",
+            "Decisions (one per audit record) by listener, feature and decision",
+            self.decisions.clone(),
+        );
+        r.register(
+            "connections",
+            "Client connections accepted, by listener",
+            self.connections.clone(),
+        );
+        r.register(
+            "body_bytes",
+            "Request body bytes seen from clients (in) and sent upstream (out)",
+            self.body_bytes.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream connections or requests that failed or timed out",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "leaf_cache_hits",
+            "Leaf certificates served from the cache",
+            self.leaf.hits.clone(),
+        );
+        r.register(
+            "leaf_cache_misses",
+            "Leaf certificates minted",
+            self.leaf.misses.clone(),
+        );
+        r.register(
+            "leaf_cache_size",
+            "Leaf certificates in the cache",
+            self.leaf.size.clone(),
+        );
+        r.register(
+            "audit_records",
+            "Audit records written",
+            self.audit_records.clone(),
+        );
+        r.register(
+            "audit_write_failures",
+            "Audit records that could not be written",
+            self.audit_failures.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policy reloads by outcome (ok, failed)",
+            self.reloads.clone(),
+        );
+        r
+    }
+
+    /// Count one decision (and its body bytes) as it is audited.
+    pub fn decision(&self, entry: &Entry) {
+        let labels = DecisionLabels {
+            listener: entry.listener.unwrap_or("-").to_string(),
+            feature: entry.feature.clone().unwrap_or_else(|| "-".into()),
+            decision: entry.decision.as_str().to_string(),
+        };
+        self.decisions.get_or_create(&labels).inc();
+        for (direction, bytes) in [("in", entry.bytes_in), ("out", entry.bytes_out)] {
+            if let Some(n) = bytes {
+                self.body_bytes
+                    .get_or_create(&DirectionLabels {
+                        direction: direction.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
+/// The Prometheus text exposition of a registry.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
