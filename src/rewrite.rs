@@ -138,7 +138,7 @@ fn replace(
     let hit = match sel {
         Selector::Query(name) => edit_params(&mut msg.query, |p| p.replace(name, value)),
         Selector::Header(name) => match (msg.headers.get_mut(name), HeaderValue::from_str(value)) {
-            (Some(slot), Ok(v)) => {
+            (Some(slot), Ok(v)) if *slot != v => {
                 *slot = v;
                 true
             }
@@ -156,7 +156,8 @@ fn replace(
             let before = edits.replaced.len();
             if let Some(doc) = body.json()? {
                 for path in located(doc, j) {
-                    if let Some(node) = node_mut(doc, &path) {
+                    // A member that already holds the replacement is left as it is: nothing to record.
+                    if let Some(node) = node_mut(doc, &path).filter(|n| n.as_str() != Some(value)) {
                         *node = Value::String(value.to_string());
                         edits.replaced.push(format!("json:{}", render(&path)));
                     }
@@ -596,8 +597,11 @@ impl Params<'_> {
             if !p.is_empty() && Self::name(p) == name {
                 let raw_name = p.split('=').next().unwrap_or_default();
                 let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
-                self.replaced.push((i, format!("{raw_name}={encoded}")));
-                hit = true;
+                let new = format!("{raw_name}={encoded}");
+                if *p != new {
+                    self.replaced.push((i, new));
+                    hit = true;
+                }
             }
         }
         hit
