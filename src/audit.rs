@@ -61,6 +61,8 @@ pub struct Entry {
     pub scheme: Option<&'static str>,
     pub host: Option<String>,
     pub port: Option<u16>,
+    /// Transparent mode: the address the client was going to (`SO_ORIGINAL_DST`).
+    pub original_dst: Option<String>,
     /// The path without its query string.
     pub path: Option<String>,
     pub feature: Option<String>,
@@ -85,6 +87,7 @@ impl Entry {
             scheme: None,
             host: None,
             port: None,
+            original_dst: None,
             path: None,
             feature: None,
             decision,

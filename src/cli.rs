@@ -358,6 +358,9 @@ fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>) -> ExitCode {
             "consent-proxy: listening on http://{} (set HTTPS_PROXY to it)",
             running.started.proxy_addr
         );
+        if let Some(t) = running.started.transparent_addr {
+            eprintln!("consent-proxy: transparent listener on {t} (iptables REDIRECT target)");
+        }
         if let Some(admin) = running.started.admin_addr {
             eprintln!("consent-proxy: admin on http://{admin} (/metrics, /healthz, /readyz)");
         }

@@ -32,4 +32,5 @@ pub mod proxy;
 pub mod reload;
 pub mod response;
 pub mod rewrite;
+pub mod transparent;
 pub mod upstream;

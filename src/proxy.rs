@@ -14,7 +14,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
 use rustls::pki_types::ServerName;
@@ -32,7 +31,9 @@ use crate::metrics::{ListenerLabels, Metrics, OutcomeLabels};
 use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
 use crate::response::Refusal;
 use crate::rewrite::{self, Message};
-use crate::upstream::{self, ConnectError, OutBody, Upstream, UpstreamSetupError};
+use crate::upstream::{
+    self, ConnectError, OutBody, Pinned, PinnedError, Upstream, UpstreamSetupError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -55,6 +56,7 @@ pub enum StartError {
 pub struct Started {
     pub proxy_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    pub transparent_addr: Option<SocketAddr>,
     pub ca_origin: Origin,
 }
 
@@ -127,21 +129,29 @@ pub(crate) struct Proxy {
     sources: crate::reload::Sources,
     metrics: Metrics,
     registry: prometheus_client::registry::Registry,
+    /// The proxy's own listening addresses: a redirected connection to one of them is a loop.
+    own: Vec<SocketAddr>,
+    /// `[upstream] resolve`, also consulted for the addresses of feature hosts.
+    resolve: std::collections::HashMap<String, SocketAddr>,
 }
 
 /// Which listener a connection came in on, and from where.
-#[derive(Clone, Copy)]
-struct Peer {
-    client: SocketAddr,
-    listener: &'static str,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer {
+    pub(crate) client: SocketAddr,
+    pub(crate) listener: &'static str,
+    /// Transparent mode: where the client was going (`SO_ORIGINAL_DST`).
+    pub(crate) original_dst: Option<SocketAddr>,
 }
 
 /// Where a request goes.
 #[derive(Clone)]
-struct Target {
-    scheme: &'static str,
-    host: String,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) scheme: &'static str,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// Transparent mode: the one upstream connection, to the original destination.
+    pub(crate) pinned: Option<Arc<Pinned>>,
 }
 
 /// Start the proxy from a checked config: CA, upstream TLS, audit log, listener.
@@ -181,6 +191,20 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         }
     };
     let admin_addr = admin.as_ref().map(|(_, a)| *a);
+    let transparent = match config.listen.transparent {
+        None => None,
+        Some(addr) => {
+            let bind_err = |source| StartError::Bind { addr, source };
+            let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+            let bound = l.local_addr().map_err(bind_err)?;
+            Some((l, bound))
+        }
+    };
+    let transparent_addr = transparent.as_ref().map(|(_, a)| *a);
+    let own: Vec<SocketAddr> = [Some(proxy_addr), admin_addr, transparent_addr]
+        .into_iter()
+        .flatten()
+        .collect();
     audit
         .policy_loaded(
             format!("started with {}", config.source),
@@ -199,6 +223,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         limits: config.limits,
         registry: metrics.registry(),
         metrics,
+        own,
+        resolve: config.upstream.resolve.clone(),
         token: token.clone(),
         tracker: tracker.clone(),
         sources: crate::reload::Sources {
@@ -211,11 +237,15 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     if let Some((l, _)) = admin {
         tracker.spawn(crate::admin::serve(proxy.clone(), l));
     }
+    if let Some((l, _)) = transparent {
+        tracker.spawn(crate::transparent::accept_loop(proxy.clone(), l));
+    }
     tracker.spawn(accept_loop(proxy, listener));
     Ok(Running {
         started: Started {
             proxy_addr,
             admin_addr,
+            transparent_addr,
             ca_origin,
         },
         token,
@@ -253,6 +283,7 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
         let peer = Peer {
             client,
             listener: "explicit",
+            original_dst: None,
         };
         let span = tracing::info_span!("conn", client = %client, listener = "explicit");
         let p = proxy.clone();
@@ -306,6 +337,7 @@ impl Proxy {
                     scheme: "http",
                     host: normalize_host(host),
                     port: req.uri().port_u16().unwrap_or(80),
+                    pinned: None,
                 };
                 self.request(peer, target, req).await
             }
@@ -351,7 +383,9 @@ impl Proxy {
                 self.tracker.spawn(
                     async move {
                         match hyper::upgrade::on(req).await {
-                            Ok(upgraded) => this.intercept(peer, target, upgraded).await,
+                            Ok(upgraded) => {
+                                this.intercept(peer, target, TokioIo::new(upgraded)).await
+                            }
                             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
                         }
                     }
@@ -394,13 +428,15 @@ impl Proxy {
     /// Copy bytes both ways until either side closes, the proxy shuts down, or a new policy
     /// makes the destination a feature host (then the tunnel is closed and audited: a feature
     /// must not keep flowing around the policy over an old tunnel).
-    async fn relay(
+    pub(crate) async fn relay<IO>(
         &self,
         peer: Peer,
         target: Target,
-        mut client: TokioIo<Upgraded>,
+        mut client: IO,
         mut upstream: TcpStream,
-    ) {
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let mut policy = self.active.subscribe();
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
@@ -433,14 +469,11 @@ impl Proxy {
     }
 
     /// Terminate the client's TLS with a leaf for the CONNECT host, then decide each request.
-    async fn intercept(
-        self: Arc<Self>,
-        peer: Peer,
-        target: Target,
-        upgraded: hyper::upgrade::Upgraded,
-    ) {
-        let acceptor =
-            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    pub(crate) async fn intercept<IO>(self: Arc<Self>, peer: Peer, target: Target, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
         let start = match tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor).await {
             Ok(Ok(start)) => start,
             Ok(Err(e)) => return debug!(error = %e, "client TLS hello failed"),
@@ -497,7 +530,7 @@ impl Proxy {
     }
 
     /// Decide one request to `target` and answer it: refuse, or rewrite and forward.
-    async fn request(
+    pub(crate) async fn request(
         &self,
         peer: Peer,
         target: Target,
@@ -655,21 +688,32 @@ impl Proxy {
         *req.headers_mut() = parts.headers;
         strip_hop_by_hop(req.headers_mut());
         req.headers_mut().remove(HOST);
-        let resp =
-            match tokio::time::timeout(self.limits.upstream_timeout, self.upstream.request(req))
-                .await
-            {
-                Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
-                Ok(Err(e)) => {
-                    let refusal = match upstream::connect_error(&e) {
-                        Some(c) => connect_refusal(c),
-                        None => Refusal::UpstreamFailed("upstream connection failed".into()),
-                    };
-                    warn!(host = %target.host, error = %e, "upstream request failed");
-                    return self.refuse(entry, refusal, None).await;
+        let sent = async {
+            match &target.pinned {
+                Some(pinned) => pinned.request(req).await.map_err(|e| match e {
+                    PinnedError::Connect(c) => connect_refusal(&c),
+                    PinnedError::Request(_) => {
+                        Refusal::UpstreamFailed("upstream connection failed".into())
+                    }
+                }),
+                None => {
+                    self.upstream.request(req).await.map_err(|e| {
+                        match upstream::connect_error(&e) {
+                            Some(c) => connect_refusal(c),
+                            None => Refusal::UpstreamFailed("upstream connection failed".into()),
+                        }
+                    })
                 }
-                Ok(Ok(resp)) => resp,
-            };
+            }
+        };
+        let resp = match tokio::time::timeout(self.limits.upstream_timeout, sent).await {
+            Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
+            Ok(Err(refusal)) => {
+                warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
+                return self.refuse(entry, refusal, None).await;
+            }
+            Ok(Ok(resp)) => resp,
+        };
         entry.status = Some(resp.status().as_u16());
         if self.record(entry.clone()).await.is_err() {
             return Refusal::AuditUnavailable.response(entry.feature.as_deref());
@@ -681,7 +725,7 @@ impl Proxy {
     }
 
     /// Write an audit record and count the decision.
-    async fn record(&self, entry: Entry) -> Result<(), AuditError> {
+    pub(crate) async fn record(&self, entry: Entry) -> Result<(), AuditError> {
         self.metrics.decision(&entry);
         let written = self.audit.write(entry).await;
         match &written {
@@ -775,6 +819,39 @@ impl Proxy {
         &self.tracker
     }
 
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub(crate) fn resolve_overrides(&self) -> &std::collections::HashMap<String, SocketAddr> {
+        &self.resolve
+    }
+
+    /// Whether `addr` is one of the proxy's own listeners (wildcard binds match by port).
+    pub(crate) fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        self.own
+            .iter()
+            .any(|own| *own == addr || (own.ip().is_unspecified() && own.port() == addr.port()))
+    }
+
+    /// Audit a refusal and answer it (for the transparent listener).
+    pub(crate) async fn refuse_with(
+        &self,
+        entry: Entry,
+        refusal: Refusal,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        self.refuse(entry, refusal, feature).await
+    }
+
     pub(crate) fn sources(&self) -> &crate::reload::Sources {
         &self.sources
     }
@@ -795,11 +872,11 @@ impl Proxy {
         self.clients.iter().any(|net| net.contains(&ip))
     }
 
-    fn current(&self) -> Arc<Active> {
+    pub(crate) fn current(&self) -> Arc<Active> {
         self.active.borrow().clone()
     }
 
-    fn entry(
+    pub(crate) fn entry(
         &self,
         active: &Active,
         peer: Peer,
@@ -810,6 +887,7 @@ impl Proxy {
         let mut e = Entry::new(Decision::Error, "");
         e.under = Some((active.policy_hash.clone(), active.consent_hash.clone()));
         e.client = Some(peer.client.to_string());
+        e.original_dst = peer.original_dst.map(|a| a.to_string());
         e.listener = Some(peer.listener);
         e.method = Some(method.to_string());
         if let Some(t) = target {
@@ -849,6 +927,7 @@ fn connect_target(uri: &Uri) -> Option<Target> {
         scheme: "https",
         host,
         port,
+        pinned: None,
     })
 }
 
@@ -981,6 +1060,7 @@ mod tests {
             scheme: "https",
             host: "push.example".into(),
             port: 443,
+            pinned: None,
         };
         for (uri, host, ok) in [
             ("/x", Some("push.example"), true),

@@ -69,6 +69,7 @@ pub enum ConnectError {
 pub struct Upstream {
     client: Client<Connector, OutBody>,
     dialer: Dialer,
+    tls: TlsConnector,
 }
 
 impl Upstream {
@@ -117,8 +118,9 @@ impl Upstream {
             resolve: Arc::new(settings.resolve.clone()),
             connect_timeout,
         };
+        let tls = TlsConnector::from(Arc::new(tls));
         let connector = Connector {
-            tls: TlsConnector::from(Arc::new(tls)),
+            tls: tls.clone(),
             dialer: dialer.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -126,7 +128,11 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Ok(Upstream { client, dialer })
+        Ok(Upstream {
+            client,
+            dialer,
+            tls,
+        })
     }
 
     /// Send a request whose URI is absolute (`https://host:port/path`).
@@ -135,6 +141,18 @@ impl Upstream {
         req: http::Request<OutBody>,
     ) -> hyper_util::client::legacy::ResponseFuture {
         self.client.request(req)
+    }
+
+    /// An upstream pinned to one address (transparent mode: where the client was going), whose
+    /// certificate is verified against `name` (the SNI). `tls = false` for plain HTTP.
+    pub fn pinned(&self, addr: SocketAddr, name: &str, tls: bool) -> Pinned {
+        Pinned {
+            addr,
+            name: name.to_string(),
+            tls: tls.then(|| self.tls.clone()),
+            connect_timeout: self.dialer.connect_timeout,
+            sender: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// A plain TCP connection for a tunnel (resolve overrides apply).
@@ -280,6 +298,114 @@ impl Write for Conn {
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// One upstream connection to a fixed address, made on the first request and remade when it
+/// closes: transparent clients are served 1:1, so no pool is needed. HTTP/1.1 requests take
+/// turns; h2 requests share the connection.
+pub struct Pinned {
+    addr: SocketAddr,
+    name: String,
+    tls: Option<TlsConnector>,
+    connect_timeout: Duration,
+    sender: tokio::sync::Mutex<Option<Sender>>,
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<OutBody>),
+    H2(hyper::client::conn::http2::SendRequest<OutBody>),
+}
+
+/// Why a pinned request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream request failed")]
+    Request(#[source] hyper::Error),
+}
+
+impl Pinned {
+    /// Send `req` (absolute URI) to the pinned address.
+    pub async fn request(
+        &self,
+        mut req: http::Request<OutBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, PinnedError> {
+        let mut slot = self.sender.lock().await;
+        let alive = match slot.as_ref() {
+            Some(Sender::H1(s)) => !s.is_closed(),
+            Some(Sender::H2(s)) => !s.is_closed(),
+            None => false,
+        };
+        if !alive {
+            *slot = Some(self.connect().await?);
+        }
+        match slot.as_mut() {
+            Some(Sender::H2(s)) => {
+                let mut s = s.clone();
+                drop(slot);
+                s.ready().await.map_err(PinnedError::Request)?;
+                s.send_request(req).await.map_err(PinnedError::Request)
+            }
+            Some(Sender::H1(s)) => {
+                // HTTP/1.1 speaks origin-form with a Host header.
+                let authority = req.uri().authority().map(|a| a.as_str().to_string());
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "/".into());
+                *req.uri_mut() = path.parse().unwrap_or_default();
+                if let Some(Ok(host)) = authority.map(|a| http::HeaderValue::from_str(&a)) {
+                    req.headers_mut().insert(http::header::HOST, host);
+                }
+                s.ready().await.map_err(PinnedError::Request)?;
+                s.send_request(req).await.map_err(PinnedError::Request)
+            }
+            None => Err(PinnedError::Connect(ConnectError::Timeout)),
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, ConnectError> {
+        let connect = async {
+            let tcp = TcpStream::connect(self.addr)
+                .await
+                .map_err(ConnectError::Tcp)?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = &self.tls else {
+                return handshake_h1(TokioIo::new(tcp)).await;
+            };
+            let name = ServerName::try_from(self.name.clone())
+                .map_err(|_| ConnectError::Name(self.name.clone()))?;
+            let stream = tls.connect(name, tcp).await.map_err(ConnectError::Tls)?;
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| ConnectError::Tls(io::Error::other(e)))?;
+                tokio::spawn(conn);
+                Ok(Sender::H2(sender))
+            } else {
+                handshake_h1(TokioIo::new(stream)).await
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+}
+
+async fn handshake_h1<T>(io: T) -> Result<Sender, ConnectError>
+where
+    T: Read + Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| ConnectError::Tcp(io::Error::other(e)))?;
+    // The connection task ends when the sender is dropped or the upstream closes.
+    tokio::spawn(conn);
+    Ok(Sender::H1(sender))
 }
 
 /// Find the connect error behind a client error, for the response and the audit reason.

@@ -117,6 +117,12 @@ impl UpstreamPki {
 
     /// Start a recording HTTPS upstream offering the given ALPN protocols.
     pub async fn serve(&self, alpn: &[&[u8]]) -> Upstream {
+        self.serve_on("127.0.0.1:0".parse().expect("addr"), alpn)
+            .await
+    }
+
+    /// The same, on a given address.
+    pub async fn serve_on(&self, bind: SocketAddr, alpn: &[&[u8]]) -> Upstream {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -127,7 +133,7 @@ impl UpstreamPki {
         .expect("cert");
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -181,7 +187,12 @@ impl UpstreamPki {
 
 /// A raw TCP upstream that echoes every byte, for tunnels; it records what it received.
 pub async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    echo_server_on("127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// The same, on a given address.
+pub async fn echo_server_on(bind: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();

@@ -1,0 +1,646 @@
+//! The transparent listener: TCP redirected by iptables `REDIRECT` (or nftables). The original
+//! destination comes from `SO_ORIGINAL_DST`; the first bytes decide what the connection is:
+//!
+//! - a TLS ClientHello: the name is its SNI. A feature host is intercepted as in explicit mode,
+//!   with the one upstream connection pinned to the original destination and verified against
+//!   the SNI; an unknown host is tunnelled to the original destination (or refused).
+//! - plain HTTP: the name is the `Host` header; each request is decided on its own.
+//! - anything else (no SNI, another protocol, a server-speaks-first client): decided by address.
+//!
+//! Names cannot be used to walk around the policy: a connection whose name belongs to no feature
+//! but whose destination is an address of a feature host is refused, as is a connection to the
+//! proxy itself (a loop) or one that arrived without a redirect.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn, Instrument};
+
+use crate::audit::Decision;
+use crate::metrics::ListenerLabels;
+use crate::policy::{normalize_host, ConnectVerdict, HostPattern, Policy, UnknownHosts};
+use crate::proxy::{Peer, Proxy, Target};
+use crate::response::Refusal;
+
+/// The most bytes read while looking for a complete ClientHello.
+const MAX_HELLO: usize = 64 * 1024;
+/// How long resolved feature-host addresses are trusted.
+const ADDR_TTL: Duration = Duration::from_secs(300);
+/// How many host names the address cache holds before it starts afresh.
+const ADDR_CACHE_MAX: usize = 4096;
+
+/// Accept redirected connections until shutdown.
+pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(proxy.limits().max_connections));
+    let addrs = Arc::new(FeatureAddrs::default());
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = proxy.token().cancelled() => return,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        proxy
+            .metrics()
+            .connections
+            .get_or_create(&ListenerLabels {
+                listener: "transparent".into(),
+            })
+            .inc();
+        let span = tracing::info_span!("conn", client = %client, listener = "transparent");
+        let (p, a) = (proxy.clone(), addrs.clone());
+        proxy.tracker().spawn(
+            async move {
+                serve(p, a, client, tcp).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve(
+    proxy: Arc<Proxy>,
+    addrs: Arc<FeatureAddrs>,
+    client: SocketAddr,
+    mut tcp: TcpStream,
+) {
+    let original = original_dst(&tcp);
+    let peer = Peer {
+        client,
+        listener: "transparent",
+        original_dst: original,
+    };
+    let refuse =
+        |reason: String, host: Option<String>, feature: Option<String>, decision: Decision| {
+            let proxy = proxy.clone();
+            async move {
+                let mut entry = proxy.entry(&proxy.current(), peer, None, &Method::CONNECT, None);
+                entry.method = None;
+                entry.host = host;
+                entry.port = original.map(|a| a.port());
+                entry.feature = feature;
+                entry.decision = decision;
+                entry.reason = reason;
+                let _ = proxy.record(entry).await;
+            }
+        };
+    if !proxy.client_allowed(client) {
+        return refuse(
+            "client address not allowed".into(),
+            None,
+            None,
+            Decision::Denied,
+        )
+        .await;
+    }
+    let Some(original) = original else {
+        warn!("connection on the transparent listener without an original destination; refused");
+        return refuse(
+            "no original destination (not redirected)".into(),
+            None,
+            None,
+            Decision::Blocked,
+        )
+        .await;
+    };
+    let local = tcp.local_addr().ok();
+    if Some(original) == local || proxy.is_own_listener(original) {
+        warn!(%original, "connection to the proxy itself on the transparent listener (a loop, or no redirect); refused");
+        let reason = format!("loop: the original destination {original} is the proxy itself");
+        return refuse(reason, None, None, Decision::Blocked).await;
+    }
+
+    let (prefix, first) = sniff(&mut tcp, proxy.limits().tls_handshake_timeout).await;
+    let active = proxy.current();
+    let policy = &active.policy;
+    match first {
+        Sniffed::Tls { sni: Some(name) } => {
+            let host = normalize_host(&name);
+            match policy.connect(&host) {
+                ConnectVerdict::Block { feature } => {
+                    refuse(
+                        Refusal::ConsentDenied(feature.on_block).reason(),
+                        Some(host),
+                        Some(feature.name.clone()),
+                        Decision::Blocked,
+                    )
+                    .await
+                }
+                ConnectVerdict::Intercept => {
+                    let target = Target {
+                        scheme: "https",
+                        host: host.clone(),
+                        port: original.port(),
+                        pinned: Some(Arc::new(proxy.upstream().pinned(original, &host, true))),
+                    };
+                    proxy
+                        .clone()
+                        .intercept(peer, target, Rewind::new(prefix, tcp))
+                        .await;
+                }
+                ConnectVerdict::Unknown(unknown) => {
+                    if let Some(feature) = addrs
+                        .feature_at(policy, proxy.resolve_overrides(), original.ip())
+                        .await
+                    {
+                        let reason = format!("SNI names a host of no feature, but {} is an address of a {feature} host", original.ip());
+                        return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
+                    }
+                    match unknown {
+                        UnknownHosts::Deny => {
+                            refuse(
+                                Refusal::UnknownHost.reason(),
+                                Some(host),
+                                None,
+                                Decision::Blocked,
+                            )
+                            .await
+                        }
+                        UnknownHosts::Tunnel => {
+                            tunnel(&proxy, peer, host, original, prefix, tcp).await
+                        }
+                    }
+                }
+            }
+        }
+        Sniffed::Http => {
+            serve_http(
+                proxy.clone(),
+                addrs,
+                peer,
+                original,
+                Rewind::new(prefix, tcp),
+            )
+            .await
+        }
+        Sniffed::Partial => {
+            let reason =
+                "incomplete or malformed TLS ClientHello within the handshake timeout".to_string();
+            refuse(reason, None, None, Decision::Blocked).await
+        }
+        Sniffed::Tls { sni: None } | Sniffed::Other => {
+            let host = original.ip().to_string();
+            if let Some(feature) = addrs
+                .feature_at(policy, proxy.resolve_overrides(), original.ip())
+                .await
+            {
+                let reason = format!(
+                    "no name to decide by, and {} is an address of a {feature} host",
+                    original.ip()
+                );
+                return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
+            }
+            match policy.unknown_hosts {
+                UnknownHosts::Deny => {
+                    refuse(
+                        Refusal::UnknownHost.reason(),
+                        Some(host),
+                        None,
+                        Decision::Blocked,
+                    )
+                    .await
+                }
+                UnknownHosts::Tunnel => tunnel(&proxy, peer, host, original, prefix, tcp).await,
+            }
+        }
+    }
+}
+
+/// Tunnel to the original destination: replay what was read while sniffing, then copy.
+async fn tunnel(
+    proxy: &Proxy,
+    peer: Peer,
+    host: String,
+    original: SocketAddr,
+    prefix: Vec<u8>,
+    client: TcpStream,
+) {
+    let active = proxy.current();
+    let target = Target {
+        scheme: "https",
+        host,
+        port: original.port(),
+        pinned: None,
+    };
+    let mut entry = proxy.entry(&active, peer, Some(&target), &Method::CONNECT, None);
+    entry.method = None;
+    let connected =
+        tokio::time::timeout(proxy.limits().connect_timeout, TcpStream::connect(original)).await;
+    let mut upstream = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) | Err(_) => {
+            entry.decision = Decision::Error;
+            entry.reason = "upstream refused or unreachable".into();
+            proxy.metrics().upstream_errors.inc();
+            let _ = proxy.record(entry).await;
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    entry.decision = Decision::Tunneled;
+    entry.reason = "destination belongs to no feature".into();
+    if proxy.record(entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
+        return;
+    }
+    proxy.relay(peer, target, client, upstream).await;
+}
+
+/// Plain HTTP: each request is named by its `Host` header and decided on its own; all go to the
+/// original destination.
+async fn serve_http(
+    proxy: Arc<Proxy>,
+    addrs: Arc<FeatureAddrs>,
+    peer: Peer,
+    original: SocketAddr,
+    io: Rewind<TcpStream>,
+) {
+    let pinned = Arc::new(
+        proxy
+            .upstream()
+            .pinned(original, &original.ip().to_string(), false),
+    );
+    let p = proxy.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (proxy, addrs, pinned) = (p.clone(), addrs.clone(), pinned.clone());
+        async move {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| normalize_host(a.host()));
+            let target = Target {
+                scheme: "http",
+                host: host.clone().unwrap_or_default(),
+                port: original.port(),
+                pinned: Some(pinned),
+            };
+            let active = proxy.current();
+            let refusal = match &host {
+                None => Some((Refusal::Malformed("plain HTTP request without a Host header"), None)),
+                Some(h) if active.policy.feature_for_host(h).is_none() => addrs
+                    .feature_at(&active.policy, proxy.resolve_overrides(), original.ip())
+                    .await
+                    .map(|f| (Refusal::Malformed("Host names a host of no feature, but the destination is an address of a feature host"), Some(f))),
+                Some(_) => None,
+            };
+            let resp = match refusal {
+                Some((refusal, feature)) => {
+                    let entry = proxy.entry(
+                        &active,
+                        peer,
+                        Some(&target),
+                        req.method(),
+                        Some(req.uri().path()),
+                    );
+                    proxy.refuse_with(entry, refusal, feature.as_deref()).await
+                }
+                None => proxy.request(peer, target, req).await,
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.limits().header_read_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = proxy.token().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "transparent HTTP connection ended");
+    }
+}
+
+/// What the first bytes of a connection are.
+#[derive(Debug, Eq, PartialEq)]
+enum Sniffed {
+    Tls {
+        sni: Option<String>,
+    },
+    /// Started like TLS but no complete ClientHello came in time (or it was malformed).
+    Partial,
+    Http,
+    Other,
+}
+
+/// Read until the first bytes say what the connection is; returns every byte read. A TLS
+/// ClientHello may arrive over several segments and records; it is reassembled by rustls.
+async fn sniff(tcp: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Sniffed) {
+    let mut prefix = Vec::new();
+    let mut acceptor = rustls::server::Acceptor::default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        let read = tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await;
+        let n = match read {
+            Ok(Ok(n)) if n > 0 => n,
+            // Closed or timed out: what was read decides.
+            _ => {
+                let kind = match prefix.first() {
+                    None => Sniffed::Other,
+                    Some(0x16) => Sniffed::Partial,
+                    Some(_) => classify_plain(&prefix),
+                };
+                return (prefix, kind);
+            }
+        };
+        prefix.extend_from_slice(&chunk[..n]);
+        if prefix[0] != 0x16 {
+            return (prefix.clone(), classify_plain(&prefix));
+        }
+        let mut fresh = &chunk[..n];
+        while !fresh.is_empty() {
+            match acceptor.read_tls(&mut fresh) {
+                Ok(0) | Err(_) => return (prefix, Sniffed::Partial),
+                Ok(_) => {}
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_string);
+                return (prefix, Sniffed::Tls { sni });
+            }
+            Ok(None) if prefix.len() < MAX_HELLO => {}
+            Ok(None) | Err(_) => return (prefix, Sniffed::Partial),
+        }
+    }
+}
+
+/// An HTTP/1 request line starts with an upper-case method and a space.
+fn classify_plain(prefix: &[u8]) -> Sniffed {
+    let method_len = prefix.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if (3..=7).contains(&method_len) && prefix.get(method_len) == Some(&b' ') {
+        Sniffed::Http
+    } else if method_len == prefix.len() && method_len < 8 {
+        // A method not yet followed by its space: most likely HTTP cut by the segment boundary.
+        Sniffed::Http
+    } else {
+        Sniffed::Other
+    }
+}
+
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST` /
+/// `IP6T_SO_ORIGINAL_DST`), or `None` when the socket has none.
+fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    match tcp.local_addr().ok()? {
+        SocketAddr::V4(_) => {
+            let raw = getsockopt(tcp, sockopt::OriginalDst).ok()?;
+            let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(raw.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let raw = getsockopt(tcp, sockopt::Ip6tOriginalDst).ok()?;
+            let ip = Ipv6Addr::from(raw.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(raw.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+/// Addresses of feature hosts, resolved on demand and cached (bounded, with a lifetime), to see
+/// whether a destination address belongs to a feature whatever name the client gives.
+#[derive(Default)]
+struct FeatureAddrs {
+    cache: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+}
+
+impl FeatureAddrs {
+    /// The feature one of whose (exact) hosts resolves to `ip`.
+    async fn feature_at(
+        &self,
+        policy: &Policy,
+        overrides: &HashMap<String, SocketAddr>,
+        ip: IpAddr,
+    ) -> Option<String> {
+        for feature in &policy.features {
+            for pattern in &feature.hosts {
+                let HostPattern::Exact(host) = pattern else {
+                    continue;
+                };
+                if self.addresses(host, overrides).await.contains(&ip) {
+                    return Some(feature.name.clone());
+                }
+            }
+        }
+        None
+    }
+
+    async fn addresses(&self, host: &str, overrides: &HashMap<String, SocketAddr>) -> Vec<IpAddr> {
+        if let Some((addrs, at)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+        {
+            if at.elapsed() < ADDR_TTL {
+                return addrs.clone();
+            }
+        }
+        let mut addrs: Vec<IpAddr> = [443, 80]
+            .iter()
+            .filter_map(|port| overrides.get(&format!("{host}:{port}")))
+            .map(|a| a.ip())
+            .collect();
+        // A failed or slow lookup caches nothing found; the next check tries again after the TTL.
+        let lookup =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, 443)))
+                .await;
+        if let Ok(Ok(found)) = lookup {
+            addrs.extend(found.map(|a| a.ip()));
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= ADDR_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(host.to_string(), (addrs.clone(), Instant::now()));
+        addrs
+    }
+}
+
+/// A stream that first yields bytes already read (while sniffing), then the inner stream.
+pub(crate) struct Rewind<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.pos);
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_protocols_are_told_apart() {
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Sniffed::Http),
+            (b"POST /api", Sniffed::Http),
+            (b"OPTIONS * HTTP/1.1", Sniffed::Http),
+            (b"GE", Sniffed::Http),
+            (b"SSH-2.0-OpenSSH", Sniffed::Other),
+            (b"\x00\x01binary", Sniffed::Other),
+            (b"get / HTTP/1.1", Sniffed::Other),
+        ] {
+            assert_eq!(classify_plain(bytes), want, "{bytes:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_client_hello_is_reassembled_and_replayed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // A real ClientHello from rustls, sent one byte per write.
+        let client = tokio::spawn(async move {
+            let mut conn = rustls::ClientConnection::new(
+                Arc::new(
+                    rustls::ClientConfig::builder_with_provider(Arc::new(
+                        rustls::crypto::aws_lc_rs::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                ),
+                "push.example".try_into().expect("name"),
+            )
+            .expect("client");
+            let mut hello = Vec::new();
+            conn.write_tls(&mut hello).expect("hello");
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            for b in &hello {
+                tcp.write_all(&[*b]).await.expect("write");
+                tcp.flush().await.expect("flush");
+            }
+            (hello, tcp)
+        });
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (prefix, kind) = sniff(&mut server, Duration::from_secs(5)).await;
+        let (hello, _tcp) = client.await.expect("client");
+        assert_eq!(
+            kind,
+            Sniffed::Tls {
+                sni: Some("push.example".into())
+            }
+        );
+        assert_eq!(prefix, hello, "every byte read is kept for the replay");
+        let mut replay = Rewind::new(prefix, server);
+        let mut again = vec![0u8; hello.len()];
+        replay.read_exact(&mut again).await.expect("replay");
+        assert_eq!(again, hello);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_client_hello_is_not_taken_for_another_protocol() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                .await
+                .expect("write");
+            tcp
+        });
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_, kind) = sniff(&mut server, Duration::from_millis(300)).await;
+        assert_eq!(kind, Sniffed::Partial);
+        drop(client.await);
+        // A client that says nothing (server speaks first) is decided by address.
+        let silent = tokio::spawn(async move { TcpStream::connect(addr).await.expect("connect") });
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (prefix, kind) = sniff(&mut server, Duration::from_millis(200)).await;
+        assert_eq!((prefix.len(), kind), (0, Sniffed::Other));
+        drop(silent.await);
+    }
+
+    #[tokio::test]
+    async fn without_a_redirect_there_is_no_original_destination_but_our_own_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        // Without conntrack NAT the kernel either refuses the option or reports the local address.
+        let got = original_dst(&server);
+        assert!(got.is_none() || got == Some(addr), "{got:?}");
+    }
+}

@@ -1,0 +1,434 @@
+//! Transparent interception for real: a network namespace of our own, fake upstreams on their
+//! own addresses in it, an `iptables -t nat … REDIRECT` rule sending every TCP connection of
+//! non-root users to the proxy's transparent listener, and clients (curl, bash) that run as
+//! `nobody` with no proxy configured.
+//!
+//! The outer test makes the namespace and runs this same test binary inside it
+//! (`ip netns exec`), where the inner test sets up addresses and rules and drives the cases. It
+//! needs root, iproute2, iptables and setpriv: under `CI=true` it must run; elsewhere it skips
+//! with a message saying what is missing.
+
+#[allow(dead_code)]
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use harness::{echo_server_on, fixture_body, UpstreamPki, PUSH, RUDDER, TUNNELLED};
+
+const INNER: &str = "inner_transparent_cases";
+const PUSH_IP: &str = "10.201.0.10";
+const TLS_ELSEWHERE_IP: &str = "10.201.0.11";
+const RUDDER_IP: &str = "10.201.0.12";
+const ECHO_IP: &str = "10.201.0.13";
+const NOBODY: &str = "65534";
+
+#[test]
+fn transparent_interception_in_a_network_namespace() {
+    if let Some(missing) = missing_prerequisite() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the namespace test must run under CI=true, but {missing}"
+        );
+        eprintln!("skipping the transparent-mode namespace test: {missing}");
+        return;
+    }
+    let ns = format!("cpt{}", std::process::id());
+    let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+    assert!(
+        run("ip", &["netns", "add", &ns]).status.success(),
+        "ip netns add"
+    );
+    // Name lookups inside fail at once instead of waiting for a resolver that is not there.
+    std::fs::create_dir_all(&etc).expect("mkdir /etc/netns");
+    std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv.conf");
+    let exe = std::env::current_exe().expect("test binary");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&exe)
+        .args([
+            "--exact",
+            INNER,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CONSENT_PROXY_NETNS_INNER", "1")
+        .output()
+        .expect("runs ip netns exec");
+    let _ = run("ip", &["netns", "del", &ns]);
+    let _ = std::fs::remove_dir_all(&etc);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "inner test failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run:\n{text}"
+    );
+}
+
+fn missing_prerequisite() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.as_deref().ok() != Some("0") {
+        return Some("it needs root (network namespaces, iptables)".into());
+    }
+    for (tool, args) in [
+        ("ip", &["netns", "list"][..]),
+        ("iptables", &["-V"][..]),
+        ("setpriv", &["--version"][..]),
+        ("curl", &["--version"][..]),
+    ] {
+        match Command::new(tool).args(args).output() {
+            Ok(o) if o.status.success() => {}
+            _ => {
+                return Some(format!(
+                    "`{tool}` is not available (install iproute2, iptables, util-linux, curl)"
+                ))
+            }
+        }
+    }
+    None
+}
+
+fn run(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+}
+
+fn must(tool: &str, args: &[&str]) {
+    let out = run(tool, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run a command as `nobody` (so the REDIRECT rule catches its connections).
+async fn as_nobody(program: &str, args: &[String]) -> Output {
+    tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+            program,
+        ])
+        .args(args)
+        .output()
+        .await
+        .expect("setpriv runs")
+}
+
+fn curl_args(ca: &Path, resolve: &str, extra: &[&str], url: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-sS",
+        "--max-time",
+        "10",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/stdout",
+        "-w",
+        "\n%{http_code}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        resolve.into(),
+    ]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.push(url.into());
+    a
+}
+
+fn audit(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["decision"] != "policy_loaded")
+        .collect()
+}
+
+async fn wait_for(
+    path: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..200 {
+        if let Some(r) = audit(path).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit record: {what}\n{:?}", audit(path));
+}
+
+#[tokio::test]
+#[ignore = "runs inside the namespace made by transparent_interception_in_a_network_namespace"]
+async fn inner_transparent_cases() {
+    if std::env::var("CONSENT_PROXY_NETNS_INNER").is_err() {
+        return;
+    }
+    must("ip", &["link", "set", "lo", "up"]);
+    for ip in [PUSH_IP, TLS_ELSEWHERE_IP, RUDDER_IP, ECHO_IP] {
+        must("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+
+    // A folder `nobody` can read: the interception CA, the upstream CA, the request bodies.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let pki = UpstreamPki::new();
+    std::fs::write(dir.path().join("upstream-ca.pem"), &pki.ca_pem).expect("write");
+    std::fs::write(dir.path().join("push.json"), fixture_body("push_full.json")).expect("write");
+    let addr =
+        |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().expect("addr") };
+    let push = pki
+        .serve_on(addr(PUSH_IP, 443), &[b"h2", b"http/1.1"])
+        .await;
+    let elsewhere = pki
+        .serve_on(addr(TLS_ELSEWHERE_IP, 443), &[b"http/1.1"])
+        .await;
+    let rudder = pki.serve_on(addr(RUDDER_IP, 443), &[b"http/1.1"]).await;
+    let (_, echoed) = echo_server_on(addr(ECHO_IP, 443)).await;
+
+    let policy = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\ntransparent = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\", \"10.201.0.0/24\"]\n[tls]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n\
+         [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ \"{PUSH}:443\" = \"{PUSH_IP}:443\", \"{RUDDER}:443\" = \"{RUDDER_IP}:443\" }}\n\
+         [audit]\npath = \"audit.jsonl\"\n"
+    );
+    std::fs::write(dir.path().join("policy.toml"), policy).expect("write");
+    let config =
+        consent_proxy::config::load(Some(&dir.path().join("policy.toml")), None).expect("policy");
+    let running = consent_proxy::proxy::start(config)
+        .await
+        .expect("proxy starts");
+    let transparent = running
+        .started
+        .transparent_addr
+        .expect("transparent listener");
+    let explicit = running.started.proxy_addr;
+    let log = dir.path().join("audit.jsonl");
+    let ca = dir.path().join("ca.pem");
+    std::fs::set_permissions(&ca, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+
+    // Every TCP connection of a non-root user goes to the proxy; root (the proxy) is exempt.
+    must(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "0",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &transparent.port().to_string(),
+        ],
+    );
+
+    // 1. A feature host is intercepted and stripped; the client has no proxy configured.
+    let body = format!("@{}", dir.path().join("push.json").display());
+    let out = as_nobody(
+        "curl",
+        &curl_args(
+            &ca,
+            &format!("{PUSH}:443:{PUSH_IP}"),
+            &["-X", "POST", "--data-binary", &body],
+            &format!("https://{PUSH}/api/v1/send_push"),
+        ),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n200"),
+        "push through the transparent proxy: {text} {}\n{:?}",
+        String::from_utf8_lossy(&out.stderr),
+        audit(&log)
+    );
+    let got = push
+        .requests()
+        .pop()
+        .expect("the push upstream got the request");
+    let json: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
+    assert_eq!(json["message"], "You've received a new message.");
+    assert!(json.get("channel_name").is_none() && json.get("sender_name").is_none());
+    let record = wait_for(&log, "push stripped", |r| r["host"] == PUSH).await;
+    assert_eq!(record["listener"], "transparent");
+    assert_eq!(record["decision"], "stripped");
+    assert_eq!(record["original_dst"], format!("{PUSH_IP}:443"));
+
+    // 2. A denied feature is blocked: the upstream never sees a connection.
+    let out = as_nobody(
+        "curl",
+        &curl_args(
+            &ca,
+            &format!("{RUDDER}:443:{RUDDER_IP}"),
+            &["-X", "POST", "-d", "{}"],
+            &format!("https://{RUDDER}/v1/batch"),
+        ),
+    )
+    .await;
+    assert!(!out.status.success(), "diagnostics must not get through");
+    assert_eq!(
+        rudder.connections.load(Ordering::SeqCst),
+        0,
+        "the denied upstream saw a connection"
+    );
+    let record = wait_for(&log, "diagnostics blocked", |r| r["host"] == RUDDER).await;
+    assert_eq!(
+        (record["decision"].as_str(), record["feature"].as_str()),
+        (Some("blocked"), Some("diagnostics"))
+    );
+
+    // 3. An unknown host is tunnelled without decryption: the client sees the real upstream's
+    //    certificate (it trusts only the upstream CA here).
+    let upstream_ca = dir.path().join("upstream-ca.pem");
+    let out = as_nobody(
+        "curl",
+        &curl_args(
+            &upstream_ca,
+            &format!("{TUNNELLED}:443:{TLS_ELSEWHERE_IP}"),
+            &[],
+            &format!("https://{TUNNELLED}/hello"),
+        ),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n200"),
+        "tunnelled TLS: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        elsewhere.requests().pop().expect("request").path_and_query,
+        "/hello"
+    );
+    let record = wait_for(&log, "tunnel", |r| r["host"] == TUNNELLED).await;
+    assert_eq!(record["decision"], "tunneled");
+
+    // 4. Another protocol to an unknown address is tunnelled byte for byte.
+    let payload: String = (0..2000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let expected = format!("SSH-2.0-test {payload}");
+    let script = format!(
+        "exec 3<>/dev/tcp/{ECHO_IP}/443; printf '%s' '{expected}' >&3; head -c {} <&3",
+        expected.len()
+    );
+    let out = as_nobody("bash", &["-c".into(), script]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&echoed.lock().expect("lock")),
+        expected,
+        "bytes at the upstream differ"
+    );
+    wait_for(&log, "raw tunnel", |r| {
+        r["host"] == ECHO_IP && r["decision"] == "tunneled"
+    })
+    .await;
+
+    // 5. Lying in SNI: an unknown name at a feature host's address is refused.
+    let out = as_nobody(
+        "curl",
+        &curl_args(
+            &upstream_ca,
+            &format!("{TUNNELLED}:443:{RUDDER_IP}"),
+            &[],
+            &format!("https://{TUNNELLED}/"),
+        ),
+    )
+    .await;
+    assert!(!out.status.success(), "an SNI lie got through");
+    assert_eq!(rudder.connections.load(Ordering::SeqCst), 0);
+    let record = wait_for(&log, "SNI lie", |r| {
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("SNI names a host of no feature")
+    })
+    .await;
+    assert_eq!(record["feature"], "diagnostics");
+
+    // 6. Loops: a redirected connection to the proxy's own explicit listener, and a connection to
+    //    the transparent port that was never redirected, are refused.
+    let out = as_nobody(
+        "curl",
+        &[
+            "-sS".into(),
+            "--max-time".into(),
+            "5".into(),
+            format!("http://{explicit}/"),
+        ],
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "a loop through the proxy got an answer"
+    );
+    wait_for(&log, "loop", |r| {
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is the proxy itself")
+            && r["original_dst"] == explicit.to_string()
+    })
+    .await;
+    let out = run(
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{transparent}/")],
+    );
+    assert!(
+        !out.status.success(),
+        "a direct connection to the transparent port got an answer"
+    );
+    wait_for(&log, "no redirect", |r| {
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is the proxy itself")
+            && r["original_dst"] == transparent.to_string()
+    })
+    .await;
+
+    running.shutdown(Duration::from_secs(5)).await;
+    match consent_proxy::audit::verify(&log).expect("reads") {
+        consent_proxy::audit::Verdict::Intact { .. } => {}
+        broken => panic!("{broken:?}"),
+    }
+}
