@@ -140,7 +140,7 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
     };
     let _ = writeln!(out, "decision: {}", decision.as_str());
     let reason = if changed {
-        format!("withheld: {}", withheld.join(", "))
+        crate::policy::rules_reason(&withheld)
     } else {
         "consent granted".into()
     };

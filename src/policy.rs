@@ -304,6 +304,16 @@ impl Rule {
     }
 }
 
+/// The audit reason for a request the rules changed: the withheld categories whose rules did
+/// it, or the feature's unconditional rules.
+pub fn rules_reason(withheld: &[&str]) -> String {
+    if withheld.is_empty() {
+        "the feature's unconditional rules".into()
+    } else {
+        format!("withheld: {}", withheld.join(", "))
+    }
+}
+
 /// Lowercase, without a trailing dot: the form in which hosts are compared.
 pub fn normalize_host(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()

@@ -625,7 +625,7 @@ impl Proxy {
                 } else {
                     Decision::Stripped
                 };
-                entry.reason = format!("withheld: {}", withheld.join(", "));
+                entry.reason = crate::policy::rules_reason(&withheld);
                 entry.removed = edits.removed;
                 entry.replaced = edits.replaced;
                 if report {

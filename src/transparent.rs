@@ -413,25 +413,29 @@ fn classify_plain(prefix: &[u8]) -> Sniffed {
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST` /
 /// `IP6T_SO_ORIGINAL_DST`), or `None` when the socket has none.
 fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
-    match tcp.local_addr().ok()? {
-        SocketAddr::V4(_) => {
-            let raw = getsockopt(tcp, sockopt::OriginalDst).ok()?;
-            let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(raw.sin_port),
-            )))
-        }
-        SocketAddr::V6(_) => {
-            let raw = getsockopt(tcp, sockopt::Ip6tOriginalDst).ok()?;
-            let ip = Ipv6Addr::from(raw.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(raw.sin6_port),
-                0,
-                0,
-            )))
-        }
+    let local = tcp.local_addr().ok()?;
+    // A dual-stack listener (`[::]:port`) sees IPv4 clients as v4-mapped: their redirect is
+    // recorded by the IPv4 table.
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    if v4 {
+        let raw = getsockopt(tcp, sockopt::OriginalDst).ok()?;
+        let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
+        Some(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            u16::from_be(raw.sin_port),
+        )))
+    } else {
+        let raw = getsockopt(tcp, sockopt::Ip6tOriginalDst).ok()?;
+        let ip = Ipv6Addr::from(raw.sin6_addr.s6_addr);
+        Some(SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            u16::from_be(raw.sin6_port),
+            0,
+            0,
+        )))
     }
 }
 
