@@ -1,12 +1,15 @@
 //! consent-proxy: a TLS-terminating egress proxy that enforces telemetry consent on the wire.
 //!
 //! ```text
-//! listener (explicit) → access check → destination decision (policy, pure)
-//!    ├─ blocked   → response + audit
-//!    ├─ tunnel    → copy bytes both ways + audit
+//! listener (explicit: CONNECT | transparent: SO_ORIGINAL_DST + SNI/Host)
+//!    → access check → destination decision (policy, pure)
+//!    ├─ blocked   → response (or closed connection) + audit
+//!    ├─ tunnel    → copy bytes both ways + audit (closed if a reload makes it a feature host)
 //!    └─ intercept → TLS accept with a minted leaf (ca) → for each request:
-//!           decide (policy) → rewrite (pure) → upstream (verified TLS, pooled)
-//!           → response streamed back → audit (hash chain)
+//!           decide (policy, as in force now) → rewrite (pure) → upstream (verified TLS)
+//!           → audit (hash chain) → response streamed back
+//! reload: policy file / Mattermost config.json / SIGHUP → new policy in force + audit
+//! admin:  /metrics, /healthz, /readyz
 //! ```
 //!
 //! Vocabulary:

@@ -109,7 +109,7 @@ fn remove(
         }
         Selector::Json(j) => {
             let removed = match body.json()? {
-                Some(doc) => remove_json(doc, &[j]),
+                Some(doc) => remove_json(doc, j),
                 None => Vec::new(),
             };
             if !removed.is_empty() {
@@ -153,18 +153,19 @@ fn replace(
             hit
         }
         Selector::Json(j) => {
-            let before = edits.replaced.len();
+            let mut changed = Vec::new();
             if let Some(doc) = body.json()? {
                 for path in located(doc, j) {
                     // A member that already holds the replacement is left as it is: nothing to record.
                     if let Some(node) = node_mut(doc, &path).filter(|n| n.as_str() != Some(value)) {
                         *node = Value::String(value.to_string());
-                        edits.replaced.push(format!("json:{}", render(&path)));
+                        changed.push(path);
                     }
                 }
             }
-            if edits.replaced.len() > before {
+            if !changed.is_empty() {
                 body.touch();
+                edits.replaced.extend(summarize(j, &changed));
             }
             false
         }
@@ -397,9 +398,21 @@ impl<'de> Visitor<'de> for NoDuplicatesVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoDuplicates, A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key) {
+        // Most objects are small: a linear scan over borrowed keys beats hashing owned ones.
+        let mut seen: Vec<Key<'de>> = Vec::new();
+        let mut hashed: HashSet<Key<'de>> = HashSet::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let duplicate = if hashed.is_empty() && seen.len() < 16 {
+                let dup = seen.contains(&key);
+                seen.push(key);
+                if seen.len() == 16 {
+                    hashed.extend(seen.drain(..));
+                }
+                dup
+            } else {
+                !hashed.insert(key)
+            };
+            if duplicate {
                 return Err(de::Error::custom("duplicate key"));
             }
             map.next_value::<NoDuplicates>()?;
@@ -432,6 +445,34 @@ impl<'de> Visitor<'de> for NoDuplicatesVisitor {
     }
 }
 
+/// An object key, borrowed from the body unless it holds escapes.
+#[derive(Eq, Hash, PartialEq)]
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key(std::borrow::Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+        Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+    }
+}
+
 /// One step of a normalized JSONPath, owned so the document can be changed after the query.
 #[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
 enum Step {
@@ -454,11 +495,11 @@ fn located(doc: &Value, sel: &JsonSelector) -> Vec<Vec<Step>> {
         .collect()
 }
 
-/// Remove every match of the selectors; returns the removed locations, rendered.
-fn remove_json(doc: &mut Value, sels: &[&JsonSelector]) -> Vec<String> {
-    let mut paths: Vec<Vec<Step>> = sels
-        .iter()
-        .flat_map(|s| located(doc, s))
+/// Remove every match of the selector; returns the removed locations, rendered (see
+/// [`summarize`]).
+fn remove_json(doc: &mut Value, sel: &JsonSelector) -> Vec<String> {
+    let mut paths: Vec<Vec<Step>> = located(doc, sel)
+        .into_iter()
         .filter(|p| !p.is_empty())
         .collect();
     // Deepest and highest index first, so earlier removals never shift a later path.
@@ -477,11 +518,26 @@ fn remove_json(doc: &mut Value, sels: &[&JsonSelector]) -> Vec<String> {
             _ => false,
         };
         if gone {
-            removed.push(format!("json:{}", render(&path)));
+            removed.push(path);
         }
     }
     removed.reverse();
-    removed
+    summarize(sel, &removed)
+}
+
+/// At most this many normalized paths are recorded per selector; beyond, the selector and its
+/// count stand for them (an audit record must stay small when a filter matches a whole array).
+const MAX_PATHS: usize = 16;
+
+fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
+    if paths.len() > MAX_PATHS {
+        vec![format!("json:{} ({} matches)", sel.source, paths.len())]
+    } else {
+        paths
+            .iter()
+            .map(|p| format!("json:{}", render(p)))
+            .collect()
+    }
 }
 
 /// Remove everything that is neither kept nor on the way to something kept; returns the count.
@@ -864,6 +920,34 @@ mod tests {
         assert_eq!(m.body, "a=1&b=%20");
         assert_eq!(edits.removed, vec!["form:uid"]);
         assert_eq!(m.headers["content-length"], "9");
+    }
+
+    #[test]
+    fn many_matches_are_recorded_as_the_selector_and_a_count() {
+        let items: Vec<String> = (0..20)
+            .map(|i| format!("{{\"e\":\"a\",\"i\":{i}}}"))
+            .collect();
+        let body = format!("{{\"batch\":[{}]}}", items.join(","));
+        let r = rule(Action::Remove(vec![json("$.batch[?@.e == 'a'].i")]));
+        let mut m = msg(None, &[], &body);
+        let edits = apply(&[&r], &mut m).expect("applies");
+        assert_eq!(
+            edits.removed,
+            vec!["json:$.batch[?@.e == 'a'].i (20 matches)"]
+        );
+        assert!(!String::from_utf8_lossy(&m.body).contains("\"i\""));
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_large_objects_and_through_escapes() {
+        let keys: Vec<String> = (0..40).map(|i| format!("\"k{i}\":1")).collect();
+        let r = rule(Action::Remove(vec![json("$.x")]));
+        let mut m = msg(None, &[], &format!("{{{},\"k39\":2}}", keys.join(",")));
+        assert_eq!(apply(&[&r], &mut m), Err(BodyError::DuplicateKey));
+        let mut m = msg(None, &[], &format!("{{{}}}", keys.join(",")));
+        assert!(apply(&[&r], &mut m).is_ok());
+        let mut m = msg(None, &[], r#"{"a":1,"\u0061":2}"#);
+        assert_eq!(apply(&[&r], &mut m), Err(BodyError::DuplicateKey));
     }
 
     #[test]
