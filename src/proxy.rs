@@ -181,26 +181,8 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         addr: config.listen.proxy,
         source,
     })?;
-    let admin = match config.listen.admin {
-        None => None,
-        Some(addr) => {
-            let bind_err = |source| StartError::Bind { addr, source };
-            let l = TcpListener::bind(addr).await.map_err(bind_err)?;
-            let bound = l.local_addr().map_err(bind_err)?;
-            Some((l, bound))
-        }
-    };
-    let admin_addr = admin.as_ref().map(|(_, a)| *a);
-    let transparent = match config.listen.transparent {
-        None => None,
-        Some(addr) => {
-            let bind_err = |source| StartError::Bind { addr, source };
-            let l = TcpListener::bind(addr).await.map_err(bind_err)?;
-            let bound = l.local_addr().map_err(bind_err)?;
-            Some((l, bound))
-        }
-    };
-    let transparent_addr = transparent.as_ref().map(|(_, a)| *a);
+    let (admin, admin_addr) = bind_optional(config.listen.admin).await?;
+    let (transparent, transparent_addr) = bind_optional(config.listen.transparent).await?;
     let own: Vec<SocketAddr> = [Some(proxy_addr), admin_addr, transparent_addr]
         .into_iter()
         .flatten()
@@ -234,13 +216,13 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         },
     });
     tracker.spawn(crate::reload::watch(proxy.clone()));
-    if let Some((l, _)) = admin {
+    if let Some(l) = admin {
         tracker.spawn(crate::admin::serve(proxy.clone(), l));
     }
-    if let Some((l, _)) = transparent {
+    if let Some(l) = transparent {
         tracker.spawn(crate::transparent::accept_loop(proxy.clone(), l));
     }
-    tracker.spawn(accept_loop(proxy, listener));
+    tracker.spawn(accept_explicit(proxy, listener));
     Ok(Running {
         started: Started {
             proxy_addr,
@@ -254,7 +236,17 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     })
 }
 
-async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
+/// Accept connections on `listener` until shutdown, at most `max_connections` at once, each
+/// served by `serve` in a tracked task with its own span.
+pub(crate) async fn accept_each<F, Fut>(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    name: &'static str,
+    serve: F,
+) where
+    F: Fn(Arc<Proxy>, SocketAddr, TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(proxy.limits.max_connections));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -277,24 +269,47 @@ async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
             .metrics
             .connections
             .get_or_create(&ListenerLabels {
-                listener: "explicit".into(),
+                listener: name.into(),
             })
             .inc();
-        let peer = Peer {
-            client,
-            listener: "explicit",
-            original_dst: None,
-        };
-        let span = tracing::info_span!("conn", client = %client, listener = "explicit");
-        let p = proxy.clone();
+        let span = tracing::info_span!("conn", client = %client, listener = name);
+        let served = serve(proxy.clone(), client, tcp);
         proxy.tracker.spawn(
             async move {
-                serve_explicit(p, peer, tcp).await;
+                served.await;
                 drop(permit);
             }
             .instrument(span),
         );
     }
+}
+
+/// Bind a listener that the policy may leave out; returns it with its bound address.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>), StartError> {
+    let Some(addr) = addr else {
+        return Ok((None, None));
+    };
+    let bind_err = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    Ok((Some(listener), Some(bound)))
+}
+
+async fn accept_explicit(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_each(proxy, listener, "explicit", |p, client, tcp| {
+        serve_explicit(
+            p,
+            Peer {
+                client,
+                listener: "explicit",
+                original_dst: None,
+            },
+            tcp,
+        )
+    })
+    .await
 }
 
 async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {

@@ -27,11 +27,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 use crate::audit::Decision;
-use crate::metrics::ListenerLabels;
 use crate::policy::{normalize_host, ConnectVerdict, HostPattern, Policy, UnknownHosts};
 use crate::proxy::{Peer, Proxy, Target};
 use crate::response::Refusal;
@@ -45,42 +43,11 @@ const ADDR_CACHE_MAX: usize = 4096;
 
 /// Accept redirected connections until shutdown.
 pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(proxy.limits().max_connections));
     let addrs = Arc::new(FeatureAddrs::default());
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = proxy.token().cancelled() => return,
-        };
-        let (tcp, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        proxy
-            .metrics()
-            .connections
-            .get_or_create(&ListenerLabels {
-                listener: "transparent".into(),
-            })
-            .inc();
-        let span = tracing::info_span!("conn", client = %client, listener = "transparent");
-        let (p, a) = (proxy.clone(), addrs.clone());
-        proxy.tracker().spawn(
-            async move {
-                serve(p, a, client, tcp).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+    crate::proxy::accept_each(proxy, listener, "transparent", move |p, client, tcp| {
+        serve(p, addrs.clone(), client, tcp)
+    })
+    .await
 }
 
 async fn serve(
@@ -138,58 +105,42 @@ async fn serve(
     let (prefix, first) = sniff(&mut tcp, proxy.limits().tls_handshake_timeout).await;
     let active = proxy.current();
     let policy = &active.policy;
-    match first {
+    // What falls through is a destination of no feature by name: decided by address, then
+    // by `unknown_hosts`.
+    let (host, unknown, named) = match first {
         Sniffed::Tls { sni: Some(name) } => {
             let host = normalize_host(&name);
             match policy.connect(&host) {
                 ConnectVerdict::Block { feature } => {
-                    refuse(
-                        Refusal::ConsentDenied(feature.on_block).reason(),
+                    let reason = Refusal::ConsentDenied(feature.on_block).reason();
+                    return refuse(
+                        reason,
                         Some(host),
                         Some(feature.name.clone()),
                         Decision::Blocked,
                     )
-                    .await
+                    .await;
                 }
                 ConnectVerdict::Intercept => {
+                    let pinned = Arc::new(proxy.upstream().pinned(original, &host, true));
                     let target = Target {
                         scheme: "https",
-                        host: host.clone(),
+                        host,
                         port: original.port(),
-                        pinned: Some(Arc::new(proxy.upstream().pinned(original, &host, true))),
+                        pinned: Some(pinned),
                     };
-                    proxy
+                    return proxy
                         .clone()
                         .intercept(peer, target, Rewind::new(prefix, tcp))
                         .await;
                 }
                 ConnectVerdict::Unknown(unknown) => {
-                    if let Some(feature) = addrs
-                        .feature_at(policy, proxy.resolve_overrides(), original.ip())
-                        .await
-                    {
-                        let reason = format!("SNI names a host of no feature, but {} is an address of a {feature} host", original.ip());
-                        return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
-                    }
-                    match unknown {
-                        UnknownHosts::Deny => {
-                            refuse(
-                                Refusal::UnknownHost.reason(),
-                                Some(host),
-                                None,
-                                Decision::Blocked,
-                            )
-                            .await
-                        }
-                        UnknownHosts::Tunnel => {
-                            tunnel(&proxy, peer, host, original, prefix, tcp).await
-                        }
-                    }
+                    (host, unknown, "SNI names a host of no feature, but")
                 }
             }
         }
         Sniffed::Http => {
-            serve_http(
+            return serve_http(
                 proxy.clone(),
                 addrs,
                 peer,
@@ -201,33 +152,35 @@ async fn serve(
         Sniffed::Partial => {
             let reason =
                 "incomplete or malformed TLS ClientHello within the handshake timeout".to_string();
-            refuse(reason, None, None, Decision::Blocked).await
+            return refuse(reason, None, None, Decision::Blocked).await;
         }
-        Sniffed::Tls { sni: None } | Sniffed::Other => {
-            let host = original.ip().to_string();
-            if let Some(feature) = addrs
-                .feature_at(policy, proxy.resolve_overrides(), original.ip())
-                .await
-            {
-                let reason = format!(
-                    "no name to decide by, and {} is an address of a {feature} host",
-                    original.ip()
-                );
-                return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
-            }
-            match policy.unknown_hosts {
-                UnknownHosts::Deny => {
-                    refuse(
-                        Refusal::UnknownHost.reason(),
-                        Some(host),
-                        None,
-                        Decision::Blocked,
-                    )
-                    .await
-                }
-                UnknownHosts::Tunnel => tunnel(&proxy, peer, host, original, prefix, tcp).await,
-            }
+        Sniffed::Tls { sni: None } | Sniffed::Other => (
+            original.ip().to_string(),
+            policy.unknown_hosts,
+            "no name to decide by, and",
+        ),
+    };
+    if let Some(feature) = addrs
+        .feature_at(policy, proxy.resolve_overrides(), original.ip())
+        .await
+    {
+        let reason = format!(
+            "{named} {} is an address of a {feature} host",
+            original.ip()
+        );
+        return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
+    }
+    match unknown {
+        UnknownHosts::Deny => {
+            refuse(
+                Refusal::UnknownHost.reason(),
+                Some(host),
+                None,
+                Decision::Blocked,
+            )
+            .await
         }
+        UnknownHosts::Tunnel => tunnel(&proxy, peer, host, original, prefix, tcp).await,
     }
 }
 

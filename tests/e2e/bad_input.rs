@@ -2,7 +2,6 @@
 //! disagree, and bad policy files. None may panic, pass silently, or reach the upstream.
 
 use std::process::Command;
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -169,31 +168,8 @@ async fn names_that_disagree_are_refused() {
 #[tokio::test]
 async fn a_lying_content_length_never_reaches_the_upstream() {
     let env = Env::start(Setup::default()).await;
-    let mut tcp = TcpStream::connect(env.proxy).await.expect("connect");
-    tcp.write_all(format!("CONNECT {PUSH}:443 HTTP/1.1\r\nHost: {PUSH}:443\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut head = [0u8; 512];
-    let n = tcp.read(&mut head).await.expect("read");
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&env.ca_pem).expect("ca");
-    use rustls::pki_types::pem::PemObject;
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem"))
-        .expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut tls = connector
-        .connect(PUSH.try_into().expect("name"), tcp)
-        .await
-        .expect("TLS with the minted leaf");
+    let tcp = env.connect_tunnel(PUSH).await;
+    let mut tls = env.tls_client(tcp, PUSH).await;
     let body = "{\"message\":\"secret\"}";
     let req = format!(
         "POST /api/v1/send_push HTTP/1.1\r\nHost: {PUSH}\r\nContent-Length: 500\r\n\r\n{body}"

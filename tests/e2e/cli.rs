@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{fixture_path, Env, Setup, PUSH, RUDDER, SECURITY};
+use crate::harness::{fixture_path, fixture_url, Env, Setup, PUSH, RUDDER, SECURITY};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
@@ -17,19 +17,12 @@ fn run(cmd: &mut Command) -> (i32, String) {
     )
 }
 
-fn url(name: &str) -> String {
-    std::fs::read_to_string(fixture_path(name))
-        .expect("fixture")
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn explain_every_fixture() {
     let cases: Vec<(Vec<String>, &[&str])> = vec![
-        (vec!["--url".into(), url("security_check.url")], &["decision: stripped", "removed: query:uc, query:auc, query:tc", "/security?b=10.5.2.13608341937&be=true&db=postgres&id=dzye578hdkhnobofbhqhq5yrqf&os=linux&ut=0"]),
-        (vec!["--url".into(), url("security_check_team_edition.url")], &["decision: stripped", "&ut=0"]),
-        (vec!["--url".into(), url("security_bulletin.url")], &["decision: allowed", "GET https://securityupdatecheck.mattermost.com/bulletins/MMSA-2025-00421"]),
+        (vec!["--url".into(), fixture_url("security_check.url")], &["decision: stripped", "removed: query:uc, query:auc, query:tc", "/security?b=10.5.2.13608341937&be=true&db=postgres&id=dzye578hdkhnobofbhqhq5yrqf&os=linux&ut=0"]),
+        (vec!["--url".into(), fixture_url("security_check_team_edition.url")], &["decision: stripped", "&ut=0"]),
+        (vec!["--url".into(), fixture_url("security_bulletin.url")], &["decision: allowed", "GET https://securityupdatecheck.mattermost.com/bulletins/MMSA-2025-00421"]),
     ];
     for (args, want) in cases {
         let (code, out) = run(bin().arg("explain").args(&args));

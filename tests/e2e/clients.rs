@@ -102,21 +102,7 @@ async fn unknown_hosts_are_tunnelled_byte_identical() {
         ..Setup::default()
     })
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(env.proxy)
-        .await
-        .expect("connect");
-    tcp.write_all(
-        format!("CONNECT {TUNNELLED}:443 HTTP/1.1\r\nHost: {TUNNELLED}:443\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut head = vec![0u8; 1024];
-    let n = tcp.read(&mut head).await.expect("read");
-    assert!(
-        head[..n].starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head[..n])
-    );
+    let tcp = env.connect_tunnel(TUNNELLED).await;
     let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
     let (mut r, mut w) = tcp.into_split();
     let sent = payload.clone();

@@ -55,6 +55,14 @@ pub fn fixture_body(name: &str) -> Vec<u8> {
     b
 }
 
+/// A `*.url` fixture, without its newline.
+pub fn fixture_url(name: &str) -> String {
+    String::from_utf8(fixture(name))
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
 pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(FIXTURES)
@@ -322,27 +330,27 @@ impl Env {
         &self,
         host: &str,
     ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-        let mut tcp = tokio::net::TcpStream::connect(self.proxy)
-            .await
-            .expect("connect");
-        tcp.write_all(
-            format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-        let mut head = [0u8; 512];
-        let n = tcp.read(&mut head).await.expect("read");
-        assert!(
-            head[..n].starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&head[..n])
-        );
+        let tcp = self.connect_tunnel(host).await;
         let tls = self.tls_client(tcp, host).await;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .expect("handshake");
         tokio::spawn(conn);
         sender
+    }
+
+    /// CONNECT to `host:443` through the proxy; asserts the 200 and returns the open stream.
+    pub async fn connect_tunnel(&self, host: &str) -> tokio::net::TcpStream {
+        let mut tcp = tokio::net::TcpStream::connect(self.proxy)
+            .await
+            .expect("connect");
+        let connect = format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n");
+        tcp.write_all(connect.as_bytes()).await.expect("write");
+        let mut head = [0u8; 512];
+        let n = tcp.read(&mut head).await.expect("read");
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        tcp
     }
 
     /// TLS over `tcp` to `host`, trusting only the interception CA, offering HTTP/1.1.

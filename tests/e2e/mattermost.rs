@@ -3,14 +3,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{fixture, fixture_body, Env, Setup, PUSH, RUDDER, SEGMENT, SENTRY};
-
-fn url(name: &str) -> String {
-    String::from_utf8(fixture(name))
-        .expect("utf-8")
-        .trim()
-        .to_string()
-}
+use crate::harness::{fixture_body, fixture_url, Env, Setup, PUSH, RUDDER, SEGMENT, SENTRY};
 
 async fn post(
     env: &Env,
@@ -48,7 +41,7 @@ async fn security_check_leaves_without_counts_by_default() {
         ("security_check_team_edition.url", "/security?b=10.2.1.11791625337&be=false&db=mysql&id=h6414jffbk5sfgbey14i8dxedw&os=linux&ut=0"),
         ("security_bulletin.url", "/bulletins/MMSA-2025-00421"),
     ] {
-        let out = env.curl(&[&url(name)]).await;
+        let out = env.curl(&[&fixture_url(name)]).await;
         assert_eq!(out.code, 200, "{name}: {out:?}");
         let got = env.upstream.requests().pop().expect("upstream got the request");
         assert_eq!(got.path_and_query, expected, "{name}");
@@ -79,7 +72,7 @@ async fn security_check_denied_is_refused_at_connect() {
         ..Setup::default()
     })
     .await;
-    let out = env.curl(&[&url("security_check.url")]).await;
+    let out = env.curl(&[&fixture_url("security_check.url")]).await;
     assert_eq!(out.connect, 403, "{out:?}");
     assert_eq!(
         env.upstream
