@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use crate::harness::{fixture_path, fixture_url, Env, Setup, PUSH, RUDDER, SECURITY};
+use crate::harness::{
+    fixture_path, fixture_url, Env, Setup, PUSH, PUSH_SENDS, RUDDER, SECURITY, TELEMETRY_BATCHES,
+};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
@@ -31,11 +33,7 @@ fn explain_every_fixture() {
             assert!(out.contains(w), "{args:?}: missing {w:?} in\n{out}");
         }
     }
-    for name in [
-        "telemetry_batch_enterprise.json",
-        "telemetry_batch_plain.json",
-        "telemetry_batch_legacy_config_events.json",
-    ] {
+    for name in TELEMETRY_BATCHES {
         let (code, out) = run(bin()
             .args([
                 "explain",
@@ -54,14 +52,7 @@ fn explain_every_fixture() {
             "{name}:\n{out}"
         );
     }
-    for name in [
-        "push_full.json",
-        "push_generic.json",
-        "push_generic_no_channel.json",
-        "push_id_loaded.json",
-        "push_clear.json",
-        "push_ack.json",
-    ] {
+    for &name in PUSH_SENDS.iter().chain(&["push_ack.json"]) {
         let path = if name == "push_ack.json" {
             "/api/v1/ack"
         } else {

@@ -38,6 +38,20 @@ pub const PUSH: &str = "push.mattermost.com";
 pub const TUNNELLED: &str = "elsewhere.example";
 const HOSTS: [&str; 6] = [SECURITY, RUDDER, SEGMENT, SENTRY, PUSH, TUNNELLED];
 
+/// The push fixtures sent to `/api/v1/send_push`, and the telemetry batches.
+pub const PUSH_SENDS: [&str; 5] = [
+    "push_full.json",
+    "push_generic.json",
+    "push_generic_no_channel.json",
+    "push_id_loaded.json",
+    "push_clear.json",
+];
+pub const TELEMETRY_BATCHES: [&str; 3] = [
+    "telemetry_batch_enterprise.json",
+    "telemetry_batch_plain.json",
+    "telemetry_batch_legacy_config_events.json",
+];
+
 /// Read a fixture file; the fixtures live beside the project in `../shared`.
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -3,7 +3,10 @@
 
 use serde_json::Value;
 
-use crate::harness::{fixture_body, fixture_url, Env, Setup, PUSH, RUDDER, SEGMENT, SENTRY};
+use crate::harness::{
+    fixture_body, fixture_url, Env, Setup, PUSH, PUSH_SENDS, RUDDER, SEGMENT, SENTRY,
+    TELEMETRY_BATCHES,
+};
 
 async fn post(
     env: &Env,
@@ -167,11 +170,7 @@ async fn diagnostics_granted_strips_withheld_batch_items() {
         ..Setup::default()
     })
     .await;
-    for name in [
-        "telemetry_batch_enterprise.json",
-        "telemetry_batch_plain.json",
-        "telemetry_batch_legacy_config_events.json",
-    ] {
+    for name in TELEMETRY_BATCHES {
         let sent = fixture_body(name);
         let out = post(
             &env,
@@ -261,13 +260,7 @@ async fn diagnostics_granted_with_nothing_withheld_is_byte_identical() {
 #[tokio::test]
 async fn push_leaves_without_content_or_names_by_default() {
     let env = Env::start(Setup::default()).await;
-    for name in [
-        "push_full.json",
-        "push_generic.json",
-        "push_generic_no_channel.json",
-        "push_id_loaded.json",
-        "push_clear.json",
-    ] {
+    for name in PUSH_SENDS {
         let sent = fixture_body(name);
         let out = post(&env, PUSH, "/api/v1/send_push", name, &[]).await;
         assert_eq!(out.code, 200, "{name}: {out:?}");

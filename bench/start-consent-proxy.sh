@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start consent-proxy for the bench harness: a feature for upstream.test with rules, granted.
+set -euo pipefail
+dir=$(mktemp -d /tmp/consent-bench.XXXX)
+cat > "$dir/policy.toml" <<TOML
+[listen]
+proxy = "127.0.0.1:${BENCH_PROXY_PORT}"
+[tls]
+ca_cert = "${BENCH_MITM_CA_CERT}"
+ca_key = "${BENCH_MITM_CA_KEY}"
+[upstream]
+roots = "webpki"
+extra_ca = ["${BENCH_UPSTREAM_CA}"]
+[audit]
+path = "$dir/audit.jsonl"
+[limits]
+max_body_bytes = 2097152
+[consent]
+bench = "granted"
+withhold = ["user_names"]
+[[feature]]
+name = "bench"
+hosts = ["upstream.test", "*.upstream.test"]
+  [[feature.rule]]
+  category = "user_names"
+  remove = ["json:\$.events[*].email", "json:\$.events[*].ip", "header:x-install-id"]
+TOML
+exec "${CONSENT_PROXY_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/consent-proxy}" run --config "$dir/policy.toml"
