@@ -95,7 +95,11 @@ async fn serve(
         )
         .await;
     };
-    let local = tcp.local_addr().ok();
+    // A dual-stack listener reports IPv4 peers as v4-mapped; compare in one form.
+    let local = tcp
+        .local_addr()
+        .ok()
+        .map(|a| SocketAddr::new(crate::proxy::canonical(a.ip()), a.port()));
     if Some(original) == local || proxy.is_own_listener(original) {
         warn!(%original, "connection to the proxy itself on the transparent listener (a loop, or no redirect); refused");
         let reason = format!("loop: the original destination {original} is the proxy itself");

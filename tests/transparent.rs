@@ -25,6 +25,7 @@ const PUSH_IP: &str = "10.201.0.10";
 const TLS_ELSEWHERE_IP: &str = "10.201.0.11";
 const RUDDER_IP: &str = "10.201.0.12";
 const ECHO_IP: &str = "10.201.0.13";
+const PUSH_IP6: &str = "fd00:201::10";
 const NOBODY: &str = "65534";
 
 #[test]
@@ -85,6 +86,7 @@ fn missing_prerequisite() -> Option<String> {
     for (tool, args) in [
         ("ip", &["netns", "list"][..]),
         ("iptables", &["-V"][..]),
+        ("ip6tables", &["-V"][..]),
         ("setpriv", &["--version"][..]),
         ("curl", &["--version"][..]),
     ] {
@@ -192,6 +194,18 @@ async fn inner_transparent_cases() {
     for ip in [PUSH_IP, TLS_ELSEWHERE_IP, RUDDER_IP, ECHO_IP] {
         must("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     }
+    must(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{PUSH_IP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ],
+    );
 
     // A folder `nobody` can read: the interception CA, the upstream CA, the request bodies.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -208,6 +222,12 @@ async fn inner_transparent_cases() {
     let push = pki
         .serve_on(addr(PUSH_IP, 443), &[b"h2", b"http/1.1"])
         .await;
+    let push6 = pki
+        .serve_on(
+            format!("[{PUSH_IP6}]:443").parse().expect("addr"),
+            &[b"h2", b"http/1.1"],
+        )
+        .await;
     let elsewhere = pki
         .serve_on(addr(TLS_ELSEWHERE_IP, 443), &[b"http/1.1"])
         .await;
@@ -215,7 +235,7 @@ async fn inner_transparent_cases() {
     let (_, echoed) = echo_server_on(addr(ECHO_IP, 443)).await;
 
     let policy = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\ntransparent = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\", \"10.201.0.0/24\"]\n[tls]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n\
+        "[listen]\nproxy = \"127.0.0.1:0\"\ntransparent = \"[::]:0\"\n[clients]\nallow = [\"127.0.0.0/8\", \"10.201.0.0/24\", \"::1/128\", \"fd00:201::/64\"]\n[tls]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n\
          [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ \"{PUSH}:443\" = \"{PUSH_IP}:443\", \"{RUDDER}:443\" = \"{RUDDER_IP}:443\" }}\n\
          [audit]\npath = \"audit.jsonl\"\n"
     );
@@ -236,9 +256,10 @@ async fn inner_transparent_cases() {
         .expect("chmod");
 
     // Every TCP connection of a non-root user goes to the proxy; root (the proxy) is exempt.
-    must(
-        "iptables",
-        &[
+    // The listener is dual-stack ([::]), so one port takes both tables' redirects.
+    let port = transparent.port().to_string();
+    for table in ["iptables", "ip6tables"] {
+        let rule = [
             "-t",
             "nat",
             "-A",
@@ -250,12 +271,12 @@ async fn inner_transparent_cases() {
             "!",
             "--uid-owner",
             "0",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &transparent.port().to_string(),
-        ],
-    );
+        ];
+        must(
+            table,
+            &[&rule[..], &["-j", "REDIRECT", "--to-ports", &port]].concat(),
+        );
+    }
 
     // 1. A feature host is intercepted and stripped; the client has no proxy configured.
     let body = format!("@{}", dir.path().join("push.json").display());
@@ -287,6 +308,38 @@ async fn inner_transparent_cases() {
     assert_eq!(record["listener"], "transparent");
     assert_eq!(record["decision"], "stripped");
     assert_eq!(record["original_dst"], format!("{PUSH_IP}:443"));
+
+    // 1b. The same over IPv6 (IP6T_SO_ORIGINAL_DST).
+    let out = as_nobody(
+        "curl",
+        &curl_args(
+            &ca,
+            &format!("{PUSH}:443:[{PUSH_IP6}]"),
+            &["-X", "POST", "--data-binary", &body],
+            &format!("https://{PUSH}/api/v1/send_push"),
+        ),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n200"),
+        "push over IPv6: {text} {}\n{:?}",
+        String::from_utf8_lossy(&out.stderr),
+        audit(&log)
+    );
+    let got: serde_json::Value = serde_json::from_slice(
+        &push6
+            .requests()
+            .pop()
+            .expect("the IPv6 upstream got the push")
+            .body,
+    )
+    .expect("JSON");
+    assert!(got.get("channel_name").is_none());
+    wait_for(&log, "IPv6 push", |r| {
+        r["original_dst"] == format!("[{PUSH_IP6}]:443") && r["decision"] == "stripped"
+    })
+    .await;
 
     // 2. A denied feature is blocked: the upstream never sees a connection.
     let out = as_nobody(
@@ -411,18 +464,22 @@ async fn inner_transparent_cases() {
     .await;
     let out = run(
         "curl",
-        &["-sS", "--max-time", "5", &format!("http://{transparent}/")],
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{}/", transparent.port()),
+        ],
     );
     assert!(
         !out.status.success(),
         "a direct connection to the transparent port got an answer"
     );
+    let port = format!(":{}", transparent.port());
     wait_for(&log, "no redirect", |r| {
-        r["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("is the proxy itself")
-            && r["original_dst"] == transparent.to_string()
+        let reason = r["reason"].as_str().unwrap_or("");
+        let dst = r["original_dst"].as_str().unwrap_or("");
+        reason.contains("is the proxy itself") && dst.ends_with(&port)
     })
     .await;
 
