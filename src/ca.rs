@@ -314,6 +314,83 @@ mod tests {
         assert_eq!(origin, Origin::Loaded);
     }
 
+    /// A CA as admins have it, made by the openssl CLI: SEC1 ECDSA and PKCS#1 RSA keys.
+    #[test]
+    fn loads_sec1_and_pkcs1_keys_made_by_openssl() {
+        if std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "openssl is required under CI=true"
+            );
+            eprintln!("skipping: no openssl CLI");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.key",
+        ]);
+        openssl(&["genrsa", "-traditional", "-out", "rsa.key", "2048"]);
+        for (key, header) in [
+            ("ec.key", "BEGIN EC PRIVATE KEY"),
+            ("rsa.key", "BEGIN RSA PRIVATE KEY"),
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(key)).expect("key");
+            assert!(
+                text.contains(header),
+                "{key} is not in the format under test"
+            );
+            let cert = format!("{key}.pem");
+            openssl(&[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                key,
+                "-subj",
+                "/CN=admin CA",
+                "-days",
+                "2",
+                "-out",
+                &cert,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            let ca = CertificateAuthority::load(
+                &dir.path().join(&cert),
+                &dir.path().join(key),
+                provider(),
+                4,
+            )
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+            ca.server_config("push.example")
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+    }
+
     #[test]
     fn rejects_half_pairs_and_mismatched_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
