@@ -121,6 +121,8 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Time for an upstream to answer a request with its response head.
     pub upstream_timeout: Duration,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     /// Leaf certificates kept for reuse.
     pub leaf_cache_size: usize,
 }
@@ -134,6 +136,7 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(600),
             leaf_cache_size: 1024,
         }
     }
@@ -455,6 +458,7 @@ struct LimitsFile {
     tls_handshake_timeout_secs: Option<u64>,
     connect_timeout_secs: Option<u64>,
     upstream_timeout_secs: Option<u64>,
+    tunnel_idle_timeout_secs: Option<u64>,
     leaf_cache_size: Option<usize>,
 }
 
@@ -582,6 +586,8 @@ impl File {
             ),
             connect_timeout: secs(l.connect_timeout_secs, defaults.connect_timeout),
             upstream_timeout: secs(l.upstream_timeout_secs, defaults.upstream_timeout),
+            tunnel_idle_timeout: secs(l.tunnel_idle_timeout_secs, defaults.tunnel_idle_timeout)
+                .max(Duration::from_secs(1)),
             leaf_cache_size: l.leaf_cache_size.unwrap_or(defaults.leaf_cache_size).max(1),
         };
 

@@ -284,6 +284,84 @@ pub(crate) async fn accept_each<F, Fut>(
     }
 }
 
+/// When either side of a tunnel last delivered bytes.
+#[derive(Clone)]
+struct Activity {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch` of the last read with data.
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: std::time::Instant::now(),
+            last: Arc::default(),
+        }
+    }
+
+    fn watch<T>(&self, inner: T) -> Watched<T> {
+        Watched {
+            inner,
+            activity: self.clone(),
+        }
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// A stream that records its reads in an [`Activity`].
+struct Watched<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = this.activity.epoch.elapsed().as_millis() as u64;
+            this.activity
+                .last
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Bind a listener that the policy may leave out; returns it with its bound address.
 async fn bind_optional(
     addr: Option<SocketAddr>,
@@ -447,14 +525,19 @@ impl Proxy {
         &self,
         peer: Peer,
         target: Target,
-        mut client: IO,
-        mut upstream: TcpStream,
+        client: IO,
+        upstream: TcpStream,
     ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut policy = self.active.subscribe();
+        let activity = Activity::new();
+        let mut client = activity.watch(client);
+        let mut upstream = activity.watch(upstream);
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
+        let idle = self.limits.tunnel_idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
         loop {
             tokio::select! {
                 r = &mut copy => {
@@ -464,6 +547,12 @@ impl Proxy {
                     return;
                 }
                 () = self.token.cancelled() => return,
+                _ = tick.tick() => {
+                    if activity.quiet_for() >= idle {
+                        debug!("idle tunnel closed");
+                        return;
+                    }
+                }
                 changed = policy.changed() => {
                     if changed.is_err() {
                         return;

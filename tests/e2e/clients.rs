@@ -124,6 +124,28 @@ async fn unknown_hosts_are_tunnelled_byte_identical() {
 }
 
 #[tokio::test]
+async fn idle_tunnels_are_closed() {
+    let (echo, _) = echo_server().await;
+    let env = Env::start(Setup {
+        policy: "[limits]\ntunnel_idle_timeout_secs = 1",
+        tunnel_to: Some(echo),
+        ..Setup::default()
+    })
+    .await;
+    let mut tcp = env.connect_tunnel(TUNNELLED).await;
+    tcp.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 16];
+    tcp.read_exact(&mut buf[..4]).await.expect("echo");
+    // Nothing more either way: the proxy closes the tunnel after the idle timeout.
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_hosts_are_refused_when_denied() {
     let (echo, seen) = echo_server().await;
     let env = Env::start(Setup {
