@@ -650,11 +650,13 @@ impl Proxy {
             Some(parts.uri.path()),
         );
         if let Err(why) = names_agree(&parts, &target) {
+            self.drain(body).await;
             return self.refuse(entry, Refusal::Malformed(why), None).await;
         }
         let report = active.policy.mode == Mode::Report;
         match active.policy.decide(&target.host, parts.uri.path()) {
             Verdict::Unknown(UnknownHosts::Deny) => {
+                self.drain(body).await;
                 self.refuse(entry, Refusal::UnknownHost, None).await
             }
             Verdict::Unknown(UnknownHosts::Tunnel) => {
@@ -670,6 +672,7 @@ impl Proxy {
             }
             Verdict::Denied { feature } => {
                 entry.feature = Some(feature.name.clone());
+                self.drain(body).await;
                 self.refuse(
                     entry,
                     Refusal::ConsentDenied(feature.on_block),
@@ -684,6 +687,7 @@ impl Proxy {
             } => {
                 entry.feature = Some(feature.name.clone());
                 if !self.audit.is_healthy() {
+                    self.drain(body).await;
                     return self
                         .refuse(entry, Refusal::AuditUnavailable, Some(&feature.name))
                         .await;
@@ -746,6 +750,15 @@ impl Proxy {
                 self.forward(entry, &target, parts, out).await
             }
         }
+    }
+
+    /// Read and discard a refused request's body (up to `max_body_bytes`, for a few seconds)
+    /// before answering: an h2 stream whose body is dropped unread is reset, and clients then
+    /// report a stream error instead of the refusal.
+    async fn drain(&self, body: Incoming) {
+        let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), Limited::new(body, max).collect()).await;
     }
 
     /// Read a body a rule must inspect, within `max_body_bytes`.

@@ -293,3 +293,34 @@ async fn go_net_http_gets_the_same_outcomes_as_curl() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn an_h2_refusal_of_a_request_with_a_body_is_a_clean_answer() {
+    let policy = "[[feature]]\nname = \"bulletins\"\nhosts = [\"securityupdatecheck.mattermost.com\"]\npaths = [\"/bulletins/\"]\n";
+    let env = Env::start(Setup {
+        policy,
+        ..Setup::default()
+    })
+    .await;
+    // The proxy decides on the headers, before the body's DATA frame has arrived.
+    let body = "{\"id\":\"x\"}";
+    let out = env
+        .curl(&[
+            "--http2",
+            "-X",
+            "POST",
+            "--data-binary",
+            body,
+            &format!("https://{SECURITY}/bulletins/1"),
+        ])
+        .await;
+    assert_eq!(
+        (out.code, out.exit, out.version.as_str()),
+        (403, 0, "2"),
+        "{out:?}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.body).expect("JSON body");
+    assert_eq!(json["feature"], "bulletins");
+    assert!(env.upstream.requests().is_empty());
+    env.stop().await;
+}

@@ -1,3 +1,5 @@
+//! Tests that need root and namespaces of their own.
+//!
 //! Transparent interception for real: a network namespace of our own, fake upstreams on their
 //! own addresses in it, an `iptables -t nat … REDIRECT` rule sending every TCP connection of
 //! non-root users to the proxy's transparent listener, and clients (curl, bash) that run as
@@ -30,15 +32,26 @@ const NOBODY: &str = "65534";
 
 #[test]
 fn transparent_interception_in_a_network_namespace() {
+    in_namespace(INNER);
+}
+
+#[test]
+fn an_unwritable_audit_log_blocks_inspected_traffic() {
+    in_namespace("inner_audit_failure");
+}
+
+/// Run the ignored test `inner` of this binary inside a fresh network namespace (which also
+/// gives it a private mount namespace), or skip with a message where that cannot be done.
+fn in_namespace(inner: &str) {
     if let Some(missing) = missing_prerequisite() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "the namespace test must run under CI=true, but {missing}"
+            "the namespace tests must run under CI=true, but {missing}"
         );
-        eprintln!("skipping the transparent-mode namespace test: {missing}");
+        eprintln!("skipping {inner}: {missing}");
         return;
     }
-    let ns = format!("cpt{}", std::process::id());
+    let ns = format!("cpt{}-{}", std::process::id(), inner.len());
     let etc = PathBuf::from(format!("/etc/netns/{ns}"));
     assert!(
         run("ip", &["netns", "add", &ns]).status.success(),
@@ -53,7 +66,7 @@ fn transparent_interception_in_a_network_namespace() {
         .arg(&exe)
         .args([
             "--exact",
-            INNER,
+            inner,
             "--include-ignored",
             "--nocapture",
             "--test-threads=1",
@@ -68,11 +81,8 @@ fn transparent_interception_in_a_network_namespace() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "inner test failed:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "the inner test did not run:\n{text}"
-    );
+    assert!(out.status.success(), "{inner} failed:\n{text}");
+    assert!(text.contains("1 passed"), "{inner} did not run:\n{text}");
 }
 
 fn missing_prerequisite() -> Option<String> {
@@ -106,6 +116,15 @@ fn run(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
         .args(args)
         .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+}
+
+/// `run` for async tests: a blocking wait would stall the proxy running on the same runtime.
+async fn run_async(tool: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(tool)
+        .args(args)
+        .output()
+        .await
         .unwrap_or_else(|e| panic!("{tool}: {e}"))
 }
 
@@ -462,7 +481,7 @@ async fn inner_transparent_cases() {
             && r["original_dst"] == explicit.to_string()
     })
     .await;
-    let out = run(
+    let out = run_async(
         "curl",
         &[
             "-sS",
@@ -470,7 +489,8 @@ async fn inner_transparent_cases() {
             "5",
             &format!("http://127.0.0.1:{}/", transparent.port()),
         ],
-    );
+    )
+    .await;
     assert!(
         !out.status.success(),
         "a direct connection to the transparent port got an answer"
@@ -488,4 +508,136 @@ async fn inner_transparent_cases() {
         consent_proxy::audit::Verdict::Intact { .. } => {}
         broken => panic!("{broken:?}"),
     }
+}
+
+/// The audit log's filesystem fills up mid-run (a 64 KiB tmpfs in this test's private mount
+/// namespace): inspected requests are refused with 503 instead of leaving unaudited, and
+/// `/readyz` says why.
+#[tokio::test]
+#[ignore = "runs inside the namespace made by an_unwritable_audit_log_blocks_inspected_traffic"]
+async fn inner_audit_failure() {
+    if std::env::var("CONSENT_PROXY_NETNS_INNER").is_err() {
+        return;
+    }
+    must("ip", &["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = dir.path().join("audit-fs");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    must(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "tmpfs",
+            &small.display().to_string(),
+        ],
+    );
+
+    let pki = UpstreamPki::new();
+    std::fs::write(dir.path().join("upstream-ca.pem"), &pki.ca_pem).expect("write");
+    let upstream = pki.serve(&[b"http/1.1"]).await;
+    let policy = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[tls]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n\
+         [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ \"{PUSH}:443\" = \"{}\" }}\n\
+         [audit]\npath = \"audit-fs/audit.jsonl\"\n",
+        upstream.addr
+    );
+    std::fs::write(dir.path().join("policy.toml"), policy).expect("write");
+    let config =
+        consent_proxy::config::load(Some(&dir.path().join("policy.toml")), None).expect("policy");
+    let running = consent_proxy::proxy::start(config)
+        .await
+        .expect("proxy starts");
+    let (proxy, admin) = (
+        running.started.proxy_addr,
+        running.started.admin_addr.expect("admin"),
+    );
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let push = |body: &'static str| {
+        let (ca, url) = (ca.clone(), format!("https://{PUSH}/api/v1/send_push"));
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--proxy",
+                    &format!("http://{proxy}"),
+                    "--cacert",
+                    &ca,
+                ])
+                .args([
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-X",
+                    "POST",
+                    "--data-binary",
+                    body,
+                    &url,
+                ])
+                .output()
+                .await
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+        }
+    };
+    let readyz = || async move {
+        let out = run_async(
+            "curl",
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{admin}/readyz"),
+            ],
+        )
+        .await;
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(push("{\"message\":\"one\"}").await, "200");
+    assert_eq!(readyz().await, "200");
+
+    // Fill the audit filesystem to the last byte.
+    let filler = small.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 64 * 1024]);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&filler)
+        .expect("filler");
+    while std::io::Write::write_all(&mut file, &[0u8; 64]).is_ok() {}
+    drop(file);
+
+    // Records still fit in the audit file's last page; the first that does not is refused
+    // with 503 (that request had reached the upstream: its record carries the upstream's
+    // status). From then on every inspected request is refused before it leaves.
+    let mut failed = false;
+    for _ in 0..200 {
+        match push("{\"message\":\"two\"}").await.as_str() {
+            "200" => {}
+            "503" => {
+                failed = true;
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(failed, "the audit log never failed to write");
+    let left = upstream.requests().len();
+    assert_eq!(readyz().await, "503");
+    for _ in 0..3 {
+        assert_eq!(push("{\"message\":\"three\"}").await, "503");
+    }
+    assert_eq!(
+        upstream.requests().len(),
+        left,
+        "requests left while the audit log was unwritable"
+    );
+    running.shutdown(Duration::from_secs(5)).await;
+    must("umount", &[&small.display().to_string()]);
 }
