@@ -297,68 +297,37 @@ async fn inner_transparent_cases() {
         );
     }
 
-    // 1. A feature host is intercepted and stripped; the client has no proxy configured.
+    // 1. A feature host is intercepted and stripped, over IPv4 and over IPv6
+    //    (IP6T_SO_ORIGINAL_DST); the client has no proxy configured.
     let body = format!("@{}", dir.path().join("push.json").display());
-    let out = as_nobody(
-        "curl",
-        &curl_args(
-            &ca,
-            &format!("{PUSH}:443:{PUSH_IP}"),
-            &["-X", "POST", "--data-binary", &body],
-            &format!("https://{PUSH}/api/v1/send_push"),
-        ),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.ends_with("\n200"),
-        "push through the transparent proxy: {text} {}\n{:?}",
-        String::from_utf8_lossy(&out.stderr),
-        audit(&log)
-    );
-    let got = push
-        .requests()
-        .pop()
-        .expect("the push upstream got the request");
-    let json: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
-    assert_eq!(json["message"], "You've received a new message.");
-    assert!(json.get("channel_name").is_none() && json.get("sender_name").is_none());
-    let record = wait_for(&log, "push stripped", |r| r["host"] == PUSH).await;
-    assert_eq!(record["listener"], "transparent");
-    assert_eq!(record["decision"], "stripped");
-    assert_eq!(record["original_dst"], format!("{PUSH_IP}:443"));
-
-    // 1b. The same over IPv6 (IP6T_SO_ORIGINAL_DST).
-    let out = as_nobody(
-        "curl",
-        &curl_args(
-            &ca,
-            &format!("{PUSH}:443:[{PUSH_IP6}]"),
-            &["-X", "POST", "--data-binary", &body],
-            &format!("https://{PUSH}/api/v1/send_push"),
-        ),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.ends_with("\n200"),
-        "push over IPv6: {text} {}\n{:?}",
-        String::from_utf8_lossy(&out.stderr),
-        audit(&log)
-    );
-    let got: serde_json::Value = serde_json::from_slice(
-        &push6
+    let url = format!("https://{PUSH}/api/v1/send_push");
+    for (ip, upstream) in [
+        (PUSH_IP.to_string(), &push),
+        (format!("[{PUSH_IP6}]"), &push6),
+    ] {
+        let resolve = format!("{PUSH}:443:{ip}");
+        let args = curl_args(&ca, &resolve, &["-X", "POST", "--data-binary", &body], &url);
+        let out = as_nobody("curl", &args).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.ends_with("\n200"),
+            "push to {ip}: {text} {stderr}\n{:?}",
+            audit(&log)
+        );
+        let got = upstream
             .requests()
             .pop()
-            .expect("the IPv6 upstream got the push")
-            .body,
-    )
-    .expect("JSON");
-    assert!(got.get("channel_name").is_none());
-    wait_for(&log, "IPv6 push", |r| {
-        r["original_dst"] == format!("[{PUSH_IP6}]:443") && r["decision"] == "stripped"
-    })
-    .await;
+            .expect("the push upstream got the request");
+        let json: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
+        assert_eq!(json["message"], "You've received a new message.");
+        assert!(json.get("channel_name").is_none() && json.get("sender_name").is_none());
+        let dst = format!("{ip}:443");
+        let record = wait_for(&log, "push stripped", |r| r["original_dst"] == dst).await;
+        assert_eq!(record["listener"], "transparent");
+        assert_eq!(record["decision"], "stripped");
+        assert_eq!(record["host"], PUSH);
+    }
 
     // 2. A denied feature is blocked: the upstream never sees a connection.
     let out = as_nobody(
