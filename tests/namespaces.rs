@@ -203,13 +203,22 @@ async fn wait_for(
     panic!("no audit record: {what}\n{:?}", audit(path));
 }
 
+/// Whether this runs inside the namespace made by `in_namespace` (then `lo` is brought up);
+/// run directly, an inner test does nothing.
+fn entered_namespace() -> bool {
+    if std::env::var("CONSENT_PROXY_NETNS_INNER").is_err() {
+        return false;
+    }
+    must("ip", &["link", "set", "lo", "up"]);
+    true
+}
+
 #[tokio::test]
 #[ignore = "runs inside the namespace made by transparent_interception_in_a_network_namespace"]
 async fn inner_transparent_cases() {
-    if std::env::var("CONSENT_PROXY_NETNS_INNER").is_err() {
+    if !entered_namespace() {
         return;
     }
-    must("ip", &["link", "set", "lo", "up"]);
     for ip in [PUSH_IP, TLS_ELSEWHERE_IP, RUDDER_IP, ECHO_IP] {
         must("ip", &["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     }
@@ -485,10 +494,9 @@ async fn inner_transparent_cases() {
 #[tokio::test]
 #[ignore = "runs inside the namespace made by an_unwritable_audit_log_blocks_inspected_traffic"]
 async fn inner_audit_failure() {
-    if std::env::var("CONSENT_PROXY_NETNS_INNER").is_err() {
+    if !entered_namespace() {
         return;
     }
-    must("ip", &["link", "set", "lo", "up"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let small = dir.path().join("audit-fs");
     std::fs::create_dir_all(&small).expect("mkdir");
