@@ -240,10 +240,11 @@ fn build(
         .clone()
         .try_into()
         .map_err(|e| parse_error(source, e))?;
-    let consent_table = merged.remove("consent");
+    merged.remove("consent");
     let policy_hash = sha256(toml::to_string(&merged).unwrap_or_default().as_bytes());
-    if let Some(c) = consent_table {
-        merged.insert("consent".into(), c);
+    // Print the [consent] keys that apply (derived consent is listed after the policy).
+    if !explicit.is_empty() {
+        merged.insert("consent".into(), toml::Value::Table(explicit.clone()));
     }
     let effective = toml::to_string(&merged).unwrap_or_default();
     let err = |key: &str, reason: String| ConfigError::Invalid {
