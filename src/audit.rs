@@ -363,7 +363,7 @@ impl WriterState {
             prev: &self.prev,
         };
         let body = serde_json::to_string(&record).map_err(|e| AuditError::Write(e.into()))?;
-        let hash = hash_line(&body);
+        let hash = sha256(body.as_bytes());
         let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
         self.sink
             .write_line(line.as_bytes())
@@ -374,12 +374,14 @@ impl WriterState {
     }
 }
 
-fn hash_line(body: &str) -> String {
-    let digest = Sha256::digest(body.as_bytes());
+/// `sha256:` + lowercase hex: how the audit log, the policy and the consent name their hashes.
+pub fn sha256(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
     for b in digest {
-        out.push_str(&format!("{b:02x}"));
+        let _ = write!(out, "{b:02x}");
     }
     out
 }
@@ -456,7 +458,7 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
                 return Ok(broken(seq, "no hash"));
             };
             let body = serde_json::to_string(&record).map_err(io::Error::other)?;
-            if hash_line(&body) != hash {
+            if sha256(body.as_bytes()) != hash {
                 return Ok(broken(seq, "hash does not match the record (edited)"));
             }
             let record_prev = record.get("prev").and_then(|p| p.as_str());

@@ -7,7 +7,6 @@
 //! Relative paths in the admin's file are relative to that file's folder.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +15,8 @@ use http::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json_path::JsonPath;
-use sha2::{Digest, Sha256};
 
+use crate::audit::sha256;
 use crate::mattermost;
 use crate::policy::{
     Action, Consent, Feature, HostPattern, JsonSelector, Mode, OnBlock, Policy, Rule, Selector,
@@ -340,15 +339,6 @@ fn absolutize(table: &mut toml::Table, base: &Path) {
     {
         fix(v);
     }
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut out = String::from("sha256:");
-    for b in digest {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
 }
 
 /// The hash that names a consent in the audit log.

@@ -188,8 +188,12 @@ impl Policy {
             })
             .filter(|r| r.paths.is_empty() || r.paths.iter().any(|p| path.starts_with(p.as_str())))
             .collect();
-        let mut withheld: Vec<&str> = rules.iter().filter_map(|r| r.category.as_deref()).collect();
-        withheld.dedup();
+        let mut withheld: Vec<&str> = Vec::new();
+        for category in rules.iter().filter_map(|r| r.category.as_deref()) {
+            if !withheld.contains(&category) {
+                withheld.push(category);
+            }
+        }
         Verdict::Granted {
             feature,
             rules,

@@ -89,28 +89,17 @@ impl Running {
 /// The policy in force with its hashes; replaced whole on reload.
 pub struct Active {
     pub policy: Policy,
-    pub source: String,
     pub policy_hash: Arc<str>,
     pub consent_hash: Arc<str>,
 }
 
 impl Active {
-    pub fn from_config(config: &mut Config) -> Active {
-        let policy = std::mem::replace(
-            &mut config.policy,
-            Policy {
-                mode: Mode::Enforce,
-                unknown_hosts: UnknownHosts::Deny,
-                features: Vec::new(),
-                consent: Default::default(),
-            },
-        );
-        Active {
+    fn new(policy: Policy, policy_hash: &str, consent_hash: &str) -> Arc<Active> {
+        Arc::new(Active {
             policy,
-            source: config.source.clone(),
-            policy_hash: config.policy_hash.as_str().into(),
-            consent_hash: config.consent_hash.as_str().into(),
-        }
+            policy_hash: policy_hash.into(),
+            consent_hash: consent_hash.into(),
+        })
     }
 }
 
@@ -155,7 +144,7 @@ pub(crate) struct Target {
 }
 
 /// Start the proxy from a checked config: CA, upstream TLS, audit log, listener.
-pub async fn start(mut config: Config) -> Result<Running, StartError> {
+pub async fn start(config: Config) -> Result<Running, StartError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let (ca, ca_origin) = CertificateAuthority::load_or_create(
         &config.ca_cert,
@@ -197,7 +186,11 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let proxy = Arc::new(Proxy {
-        active: watch::Sender::new(Arc::new(Active::from_config(&mut config))),
+        active: watch::Sender::new(Active::new(
+            config.policy,
+            &config.policy_hash,
+            &config.consent_hash,
+        )),
         clients: config.clients,
         ca,
         upstream,
@@ -401,14 +394,7 @@ async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {
         .header_read_timeout(proxy.limits.header_read_timeout)
         .serve_connection(TokioIo::new(tcp), service)
         .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = proxy.token.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = until_cancelled(conn, &proxy.token, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         debug!(error = %e, "client connection ended");
     }
@@ -620,14 +606,7 @@ impl Proxy {
             .header_read_timeout(self.limits.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let conn = builder.serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            () = self.token.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let result = until_cancelled(conn, &self.token, |c| c.graceful_shutdown()).await;
         if let Err(e) = result {
             debug!(error = %e, "intercepted connection ended");
         }
@@ -652,6 +631,11 @@ impl Proxy {
         if let Err(why) = names_agree(&parts, &target) {
             self.drain(body).await;
             return self.refuse(entry, Refusal::Malformed(why), None).await;
+        }
+        // Nothing leaves unaudited: once a record could not be written, every request stops here.
+        if !self.audit.is_healthy() {
+            self.drain(body).await;
+            return self.refuse(entry, Refusal::AuditUnavailable, None).await;
         }
         let report = active.policy.mode == Mode::Report;
         match active.policy.decide(&target.host, parts.uri.path()) {
@@ -686,12 +670,6 @@ impl Proxy {
                 withheld,
             } => {
                 entry.feature = Some(feature.name.clone());
-                if !self.audit.is_healthy() {
-                    self.drain(body).await;
-                    return self
-                        .refuse(entry, Refusal::AuditUnavailable, Some(&feature.name))
-                        .await;
-                }
                 entry.decision = Decision::Allowed;
                 entry.reason = "consent granted".into();
                 if rules.is_empty() {
@@ -724,19 +702,18 @@ impl Proxy {
                 if reads_body {
                     entry.bytes_in = Some(raw.len() as u64);
                 }
-                if edits.removed.is_empty() && edits.replaced.is_empty() {
-                    let out = body.map(streamed).unwrap_or_else(|| full(raw));
-                    return self.forward(entry, &target, parts, out).await;
+                let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
+                if changed {
+                    entry.decision = if report {
+                        Decision::WouldStrip
+                    } else {
+                        Decision::Stripped
+                    };
+                    entry.reason = crate::policy::rules_reason(&withheld);
+                    entry.removed = edits.removed;
+                    entry.replaced = edits.replaced;
                 }
-                entry.decision = if report {
-                    Decision::WouldStrip
-                } else {
-                    Decision::Stripped
-                };
-                entry.reason = crate::policy::rules_reason(&withheld);
-                entry.removed = edits.removed;
-                entry.replaced = edits.replaced;
-                if report {
+                if !changed || report {
                     let out = body.map(streamed).unwrap_or_else(|| full(raw));
                     return self.forward(entry, &target, parts, out).await;
                 }
@@ -764,11 +741,7 @@ impl Proxy {
     /// Read a body a rule must inspect, within `max_body_bytes`.
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
         let max = self.limits.max_body_bytes;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max) {
+        if declared_length(headers).is_some_and(|n| n > max) {
             return Err(Refusal::BodyTooLarge);
         }
         match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
@@ -790,11 +763,7 @@ impl Proxy {
         body: OutBody,
     ) -> Response<OutBody> {
         if entry.bytes_in.is_none() {
-            let declared = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
+            let declared = declared_length(&parts.headers);
             entry.bytes_in = declared;
             entry.bytes_out = declared;
         }
@@ -853,7 +822,7 @@ impl Proxy {
     }
 
     /// Audit a refusal and answer it.
-    async fn refuse(
+    pub(crate) async fn refuse(
         &self,
         mut entry: Entry,
         refusal: Refusal,
@@ -885,7 +854,7 @@ impl Proxy {
             self.sources.policy_file.as_deref(),
             self.sources.mattermost_override.as_deref(),
         );
-        let mut config = match loaded {
+        let config = match loaded {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "reload failed; the last good policy stays in force");
@@ -907,7 +876,7 @@ impl Proxy {
             return mattermost;
         }
         let change = crate::reload::describe_change(&old.policy, &config.policy);
-        let new = Arc::new(Active::from_config(&mut config));
+        let new = Active::new(config.policy, &config.policy_hash, &config.consent_hash);
         let reason = format!("reloaded ({trigger}): {change}");
         self.metrics
             .reloads
@@ -916,7 +885,7 @@ impl Proxy {
             })
             .inc();
         info!(%reason, "policy reloaded");
-        let _ = self
+        let loaded = self
             .audit
             .policy_loaded(
                 reason,
@@ -924,6 +893,10 @@ impl Proxy {
                 new.consent_hash.to_string(),
             )
             .await;
+        match loaded {
+            Ok(()) => self.metrics.audit_records.inc(),
+            Err(_) => self.metrics.audit_failures.inc(),
+        };
         self.active.send_replace(new);
         mattermost
     }
@@ -957,16 +930,6 @@ impl Proxy {
         self.own
             .iter()
             .any(|own| *own == addr || (own.ip().is_unspecified() && own.port() == addr.port()))
-    }
-
-    /// Audit a refusal and answer it (for the transparent listener).
-    pub(crate) async fn refuse_with(
-        &self,
-        entry: Entry,
-        refusal: Refusal,
-        feature: Option<&str>,
-    ) -> Response<OutBody> {
-        self.refuse(entry, refusal, feature).await
     }
 
     pub(crate) fn sources(&self) -> &crate::reload::Sources {
@@ -1015,6 +978,33 @@ impl Proxy {
         e.path = path.map(str::to_string);
         e
     }
+}
+
+/// Serve a connection until it ends; on shutdown, let it finish what is in flight.
+pub(crate) async fn until_cancelled<C, E>(
+    conn: C,
+    token: &CancellationToken,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = token.cancelled() => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+    }
+}
+
+/// The body length a request declares in `Content-Length`, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn connect_refusal(e: &ConnectError) -> Refusal {

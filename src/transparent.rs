@@ -109,6 +109,8 @@ async fn serve(
     let (prefix, first) = sniff(&mut tcp, proxy.limits().tls_handshake_timeout).await;
     let active = proxy.current();
     let policy = &active.policy;
+    // A tunnel of TLS is recorded as https; another protocol's scheme is not known.
+    let scheme = matches!(first, Sniffed::Tls { .. }).then_some("https");
     // What falls through is a destination of no feature by name: decided by address, then
     // by `unknown_hosts`.
     let (host, unknown, named) = match first {
@@ -184,7 +186,7 @@ async fn serve(
             )
             .await
         }
-        UnknownHosts::Tunnel => tunnel(&proxy, peer, host, original, prefix, tcp).await,
+        UnknownHosts::Tunnel => tunnel(&proxy, peer, scheme, host, original, prefix, tcp).await,
     }
 }
 
@@ -192,6 +194,7 @@ async fn serve(
 async fn tunnel(
     proxy: &Proxy,
     peer: Peer,
+    scheme: Option<&'static str>,
     host: String,
     original: SocketAddr,
     prefix: Vec<u8>,
@@ -206,6 +209,7 @@ async fn tunnel(
     };
     let mut entry = proxy.entry(&active, peer, Some(&target), &Method::CONNECT, None);
     entry.method = None;
+    entry.scheme = scheme;
     let connected =
         tokio::time::timeout(proxy.limits().connect_timeout, TcpStream::connect(original)).await;
     let mut upstream = match connected {
@@ -275,7 +279,7 @@ async fn serve_http(
                         req.method(),
                         Some(req.uri().path()),
                     );
-                    proxy.refuse_with(entry, refusal, feature.as_deref()).await
+                    proxy.refuse(entry, refusal, feature.as_deref()).await
                 }
                 None => proxy.request(peer, target, req).await,
             };
@@ -286,14 +290,8 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(proxy.limits().header_read_timeout)
         .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = proxy.token().cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result =
+        crate::proxy::until_cancelled(conn, proxy.token(), |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         debug!(error = %e, "transparent HTTP connection ended");
     }
@@ -404,55 +402,73 @@ struct FeatureAddrs {
 }
 
 impl FeatureAddrs {
-    /// The feature one of whose (exact) hosts resolves to `ip`.
+    /// The feature one of whose (exact) hosts resolves to `ip`. Hosts not cached (or stale)
+    /// are looked up together, so one slow resolver costs one timeout, not one per host.
     async fn feature_at(
         &self,
         policy: &Policy,
         overrides: &HashMap<String, SocketAddr>,
         ip: IpAddr,
     ) -> Option<String> {
-        for feature in &policy.features {
-            for pattern in &feature.hosts {
-                let HostPattern::Exact(host) = pattern else {
-                    continue;
-                };
-                if self.addresses(host, overrides).await.contains(&ip) {
-                    return Some(feature.name.clone());
-                }
-            }
-        }
-        None
-    }
-
-    async fn addresses(&self, host: &str, overrides: &HashMap<String, SocketAddr>) -> Vec<IpAddr> {
-        if let Some((addrs, at)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-        {
-            if at.elapsed() < ADDR_TTL {
-                return addrs.clone();
-            }
-        }
-        let mut addrs: Vec<IpAddr> = [443, 80]
+        let hosts: Vec<(&str, &str)> = policy
+            .features
             .iter()
-            .filter_map(|port| overrides.get(&format!("{host}:{port}")))
-            .map(|a| a.ip())
+            .flat_map(|f| f.hosts.iter().map(move |h| (f.name.as_str(), h)))
+            .filter_map(|(feature, h)| match h {
+                HostPattern::Exact(host) => Some((feature, host.as_str())),
+                HostPattern::Subdomain(_) => None,
+            })
             .collect();
-        // A failed or slow lookup caches nothing found; the next check tries again after the TTL.
-        let lookup =
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, 443)))
+        let stale: Vec<String> = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            hosts
+                .iter()
+                .filter(|(_, host)| {
+                    cache
+                        .get(*host)
+                        .is_none_or(|(_, at)| at.elapsed() >= ADDR_TTL)
+                })
+                .map(|(_, host)| host.to_string())
+                .collect()
+        };
+        let mut lookups = tokio::task::JoinSet::new();
+        for host in stale {
+            lookups.spawn(async move {
+                // A failed or slow lookup finds nothing; the next check tries again after the TTL.
+                let lookup = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::lookup_host((host.clone(), 443)),
+                )
                 .await;
-        if let Ok(Ok(found)) = lookup {
-            addrs.extend(found.map(|a| a.ip()));
+                let found: Vec<IpAddr> = match lookup {
+                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                    _ => Vec::new(),
+                };
+                (host, found)
+            });
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= ADDR_CACHE_MAX {
-            cache.clear();
+        while let Some(Ok((host, mut found))) = lookups.join_next().await {
+            found.extend(
+                [443, 80]
+                    .iter()
+                    .filter_map(|port| overrides.get(&format!("{host}:{port}")))
+                    .map(|a| a.ip()),
+            );
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= ADDR_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(host, (found, Instant::now()));
         }
-        cache.insert(host.to_string(), (addrs.clone(), Instant::now()));
-        addrs
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .iter()
+            .find(|(_, host)| {
+                cache
+                    .get(*host)
+                    .is_some_and(|(addrs, _)| addrs.contains(&ip))
+            })
+            .map(|(feature, _)| feature.to_string())
     }
 }
 
