@@ -31,6 +31,7 @@ use crate::metrics::{ListenerLabels, Metrics, OutcomeLabels};
 use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
 use crate::response::Refusal;
 use crate::rewrite::{self, Message};
+use crate::transparent::FeatureAddrs;
 use crate::upstream::{
     self, ConnectError, OutBody, Pinned, PinnedError, Upstream, UpstreamSetupError,
 };
@@ -122,6 +123,8 @@ pub(crate) struct Proxy {
     own: Vec<SocketAddr>,
     /// `[upstream] resolve`, also consulted for the addresses of feature hosts.
     resolve: std::collections::HashMap<String, SocketAddr>,
+    /// Where feature hosts are served: a name of no feature going there is refused.
+    feature_addrs: FeatureAddrs,
 }
 
 /// Which listener a connection came in on, and from where.
@@ -200,6 +203,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics,
         own,
         resolve: config.upstream.resolve.clone(),
+        feature_addrs: FeatureAddrs::default(),
         token: token.clone(),
         tracker: tracker.clone(),
         sources: crate::reload::Sources {
@@ -483,10 +487,27 @@ impl Proxy {
         target: Target,
         req: Request<Incoming>,
     ) -> Response<OutBody> {
+        // A name of no feature, or an IP literal, must not reach a feature host around the
+        // policy: an IP literal is checked before connecting, a name once it has resolved.
+        let policy = &self.current().policy;
+        if let Some(dest) = destination(&target) {
+            if let Some(feature) = self.feature_at(policy, dest).await {
+                return self
+                    .refuse(entry, Refusal::Malformed(FEATURE_ADDRESS), Some(&feature))
+                    .await;
+            }
+        }
         let upstream = match self.upstream.dial(&target.host, target.port).await {
             Ok(tcp) => tcp,
             Err(e) => return self.refuse(entry, connect_refusal(&e), None).await,
         };
+        if let Ok(dest) = upstream.peer_addr() {
+            if let Some(feature) = self.feature_at(policy, dest).await {
+                return self
+                    .refuse(entry, Refusal::Malformed(FEATURE_ADDRESS), Some(&feature))
+                    .await;
+            }
+        }
         entry.decision = Decision::Tunneled;
         entry.reason = "destination belongs to no feature".into();
         entry.status = Some(200);
@@ -644,6 +665,13 @@ impl Proxy {
                 self.refuse(entry, Refusal::UnknownHost, None).await
             }
             Verdict::Unknown(UnknownHosts::Tunnel) => {
+                if let Some(dest) = destination(&target) {
+                    if let Some(feature) = self.feature_at(&active.policy, dest).await {
+                        self.drain(body).await;
+                        let refusal = Refusal::Malformed(FEATURE_ADDRESS);
+                        return self.refuse(entry, refusal, Some(&feature)).await;
+                    }
+                }
                 entry.decision = Decision::Tunneled;
                 entry.reason = "destination belongs to no feature".into();
                 self.forward(entry, &target, parts, streamed(body)).await
@@ -921,8 +949,11 @@ impl Proxy {
         &self.upstream
     }
 
-    pub(crate) fn resolve_overrides(&self) -> &std::collections::HashMap<String, SocketAddr> {
-        &self.resolve
+    /// The feature whose (exact) host is served at `dest`, whatever name a client gave.
+    pub(crate) async fn feature_at(&self, policy: &Policy, dest: SocketAddr) -> Option<String> {
+        self.feature_addrs
+            .feature_at(policy, &self.resolve, dest)
+            .await
     }
 
     /// Whether `addr` is one of the proxy's own listeners (wildcard binds match by port).
@@ -977,6 +1008,24 @@ impl Proxy {
         }
         e.path = path.map(str::to_string);
         e
+    }
+}
+
+const FEATURE_ADDRESS: &str =
+    "the name belongs to no feature, but the destination is a feature host's address";
+
+/// Where a request to a host of no feature goes, when that is known before connecting: the
+/// original destination in transparent mode, or an IP literal.
+fn destination(target: &Target) -> Option<SocketAddr> {
+    match &target.pinned {
+        Some(pinned) => Some(pinned.addr()),
+        None => target
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, target.port)),
     }
 }
 

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -43,19 +43,10 @@ const ADDR_CACHE_MAX: usize = 4096;
 
 /// Accept redirected connections until shutdown.
 pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
-    let addrs = Arc::new(FeatureAddrs::default());
-    crate::proxy::accept_each(proxy, listener, "transparent", move |p, client, tcp| {
-        serve(p, addrs.clone(), client, tcp)
-    })
-    .await
+    crate::proxy::accept_each(proxy, listener, "transparent", serve).await
 }
 
-async fn serve(
-    proxy: Arc<Proxy>,
-    addrs: Arc<FeatureAddrs>,
-    client: SocketAddr,
-    mut tcp: TcpStream,
-) {
+async fn serve(proxy: Arc<Proxy>, client: SocketAddr, mut tcp: TcpStream) {
     let original = original_dst(&tcp);
     let peer = Peer {
         client,
@@ -146,14 +137,7 @@ async fn serve(
             }
         }
         Sniffed::Http => {
-            return serve_http(
-                proxy.clone(),
-                addrs,
-                peer,
-                original,
-                Rewind::new(prefix, tcp),
-            )
-            .await
+            return serve_http(proxy.clone(), peer, original, Rewind::new(prefix, tcp)).await
         }
         Sniffed::Partial => {
             let reason =
@@ -166,10 +150,7 @@ async fn serve(
             "no name to decide by, and",
         ),
     };
-    if let Some(feature) = addrs
-        .feature_at(policy, proxy.resolve_overrides(), original.ip())
-        .await
-    {
+    if let Some(feature) = proxy.feature_at(policy, original).await {
         let reason = format!(
             "{named} {} is an address of a {feature} host",
             original.ip()
@@ -233,13 +214,7 @@ async fn tunnel(
 
 /// Plain HTTP: each request is named by its `Host` header and decided on its own; all go to the
 /// original destination.
-async fn serve_http(
-    proxy: Arc<Proxy>,
-    addrs: Arc<FeatureAddrs>,
-    peer: Peer,
-    original: SocketAddr,
-    io: Rewind<TcpStream>,
-) {
+async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rewind<TcpStream>) {
     let pinned = Arc::new(
         proxy
             .upstream()
@@ -247,7 +222,7 @@ async fn serve_http(
     );
     let p = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let (proxy, addrs, pinned) = (p.clone(), addrs.clone(), pinned.clone());
+        let (proxy, pinned) = (p.clone(), pinned.clone());
         async move {
             let host = req
                 .headers()
@@ -255,35 +230,25 @@ async fn serve_http(
                 .and_then(|h| h.to_str().ok())
                 .and_then(|h| h.parse::<http::uri::Authority>().ok())
                 .map(|a| normalize_host(a.host()));
+            let Some(host) = host else {
+                let entry = proxy.entry(
+                    &proxy.current(),
+                    peer,
+                    None,
+                    req.method(),
+                    Some(req.uri().path()),
+                );
+                let refusal = Refusal::Malformed("plain HTTP request without a Host header");
+                return Ok::<_, Infallible>(proxy.refuse(entry, refusal, None).await);
+            };
+            // `request` refuses a name of no feature at a feature host's address.
             let target = Target {
                 scheme: "http",
-                host: host.clone().unwrap_or_default(),
+                host,
                 port: original.port(),
                 pinned: Some(pinned),
             };
-            let active = proxy.current();
-            let refusal = match &host {
-                None => Some((Refusal::Malformed("plain HTTP request without a Host header"), None)),
-                Some(h) if active.policy.feature_for_host(h).is_none() => addrs
-                    .feature_at(&active.policy, proxy.resolve_overrides(), original.ip())
-                    .await
-                    .map(|f| (Refusal::Malformed("Host names a host of no feature, but the destination is an address of a feature host"), Some(f))),
-                Some(_) => None,
-            };
-            let resp = match refusal {
-                Some((refusal, feature)) => {
-                    let entry = proxy.entry(
-                        &active,
-                        peer,
-                        Some(&target),
-                        req.method(),
-                        Some(req.uri().path()),
-                    );
-                    proxy.refuse(entry, refusal, feature.as_deref()).await
-                }
-                None => proxy.request(peer, target, req).await,
-            };
-            Ok::<_, Infallible>(resp)
+            Ok(proxy.request(peer, target, req).await)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -394,21 +359,22 @@ fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
     }
 }
 
-/// Addresses of feature hosts, resolved on demand and cached (bounded, with a lifetime), to see
-/// whether a destination address belongs to a feature whatever name the client gives.
+/// Addresses of feature hosts (`[upstream] resolve`, then DNS on port 443), resolved on demand
+/// and cached (bounded, with a lifetime), to see whether a destination belongs to a feature
+/// whatever name the client gives.
 #[derive(Default)]
-struct FeatureAddrs {
-    cache: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+pub(crate) struct FeatureAddrs {
+    cache: Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>,
 }
 
 impl FeatureAddrs {
-    /// The feature one of whose (exact) hosts resolves to `ip`. Hosts not cached (or stale)
+    /// The feature one of whose (exact) hosts is served at `dest`. Hosts not cached (or stale)
     /// are looked up together, so one slow resolver costs one timeout, not one per host.
-    async fn feature_at(
+    pub(crate) async fn feature_at(
         &self,
         policy: &Policy,
         overrides: &HashMap<String, SocketAddr>,
-        ip: IpAddr,
+        dest: SocketAddr,
     ) -> Option<String> {
         let hosts: Vec<(&str, &str)> = policy
             .features
@@ -440,8 +406,8 @@ impl FeatureAddrs {
                     tokio::net::lookup_host((host.clone(), 443)),
                 )
                 .await;
-                let found: Vec<IpAddr> = match lookup {
-                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                let found: Vec<SocketAddr> = match lookup {
+                    Ok(Ok(addrs)) => addrs.collect(),
                     _ => Vec::new(),
                 };
                 (host, found)
@@ -451,8 +417,7 @@ impl FeatureAddrs {
             found.extend(
                 [443, 80]
                     .iter()
-                    .filter_map(|port| overrides.get(&format!("{host}:{port}")))
-                    .map(|a| a.ip()),
+                    .filter_map(|port| overrides.get(&format!("{host}:{port}"))),
             );
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= ADDR_CACHE_MAX {
@@ -460,13 +425,14 @@ impl FeatureAddrs {
             }
             cache.insert(host, (found, Instant::now()));
         }
+        let canonical = SocketAddr::new(crate::proxy::canonical(dest.ip()), dest.port());
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         hosts
             .iter()
             .find(|(_, host)| {
                 cache
                     .get(*host)
-                    .is_some_and(|(addrs, _)| addrs.contains(&ip))
+                    .is_some_and(|(addrs, _)| addrs.contains(&canonical))
             })
             .map(|(feature, _)| feature.to_string())
     }

@@ -326,6 +326,11 @@ pub enum PinnedError {
 }
 
 impl Pinned {
+    /// The address every request goes to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Send `req` (absolute URI) to the pinned address.
     pub async fn request(
         &self,

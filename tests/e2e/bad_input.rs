@@ -240,3 +240,49 @@ fn bad_policy_files_get_clear_errors_naming_file_and_key() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
+
+#[tokio::test]
+async fn a_feature_host_cannot_be_reached_by_its_address() {
+    let env = Env::start(Setup::default()).await;
+    // The fake upstream serves every feature host; 127.0.0.1:<its port> is their address.
+    let addr = env.upstream.addr;
+    let answer = raw_exchange(
+        &env,
+        &format!("CONNECT {addr} HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "CONNECT by address: {answer}"
+    );
+    let out = env
+        .curl(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            "{}",
+            &format!("http://{addr}/v1/batch"),
+        ])
+        .await;
+    assert_eq!(out.code, 400, "plain HTTP by address: {out:?}");
+    assert_eq!(
+        env.upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let audit = env.audit();
+    assert_eq!(audit.len(), 2);
+    for record in audit {
+        assert_eq!(record["decision"], "blocked");
+        assert!(record["feature"].is_string(), "{record}");
+        assert!(
+            record["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("feature host's address"),
+            "{record}"
+        );
+    }
+    env.stop().await;
+}
