@@ -180,6 +180,16 @@ fn curl_args(ca: &Path, resolve: &str, extra: &[&str], url: &str) -> Vec<String>
     a
 }
 
+/// Write `policy` into `dir` and start the proxy on it, in this process.
+async fn start_proxy(dir: &Path, policy: &str) -> consent_proxy::proxy::Running {
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, policy).expect("write");
+    let config = consent_proxy::config::load(Some(&path), None).expect("policy");
+    consent_proxy::proxy::start(config)
+        .await
+        .expect("proxy starts")
+}
+
 fn audit(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -267,12 +277,7 @@ async fn inner_transparent_cases() {
          [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ \"{PUSH}:443\" = \"{PUSH_IP}:443\", \"{RUDDER}:443\" = \"{RUDDER_IP}:443\" }}\n\
          [audit]\npath = \"audit.jsonl\"\n"
     );
-    std::fs::write(dir.path().join("policy.toml"), policy).expect("write");
-    let config =
-        consent_proxy::config::load(Some(&dir.path().join("policy.toml")), None).expect("policy");
-    let running = consent_proxy::proxy::start(config)
-        .await
-        .expect("proxy starts");
+    let running = start_proxy(dir.path(), &policy).await;
     let transparent = running
         .started
         .transparent_addr
@@ -521,12 +526,7 @@ async fn inner_audit_failure() {
          [audit]\npath = \"audit-fs/audit.jsonl\"\n",
         upstream.addr
     );
-    std::fs::write(dir.path().join("policy.toml"), policy).expect("write");
-    let config =
-        consent_proxy::config::load(Some(&dir.path().join("policy.toml")), None).expect("policy");
-    let running = consent_proxy::proxy::start(config)
-        .await
-        .expect("proxy starts");
+    let running = start_proxy(dir.path(), &policy).await;
     let (proxy, admin) = (
         running.started.proxy_addr,
         running.started.admin_addr.expect("admin"),
