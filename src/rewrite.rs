@@ -61,12 +61,14 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
 /// matching `Content-Length` and no `Transfer-Encoding`.
 pub fn apply(rules: &[&Rule], msg: &mut Message) -> Result<Edits, BodyError> {
     let reads_body = rules.iter().any(|r| r.reads_body());
-    if reads_body {
-        if let Some(enc) = msg.headers.get(CONTENT_ENCODING) {
-            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Err(BodyError::Encoded);
-            }
-        }
+    // Every Content-Encoding header counts: a second one must not hide behind an `identity`.
+    let encoded = msg
+        .headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|enc| !enc.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if reads_body && encoded {
+        return Err(BodyError::Encoded);
     }
     let mut edits = Edits::default();
     let mut body = Body::new(msg.body.clone());
