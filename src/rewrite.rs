@@ -890,6 +890,14 @@ mod tests {
                 r#"{"a":1}"#,
                 BodyError::Encoded,
             ),
+            (
+                vec![
+                    ("content-encoding", "identity"),
+                    ("content-encoding", "gzip"),
+                ],
+                r#"{"a":1}"#,
+                BodyError::Encoded,
+            ),
         ] {
             let mut m = msg(None, &headers, body);
             assert_eq!(apply(&[&r], &mut m), Err(want), "{body}");
