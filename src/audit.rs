@@ -123,6 +123,8 @@ pub enum AuditError {
     },
     #[error("audit log {path} ends with a damaged record; check it with `consent-proxy audit verify` and move it aside")]
     DamagedTail { path: PathBuf },
+    #[error("audit log {path} is not a regular file (a device or pipe cannot hold a hash chain that `audit verify` can read back)")]
+    NotAFile { path: PathBuf },
     #[error("cannot write the audit log")]
     Write(#[source] io::Error),
     #[error("the audit log is closed")]
@@ -171,6 +173,9 @@ impl AuditLog {
                 };
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(open_err)?;
+                }
+                if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+                    return Err(AuditError::NotAFile { path: path.clone() });
                 }
                 let mut file = open_append(path).map_err(open_err)?;
                 let mut tail = last_line(&mut file).map_err(open_err)?;

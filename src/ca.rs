@@ -52,6 +52,8 @@ pub enum CaError {
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("{path} is not a usable CA certificate: {reason}")]
     BadCertificate { path: PathBuf, reason: String },
+    #[error("{path} can be read by other users (mode {mode:03o}); a CA key must be private: run `chmod 600 {path}`")]
+    KeyNotPrivate { path: PathBuf, mode: u32 },
     #[error("cannot mint a certificate for {host}: {reason}")]
     Mint { host: String, reason: String },
 }
@@ -114,6 +116,7 @@ impl CertificateAuthority {
         provider: Arc<CryptoProvider>,
         cache_size: usize,
     ) -> Result<Self, CaError> {
+        key_is_private(key)?;
         let cert_pem = std::fs::read_to_string(cert).map_err(|source| CaError::Read {
             path: cert.into(),
             source,
@@ -232,6 +235,24 @@ impl CertificateAuthority {
 }
 
 /// Create a new CA (ECDSA P-256, ten years) at the two paths; the key is written 0600.
+/// A CA key that group or others can read is refused, as ssh refuses such a private key: anyone
+/// who can read it can mint certificates every client of the proxy trusts.
+fn key_is_private(key: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(key).map_err(|source| CaError::Read {
+        path: key.into(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CaError::KeyNotPrivate {
+            path: key.into(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 pub fn create(cert: &Path, key: &Path) -> Result<(), CaError> {
     let key_pair = KeyPair::generate().map_err(|e| CaError::Mint {
         host: "CA".into(),
@@ -379,6 +400,7 @@ mod tests {
                 "-addext",
                 "keyUsage=critical,keyCertSign,cRLSign",
             ]);
+            private(&dir.path().join(key));
             let ca = CertificateAuthority::load(
                 &dir.path().join(&cert),
                 &dir.path().join(key),
@@ -402,6 +424,7 @@ mod tests {
             Err(CaError::HalfPresent { .. })
         ));
         std::fs::write(&key, KeyPair::generate().expect("key").serialize_pem()).expect("writes");
+        private(&key);
         assert!(matches!(
             CertificateAuthority::load(&cert, &key, provider(), 1),
             Err(CaError::Mismatch { .. })
@@ -411,5 +434,32 @@ mod tests {
             CertificateAuthority::load(&cert, &key, provider(), 1),
             Err(CaError::BadKey { .. })
         ));
+    }
+
+    fn private(key: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        create(&cert, &key).expect("creates");
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = CertificateAuthority::load_or_create(&cert, &key, provider(), 1)
+                .err()
+                .expect("refused");
+            let text = err.to_string();
+            assert!(
+                matches!(err, CaError::KeyNotPrivate { .. })
+                    && text.contains(&format!("chmod 600 {}", key.display())),
+                "{mode:o}: {text}"
+            );
+        }
+        private(&key);
+        assert!(CertificateAuthority::load_or_create(&cert, &key, provider(), 1).is_ok());
     }
 }

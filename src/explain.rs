@@ -125,7 +125,7 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
         headers: req.headers.clone(),
         body: req.body.clone(),
     };
-    let edits = match rewrite::apply(&rules, &mut msg) {
+    let edits = match rewrite::apply(&rules, &mut msg, max_body_bytes) {
         Ok(e) => e,
         Err(e) => {
             refused(&mut out, Refusal::Unreadable(e), Some(&feature.name), "");

@@ -144,6 +144,9 @@ pub(crate) struct Target {
     pub(crate) port: u16,
     /// Transparent mode: the one upstream connection, to the original destination.
     pub(crate) pinned: Option<Arc<Pinned>>,
+    /// A plain-HTTP request to the explicit listener, whose request line must be absolute-form;
+    /// every other request (inside an intercepted connection) must be origin-form.
+    pub(crate) absolute_form: bool,
 }
 
 /// Start the proxy from a checked config: CA, upstream TLS, audit log, listener.
@@ -421,7 +424,15 @@ impl Proxy {
                     host: normalize_host(host),
                     port: req.uri().port_u16().unwrap_or(80),
                     pinned: None,
+                    absolute_form: true,
                 };
+                if self.loops_back(&target).await {
+                    let entry =
+                        self.entry(&self.current(), peer, Some(&target), req.method(), None);
+                    let (_, body) = req.into_parts();
+                    self.drain(body).await;
+                    return self.refuse(entry, Refusal::Malformed(LOOP), None).await;
+                }
                 self.request(peer, target, req).await
             }
             _ => {
@@ -445,6 +456,9 @@ impl Proxy {
         };
         let active = self.current();
         let entry = self.entry(&active, peer, Some(&target), req.method(), None);
+        if self.loops_back(&target).await {
+            return self.refuse(entry, Refusal::Malformed(LOOP), None).await;
+        }
         match active.policy.connect(&target.host) {
             ConnectVerdict::Block { feature } => {
                 self.refuse(
@@ -649,7 +663,8 @@ impl Proxy {
             &parts.method,
             Some(parts.uri.path()),
         );
-        if let Err(why) = names_agree(&parts, &target) {
+        if let Err(why) = strict_http1(&parts, &target).and_then(|()| names_agree(&parts, &target))
+        {
             self.drain(body).await;
             return self.refuse(entry, Refusal::Malformed(why), None).await;
         }
@@ -719,7 +734,7 @@ impl Proxy {
                     headers: parts.headers.clone(),
                     body: raw.clone(),
                 };
-                let edits = match rewrite::apply(&rules, &mut msg) {
+                let edits = match rewrite::apply(&rules, &mut msg, self.limits.max_body_bytes) {
                     Ok(edits) => edits,
                     Err(e) => {
                         return self
@@ -956,11 +971,33 @@ impl Proxy {
             .await
     }
 
-    /// Whether `addr` is one of the proxy's own listeners (wildcard binds match by port).
+    /// Whether `addr` is one of the proxy's own listeners: the bound address itself, or, for a
+    /// wildcard bind, any address of this host on that port.
     pub(crate) fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own
-            .iter()
-            .any(|own| *own == addr || (own.ip().is_unspecified() && own.port() == addr.port()))
+        let ip = canonical(addr.ip());
+        self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (canonical(own.ip()) == ip || (own.ip().is_unspecified() && is_local(ip)))
+        })
+    }
+
+    /// Whether a CONNECT or absolute-form target names one of the proxy's own listeners under
+    /// any name or address (a loop that would cost a connection per hop). Only a target on one
+    /// of the listening ports is looked up.
+    async fn loops_back(&self, target: &Target) -> bool {
+        if !self.own.iter().any(|own| own.port() == target.port) {
+            return false;
+        }
+        let host = target.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
+            Err(_) => self
+                .upstream
+                .resolve(host, target.port)
+                .await
+                .unwrap_or_default(),
+        };
+        addrs.into_iter().any(|a| self.is_own_listener(a))
     }
 
     pub(crate) fn sources(&self) -> &crate::reload::Sources {
@@ -1010,6 +1047,8 @@ impl Proxy {
         e
     }
 }
+
+const LOOP: &str = "the destination is one of the proxy's own listeners (a loop)";
 
 const FEATURE_ADDRESS: &str =
     "the name belongs to no feature, but the destination is a feature host's address";
@@ -1084,7 +1123,56 @@ fn connect_target(uri: &Uri) -> Option<Target> {
         host,
         port,
         pinned: None,
+        absolute_form: false,
     })
+}
+
+/// RFC 9112 read strictly, where hyper is lenient and a receiver might read the request
+/// differently from the proxy: exactly one `Host`; the request-target in the one form the
+/// listener takes (origin-form, or `*` for OPTIONS, inside an intercepted connection;
+/// absolute-form for a plain-HTTP proxy request); `chunked` as the only transfer coding and never
+/// beside a `Content-Length`; one `Content-Length`. HTTP/2 requests are framed by h2 and checked
+/// by [`names_agree`] alone.
+fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
+    if parts.version >= Version::HTTP_2 {
+        return Ok(());
+    }
+    match parts.headers.get_all(HOST).iter().count() {
+        0 => return Err("HTTP/1 request without a Host header"),
+        1 => {}
+        _ => return Err("more than one Host header"),
+    }
+    let uri = &parts.uri;
+    let origin_form = uri.scheme().is_none()
+        && uri.authority().is_none()
+        && (uri.path().starts_with('/') || (uri.path() == "*" && parts.method == Method::OPTIONS));
+    let absolute_form = uri.scheme().is_some() && uri.authority().is_some();
+    if target.absolute_form && !absolute_form {
+        return Err("a plain-HTTP proxy request must have an absolute-form target");
+    }
+    if !target.absolute_form && !origin_form {
+        return Err("request target is not origin-form");
+    }
+    let codings: Vec<_> = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if !codings.is_empty() {
+        if parts.version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if codings.len() > 1 || !codings[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("Transfer-Encoding other than chunked");
+        }
+        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+            return Err("both Transfer-Encoding and Content-Length");
+        }
+    }
+    if parts.headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Err("more than one Content-Length header");
+    }
+    Ok(())
 }
 
 /// A request's own names (URI authority, `Host`) must name the CONNECT target.
@@ -1165,6 +1253,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `ip` is an address of this host: loopback, unspecified, or on an interface.
+fn is_local(ip: IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    interfaces
+        .filter_map(|i| i.address)
+        .any(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => IpAddr::V4(v4.ip()) == ip,
+            (_, Some(v6)) => canonical(IpAddr::V6(v6.ip())) == ip,
+            _ => false,
+        })
+}
+
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
@@ -1217,6 +1322,7 @@ mod tests {
             host: "push.example".into(),
             port: 443,
             pinned: None,
+            absolute_form: false,
         };
         for (uri, host, ok) in [
             ("/x", Some("push.example"), true),

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full};
 
 use crate::audit::Decision;
 use crate::policy::OnBlock;
-use crate::rewrite::BodyError;
+use crate::rewrite::RewriteError;
 use crate::upstream::OutBody;
 
 /// Why the proxy answers a request itself instead of forwarding it.
@@ -24,7 +24,7 @@ pub enum Refusal {
     /// A rule must read a body larger than `max_body_bytes`.
     BodyTooLarge,
     /// A rule must read a body it cannot.
-    Unreadable(BodyError),
+    Unreadable(RewriteError),
     /// The audit log cannot be written: inspected traffic stops.
     AuditUnavailable,
     /// The upstream could not be reached or did not verify.
@@ -41,6 +41,8 @@ impl Refusal {
             Refusal::ConsentDenied(OnBlock::Sink) => StatusCode::OK,
             Refusal::Malformed(_) => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Unreadable(RewriteError::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Unreadable(RewriteError::AmbiguousQuery) => StatusCode::BAD_REQUEST,
             Refusal::Unreadable(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
@@ -81,6 +83,8 @@ impl Refusal {
             Refusal::Malformed(_) => "bad request",
             Refusal::ConsentDenied(_) | Refusal::UnknownHost => "blocked by consent policy",
             Refusal::BodyTooLarge => "request body too large to inspect",
+            Refusal::Unreadable(RewriteError::AmbiguousQuery) => "bad request",
+            Refusal::Unreadable(RewriteError::TooLarge) => "request body too large to inspect",
             Refusal::Unreadable(_) => "request body cannot be inspected",
             Refusal::AuditUnavailable => "audit log unavailable",
             Refusal::UpstreamFailed(_) => "upstream unavailable",

@@ -16,6 +16,8 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json_path::PathElement;
 
+use crate::codec;
+use crate::fold::fold;
 use crate::policy::{Action, JsonSelector, Rule, Selector};
 
 /// The parts of a request the rules may change.
@@ -35,17 +37,27 @@ pub struct Edits {
     pub replaced: Vec<String>,
 }
 
-/// A body a rule must read but cannot.
+/// A part of the request a rule must read but cannot: the request is refused, never guessed at.
 #[derive(Debug, Eq, PartialEq, thiserror::Error)]
-pub enum BodyError {
+pub enum RewriteError {
     #[error("body has a content encoding that cannot be inspected")]
     Encoded,
+    #[error("body does not decode as its Content-Encoding says")]
+    BadEncoding,
+    #[error("body over max_body_bytes once decoded")]
+    TooLarge,
     #[error("body is not valid JSON")]
     NotJson,
     #[error("JSON body has a duplicate object key")]
     DuplicateKey,
+    #[error("JSON body has an object key with a control character")]
+    BadKey,
     #[error("body is not application/x-www-form-urlencoded")]
     NotForm,
+    #[error("form body cannot be read unambiguously")]
+    AmbiguousForm,
+    #[error("query string cannot be read unambiguously")]
+    AmbiguousQuery,
 }
 
 /// Headers an allowlist (`keep`) never removes: without them the request cannot be framed.
@@ -57,21 +69,24 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
     CONTENT_ENCODING,
 ];
 
-/// Apply `rules` in order. On success the message is ready to leave: a changed body carries a
-/// matching `Content-Length` and no `Transfer-Encoding`.
-pub fn apply(rules: &[&Rule], msg: &mut Message) -> Result<Edits, BodyError> {
+/// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each
+/// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body
+/// is encoded again with the same codings and carries a matching `Content-Length` and no
+/// `Transfer-Encoding`.
+pub fn apply(
+    rules: &[&Rule],
+    msg: &mut Message,
+    max_body_bytes: u64,
+) -> Result<Edits, RewriteError> {
     let reads_body = rules.iter().any(|r| r.reads_body());
-    // Every Content-Encoding header counts: a second one must not hide behind an `identity`.
-    let encoded = msg
-        .headers
-        .get_all(CONTENT_ENCODING)
-        .iter()
-        .any(|enc| !enc.as_bytes().eq_ignore_ascii_case(b"identity"));
-    if reads_body && encoded {
-        return Err(BodyError::Encoded);
-    }
+    let (plain, codings) = if reads_body && !msg.body.is_empty() {
+        let (plain, codings) = codec::decode(&msg.headers, &msg.body, max_body_bytes)?;
+        (Bytes::from(plain), codings)
+    } else {
+        (msg.body.clone(), Vec::new())
+    };
     let mut edits = Edits::default();
-    let mut body = Body::new(msg.body.clone());
+    let mut body = Body::new(plain);
     for rule in rules {
         match &rule.action {
             Action::Remove(selectors) => {
@@ -88,6 +103,11 @@ pub fn apply(rules: &[&Rule], msg: &mut Message) -> Result<Edits, BodyError> {
         }
     }
     if let Some(new_body) = body.finish() {
+        let new_body = if codings.is_empty() {
+            new_body
+        } else {
+            Bytes::from(codec::encode(&new_body, &codings))
+        };
         msg.headers.remove(TRANSFER_ENCODING);
         msg.headers
             .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
@@ -101,13 +121,13 @@ fn remove(
     msg: &mut Message,
     body: &mut Body,
     edits: &mut Edits,
-) -> Result<(), BodyError> {
+) -> Result<(), RewriteError> {
     let hit = match sel {
-        Selector::Query(name) => edit_params(&mut msg.query, |p| p.remove(name)),
+        Selector::Query(name) => query_edit(edit_params(&mut msg.query, |p| p.remove(name)))?,
         Selector::Header(name) => msg.headers.remove(name).is_some(),
         Selector::Form(name) => {
             let form = body.form(&msg.headers)?;
-            edit_params(form, |p| p.remove(name))
+            form_edit(edit_params(form, |p| p.remove(name)))?
         }
         Selector::Json(j) => {
             let removed = match body.json()? {
@@ -136,9 +156,9 @@ fn replace(
     msg: &mut Message,
     body: &mut Body,
     edits: &mut Edits,
-) -> Result<(), BodyError> {
+) -> Result<(), RewriteError> {
     let hit = match sel {
-        Selector::Query(name) => edit_params(&mut msg.query, |p| p.replace(name, value)),
+        Selector::Query(name) => query_edit(edit_params(&mut msg.query, |p| p.replace(name, value)))?,
         Selector::Header(name) => match (msg.headers.get_mut(name), HeaderValue::from_str(value)) {
             (Some(slot), Ok(v)) if *slot != v => {
                 *slot = v;
@@ -148,7 +168,7 @@ fn replace(
         },
         Selector::Form(name) => {
             let form = body.form(&msg.headers)?;
-            let hit = edit_params(form, |p| p.replace(name, value));
+            let hit = form_edit(edit_params(form, |p| p.replace(name, value)))?;
             if hit {
                 body.touch();
             }
@@ -186,7 +206,7 @@ fn keep(
     msg: &mut Message,
     body: &mut Body,
     edits: &mut Edits,
-) -> Result<(), BodyError> {
+) -> Result<(), RewriteError> {
     let names =
         |f: fn(&Selector) -> Option<&str>| selectors.iter().filter_map(f).collect::<Vec<&str>>();
     let query = names(|s| {
@@ -230,10 +250,10 @@ fn keep(
     };
     if !query.is_empty() {
         let mut n = 0;
-        edit_params(&mut msg.query, |p| {
+        query_edit(edit_params(&mut msg.query, |p| {
             n = p.keep_only(&query);
             n > 0
-        });
+        }))?;
         note("query", n);
     }
     if !headers.is_empty() {
@@ -251,10 +271,10 @@ fn keep(
     if !form.is_empty() {
         let mut n = 0;
         let params = body.form(&msg.headers)?;
-        edit_params(params, |p| {
+        form_edit(edit_params(params, |p| {
             n = p.keep_only(&form);
             n > 0
-        });
+        }))?;
         if n > 0 {
             body.touch();
         }
@@ -297,7 +317,7 @@ impl Body {
     }
 
     /// The JSON document, or `None` for an empty body (nothing to strip).
-    fn json(&mut self) -> Result<Option<&mut Value>, BodyError> {
+    fn json(&mut self) -> Result<Option<&mut Value>, RewriteError> {
         if let Body::Raw(raw) = self {
             *self = Body::Json {
                 doc: parse_json(raw)?,
@@ -307,12 +327,12 @@ impl Body {
         match self {
             Body::Empty => Ok(None),
             Body::Json { doc, .. } => Ok(Some(doc)),
-            Body::Form { .. } => Err(BodyError::NotJson),
+            Body::Form { .. } => Err(RewriteError::NotJson),
             Body::Raw(_) => unreachable!("raw body was parsed above"),
         }
     }
 
-    fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, BodyError> {
+    fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, RewriteError> {
         if let Body::Raw(raw) = self {
             let is_form = headers
                 .get(CONTENT_TYPE)
@@ -322,9 +342,9 @@ impl Body {
                     v.trim()
                         .eq_ignore_ascii_case("application/x-www-form-urlencoded")
                 });
-            let text = std::str::from_utf8(raw).map_err(|_| BodyError::NotForm)?;
+            let text = std::str::from_utf8(raw).map_err(|_| RewriteError::NotForm)?;
             if !is_form {
-                return Err(BodyError::NotForm);
+                return Err(RewriteError::NotForm);
             }
             *self = Body::Form {
                 params: Some(text.to_string()),
@@ -340,7 +360,7 @@ impl Body {
                 self.form(headers)
             }
             Body::Form { params, .. } => Ok(params),
-            Body::Json { .. } => Err(BodyError::NotForm),
+            Body::Json { .. } => Err(RewriteError::NotForm),
             Body::Raw(_) => unreachable!("raw body was parsed above"),
         }
     }
@@ -371,14 +391,14 @@ impl Body {
 
 /// Parse a JSON body, refusing duplicate object keys (parsers disagree on which one wins, so a
 /// rule could remove one copy while the upstream reads the other).
-fn parse_json(raw: &[u8]) -> Result<Value, BodyError> {
+fn parse_json(raw: &[u8]) -> Result<Value, RewriteError> {
     let mut de = serde_json::Deserializer::from_slice(raw);
     match NoDuplicates::deserialize(&mut de).and_then(|_| de.end()) {
         Ok(()) => {}
-        Err(e) if e.is_data() => return Err(BodyError::DuplicateKey),
-        Err(_) => return Err(BodyError::NotJson),
+        Err(e) if e.is_data() => return Err(RewriteError::DuplicateKey),
+        Err(_) => return Err(RewriteError::NotJson),
     }
-    serde_json::from_slice(raw).map_err(|_| BodyError::NotJson)
+    serde_json::from_slice(raw).map_err(|_| RewriteError::NotJson)
 }
 
 /// A visitor that walks a JSON document and fails on a duplicate key in any object.
@@ -627,32 +647,80 @@ fn render(path: &[Step]) -> String {
     out
 }
 
-/// `a=1&b=2` pieces with their original bytes; names compared percent-decoded.
+/// `a=1&b=2;c` pieces with their original bytes and separators. Names are compared as a lenient
+/// receiver could read them: split on `&` and `;` (Go before 1.17, and many others, split on
+/// both), `+` and `%XX` decoded, case folded ([`fold`]). A piece whose name cannot be read one
+/// way only (bad percent-encoding, an empty name before `=`, control characters, bytes that are
+/// not UTF-8) makes the whole string unreadable: it is refused, never guessed at.
 struct Params<'s> {
-    pieces: Vec<&'s str>,
+    /// Each piece with the separator before it (none before the first).
+    pieces: Vec<(Option<char>, &'s str)>,
     replaced: Vec<(usize, String)>,
 }
 
-impl Params<'_> {
-    fn name(piece: &str) -> String {
+impl<'s> Params<'s> {
+    fn parse(text: &'s str) -> Result<Self, ()> {
+        let mut pieces = Vec::new();
+        let mut sep = None;
+        let mut rest = text;
+        loop {
+            let end = rest.find(['&', ';']).unwrap_or(rest.len());
+            let piece = &rest[..end];
+            Self::name(piece)?;
+            pieces.push((sep, piece));
+            if end == rest.len() {
+                break;
+            }
+            sep = rest[end..].chars().next();
+            rest = &rest[end + 1..];
+        }
+        Ok(Params {
+            pieces,
+            replaced: Vec::new(),
+        })
+    }
+
+    /// The folded, decoded name of a piece; `None` for an empty piece.
+    fn name(piece: &str) -> Result<Option<String>, ()> {
+        if piece.is_empty() {
+            return Ok(None);
+        }
         let raw = piece.split('=').next().unwrap_or_default();
-        form_urlencoded::parse(raw.as_bytes())
-            .next()
-            .map(|(k, _)| k.into_owned())
-            .unwrap_or_default()
+        let bytes = raw.as_bytes();
+        if raw.is_empty() {
+            return Err(());
+        }
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'%'
+                && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return Err(());
+            }
+        }
+        let decoded: Vec<u8> = percent_encoding::percent_decode(raw.replace('+', " ").as_bytes())
+            .collect();
+        let name = String::from_utf8(decoded).map_err(|_| ())?;
+        if name.chars().any(char::is_control) {
+            return Err(());
+        }
+        Ok(Some(fold(&name).into_owned()))
+    }
+
+    fn is(piece: &str, name: &str) -> bool {
+        Self::name(piece).ok().flatten().as_deref() == Some(&*fold(name))
     }
 
     fn remove(&mut self, name: &str) -> bool {
         let before = self.pieces.len();
-        self.pieces
-            .retain(|p| p.is_empty() || Self::name(p) != name);
+        self.pieces.retain(|(_, p)| !Self::is(p, name));
         self.pieces.len() != before
     }
 
     fn replace(&mut self, name: &str, value: &str) -> bool {
         let mut hit = false;
-        for (i, p) in self.pieces.iter().enumerate() {
-            if !p.is_empty() && Self::name(p) == name {
+        for (i, (_, p)) in self.pieces.iter().enumerate() {
+            if Self::is(p, name) {
                 let raw_name = p.split('=').next().unwrap_or_default();
                 let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
                 let new = format!("{raw_name}={encoded}");
@@ -668,36 +736,53 @@ impl Params<'_> {
     fn keep_only(&mut self, names: &[&str]) -> usize {
         let before = self.pieces.len();
         self.pieces
-            .retain(|p| p.is_empty() || names.contains(&Self::name(p).as_str()));
+            .retain(|(_, p)| p.is_empty() || names.iter().any(|n| Self::is(p, n)));
         before - self.pieces.len()
     }
 }
 
+fn query_edit(r: Result<bool, ()>) -> Result<bool, RewriteError> {
+    r.map_err(|()| RewriteError::AmbiguousQuery)
+}
+
+fn form_edit(r: Result<bool, ()>) -> Result<bool, RewriteError> {
+    r.map_err(|()| RewriteError::AmbiguousForm)
+}
+
 /// Run `f` over the parameters of `slot`, writing them back if it reports a change. An empty
 /// result becomes `None` (no `?` left behind).
-fn edit_params(slot: &mut Option<String>, f: impl FnOnce(&mut Params<'_>) -> bool) -> bool {
+fn edit_params(
+    slot: &mut Option<String>,
+    f: impl FnOnce(&mut Params<'_>) -> bool,
+) -> Result<bool, ()> {
     let Some(text) = slot.as_deref() else {
-        return false;
+        return Ok(false);
     };
-    let mut params = Params {
-        pieces: text.split('&').collect(),
-        replaced: Vec::new(),
-    };
+    let mut params = Params::parse(text)?;
     if !f(&mut params) {
-        return false;
+        return Ok(false);
     }
     let Params { pieces, replaced } = params;
-    let mut out: Vec<String> = pieces.into_iter().map(str::to_string).collect();
+    let mut out: Vec<(Option<char>, String)> = pieces
+        .into_iter()
+        .map(|(sep, p)| (sep, p.to_string()))
+        .collect();
     for (i, new) in replaced {
-        out[i] = new;
+        out[i].1 = new;
     }
-    let joined = out.join("&");
+    let mut joined = String::new();
+    for (i, (sep, piece)) in out.iter().enumerate() {
+        if i > 0 {
+            joined.push(sep.unwrap_or('&'));
+        }
+        joined.push_str(piece);
+    }
     *slot = if joined.is_empty() {
         None
     } else {
         Some(joined)
     };
-    true
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -749,6 +834,13 @@ mod tests {
             ("uc=1", vec!["uc"], None),
             ("u%63=1&x", vec!["uc"], Some("x")),
             ("x=1&&y=2", vec!["y"], Some("x=1&")),
+            // What a lenient receiver reads as the name: `;` pairs, case, `+`, percent-escapes.
+            ("a=1;uc=2;b=3", vec!["uc"], Some("a=1;b=3")),
+            ("uc=2;a=1&b=3", vec!["uc"], Some("a=1&b=3")),
+            ("UC=1&Uc=2&u%43=3&a=1", vec!["uc"], Some("a=1")),
+            ("a+b=1&a%20b=2&c=3", vec!["a b"], Some("c=3")),
+            ("uc&uc=&x=1", vec!["uc"], Some("x=1")),
+            ("sender_name=x&%C5%BFender_name=y&z", vec!["sender_name"], Some("z")),
         ];
         for (query, names, want) in cases {
             let r = rule(Action::Remove(
@@ -758,9 +850,33 @@ mod tests {
                     .collect(),
             ));
             let mut m = msg(Some(query), &[], "");
-            apply(&[&r], &mut m).expect("applies");
+            apply(&[&r], &mut m, 1 << 20).expect("applies");
             assert_eq!(m.query.as_deref(), want, "{query}");
         }
+    }
+
+    #[test]
+    fn queries_that_cannot_be_read_one_way_are_refused() {
+        let r = rule(Action::Remove(vec![Selector::Query("uc".into())]));
+        for query in [
+            "u%6=1",
+            "u%zz=1",
+            "uc%=1",
+            "=1&a=2",
+            "a=1;=uc",
+            "u%00c=1",
+            "u%0Ac=1",
+            "u%FFc=1",
+        ] {
+            let mut m = msg(Some(query), &[], "");
+            assert_eq!(
+                apply(&[&r], &mut m, 1 << 20),
+                Err(RewriteError::AmbiguousQuery),
+                "{query}"
+            );
+        }
+        let mut m = msg(Some("a=%zz&b=1"), &[], "");
+        assert!(apply(&[&r], &mut m, 1 << 20).is_ok(), "a bad value is the receiver's to read");
     }
 
     #[test]
@@ -770,13 +886,13 @@ mod tests {
             "a b&c".into(),
         )]));
         let mut m = msg(Some("id=secret&v=1"), &[], "");
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.query.as_deref(), Some("id=a+b%26c&v=1"));
         assert_eq!(edits.replaced, vec!["query:id"]);
 
         let r = rule(Action::Keep(vec![Selector::Query("v".into())]));
         let mut m = msg(Some("id=secret&v=1&z=2"), &[], "");
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.query.as_deref(), Some("v=1"));
         assert_eq!(edits.removed, vec!["keep:query(2)"]);
     }
@@ -787,7 +903,7 @@ mod tests {
             HeaderName::from_static("x-install-id"),
         )]));
         let mut m = msg(None, &[("X-Install-Id", "secret"), ("accept", "*/*")], "");
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert!(m.headers.get("x-install-id").is_none());
         assert_eq!(edits.removed, vec!["header:x-install-id"]);
 
@@ -805,7 +921,7 @@ mod tests {
             ],
             "",
         );
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         let left: Vec<&str> = m.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["host", "content-length", "accept"]);
         assert_eq!(edits.removed, vec!["keep:header(2)"]);
@@ -822,7 +938,7 @@ mod tests {
             &[("content-length", "99"), ("transfer-encoding", "chunked")],
             body,
         );
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.body, r#"{"batch":[{"event":"server"}],"sentAt":"t"}"#);
         assert_eq!(
             edits.removed,
@@ -848,7 +964,7 @@ mod tests {
         ];
         let refs: Vec<&Rule> = rules.iter().collect();
         let mut m = msg(None, &[], body);
-        let edits = apply(&refs, &mut m).expect("applies");
+        let edits = apply(&refs, &mut m, 1 << 20).expect("applies");
         assert_eq!(
             m.body,
             r#"{"ack_id":"a","message":"You've received a new message.","badge":3,"big":12345678901234567890,"f":1.50}"#
@@ -862,7 +978,7 @@ mod tests {
         let body = "{\"a\":\"\\u003cb\\u003e\"}";
         let r = rule(Action::Remove(vec![json("$.missing")]));
         let mut m = msg(None, &[], body);
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.body, body);
         assert_eq!(edits, Edits::default());
     }
@@ -872,7 +988,7 @@ mod tests {
         let body = r#"{"event":"e","version":2,"props":{"a":1,"b":2},"x":[1,2]}"#;
         let r = rule(Action::Keep(vec![json("$.event"), json("$.props.a")]));
         let mut m = msg(None, &[], body);
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.body, r#"{"event":"e","props":{"a":1}}"#);
         assert_eq!(edits.removed, vec!["keep:json(3)"]);
     }
@@ -881,14 +997,19 @@ mod tests {
     fn unreadable_bodies_fail_closed() {
         let r = rule(Action::Remove(vec![json("$.a")]));
         for (headers, body, want) in [
-            (vec![], "not json", BodyError::NotJson),
-            (vec![], r#"{"a":1} trailing"#, BodyError::NotJson),
-            (vec![], r#"{"a":1,"a":2}"#, BodyError::DuplicateKey),
-            (vec![], r#"{"x":{"a":1,"a":2}}"#, BodyError::DuplicateKey),
+            (vec![], "not json", RewriteError::NotJson),
+            (vec![], r#"{"a":1} trailing"#, RewriteError::NotJson),
+            (vec![], r#"{"a":1,"a":2}"#, RewriteError::DuplicateKey),
+            (vec![], r#"{"x":{"a":1,"a":2}}"#, RewriteError::DuplicateKey),
+            (
+                vec![("content-encoding", "compress")],
+                r#"{"a":1}"#,
+                RewriteError::Encoded,
+            ),
             (
                 vec![("content-encoding", "gzip")],
                 r#"{"a":1}"#,
-                BodyError::Encoded,
+                RewriteError::BadEncoding,
             ),
             (
                 vec![
@@ -896,22 +1017,22 @@ mod tests {
                     ("content-encoding", "gzip"),
                 ],
                 r#"{"a":1}"#,
-                BodyError::Encoded,
+                RewriteError::BadEncoding,
             ),
         ] {
             let mut m = msg(None, &headers, body);
-            assert_eq!(apply(&[&r], &mut m), Err(want), "{body}");
+            assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(want), "{body}");
         }
         let r = rule(Action::Remove(vec![Selector::Form("a".into())]));
         let mut m = msg(None, &[("content-type", "application/json")], "a=1");
-        assert_eq!(apply(&[&r], &mut m), Err(BodyError::NotForm));
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::NotForm));
     }
 
     #[test]
     fn empty_body_has_nothing_to_strip() {
         let r = rule(Action::Remove(vec![json("$.a")]));
         let mut m = msg(None, &[], "");
-        assert_eq!(apply(&[&r], &mut m), Ok(Edits::default()));
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Ok(Edits::default()));
         assert!(m.body.is_empty());
     }
 
@@ -926,7 +1047,7 @@ mod tests {
             )],
             "a=1&uid=secret&b=%20",
         );
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(m.body, "a=1&b=%20");
         assert_eq!(edits.removed, vec!["form:uid"]);
         assert_eq!(m.headers["content-length"], "9");
@@ -940,7 +1061,7 @@ mod tests {
         let body = format!("{{\"batch\":[{}]}}", items.join(","));
         let r = rule(Action::Remove(vec![json("$.batch[?@.e == 'a'].i")]));
         let mut m = msg(None, &[], &body);
-        let edits = apply(&[&r], &mut m).expect("applies");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
         assert_eq!(
             edits.removed,
             vec!["json:$.batch[?@.e == 'a'].i (20 matches)"]
@@ -953,11 +1074,11 @@ mod tests {
         let keys: Vec<String> = (0..40).map(|i| format!("\"k{i}\":1")).collect();
         let r = rule(Action::Remove(vec![json("$.x")]));
         let mut m = msg(None, &[], &format!("{{{},\"k39\":2}}", keys.join(",")));
-        assert_eq!(apply(&[&r], &mut m), Err(BodyError::DuplicateKey));
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::DuplicateKey));
         let mut m = msg(None, &[], &format!("{{{}}}", keys.join(",")));
-        assert!(apply(&[&r], &mut m).is_ok());
+        assert!(apply(&[&r], &mut m, 1 << 20).is_ok());
         let mut m = msg(None, &[], r#"{"a":1,"\u0061":2}"#);
-        assert_eq!(apply(&[&r], &mut m), Err(BodyError::DuplicateKey));
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::DuplicateKey));
     }
 
     #[test]

@@ -125,6 +125,7 @@ async fn serve(proxy: Arc<Proxy>, client: SocketAddr, mut tcp: TcpStream) {
                         host,
                         port: original.port(),
                         pinned: Some(pinned),
+                        absolute_form: false,
                     };
                     return proxy
                         .clone()
@@ -187,6 +188,7 @@ async fn tunnel(
         host,
         port: original.port(),
         pinned: None,
+        absolute_form: false,
     };
     let mut entry = proxy.entry(&active, peer, Some(&target), &Method::CONNECT, None);
     entry.method = None;
@@ -247,6 +249,7 @@ async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rew
                 host,
                 port: original.port(),
                 pinned: Some(pinned),
+                absolute_form: false,
             };
             Ok(proxy.request(peer, target, req).await)
         }

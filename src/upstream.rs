@@ -159,6 +159,13 @@ impl Upstream {
     pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         self.dialer.dial(host, port).await
     }
+
+    /// The addresses a connection to `host:port` would try, as `dial` finds them.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        tokio::time::timeout(self.dialer.connect_timeout, self.dialer.resolve(host, port))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
 }
 
 #[derive(Clone)]
@@ -168,19 +175,23 @@ struct Dialer {
 }
 
 impl Dialer {
-    async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
         let key = format!("{}:{port}", crate::policy::normalize_host(host));
+        match self.resolve.get(&key) {
+            Some(addr) => Ok(vec![*addr]),
+            None => Ok(tokio::net::lookup_host((
+                host.trim_start_matches('[').trim_end_matches(']'),
+                port,
+            ))
+            .await
+            .map_err(ConnectError::Resolve)?
+            .collect()),
+        }
+    }
+
+    async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         let connect = async {
-            let addrs: Vec<SocketAddr> = match self.resolve.get(&key) {
-                Some(addr) => vec![*addr],
-                None => tokio::net::lookup_host((
-                    host.trim_start_matches('[').trim_end_matches(']'),
-                    port,
-                ))
-                .await
-                .map_err(ConnectError::Resolve)?
-                .collect(),
-            };
+            let addrs = self.resolve(host, port).await?;
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for addr in addrs {
                 match TcpStream::connect(addr).await {
