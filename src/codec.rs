@@ -183,7 +183,10 @@ mod tests {
             (vec!["br"], vec![Coding::Brotli]),
             (vec!["zstd"], vec![Coding::Zstd]),
             (vec!["gzip, br"], vec![Coding::Gzip, Coding::Brotli]),
-            (vec!["identity", "zstd", "GZIP"], vec![Coding::Zstd, Coding::Gzip]),
+            (
+                vec!["identity", "zstd", "GZIP"],
+                vec![Coding::Zstd, Coding::Gzip],
+            ),
         ] {
             let wire = encode(PLAIN, &want);
             let (plain, found) = decode(&headers(&values), &wire, 1 << 20).expect("decodes");

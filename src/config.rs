@@ -14,7 +14,6 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::IpNet;
 use serde::Deserialize;
-use serde_json_path::JsonPath;
 
 use crate::audit::sha256;
 use crate::mattermost;
@@ -696,6 +695,12 @@ impl FeatureFile {
                 action,
             });
         }
+        if let Some((a, b)) = spelling_conflict(&rules) {
+            return Err(err(
+                &format!("feature[{i}] ({}).rule", self.name),
+                format!("{a:?} and {b:?} name one member as the receivers read names (case folded); spell them alike"),
+            ));
+        }
         Ok(Feature {
             name: self.name,
             hosts,
@@ -708,6 +713,29 @@ impl FeatureFile {
             rules,
         })
     }
+}
+
+/// Two member names in a feature's `json:` selectors that differ but fold alike: the rewriter
+/// reads every member under one spelling per folded name, so the other could never match.
+fn spelling_conflict(rules: &[Rule]) -> Option<(String, String)> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for rule in rules {
+        for sel in rule.action.selectors() {
+            let Selector::Json(j) = sel else { continue };
+            for name in &j.names {
+                let folded = crate::fold::fold(name).into_owned();
+                match seen.get(&folded) {
+                    Some(other) if *other != name => {
+                        return Some((other.to_string(), name.clone()))
+                    }
+                    _ => {
+                        seen.insert(folded, name);
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 fn check_paths(paths: &[String], key: &str, err: ErrFn<'_>) -> Result<(), ConfigError> {
@@ -743,17 +771,7 @@ pub fn selector(s: &str) -> Result<Selector, String> {
         "header" => HeaderName::from_bytes(rest.as_bytes())
             .map(Selector::Header)
             .map_err(|_| format!("{rest:?} is not a header name")),
-        "json" => {
-            let path = JsonPath::parse(rest)
-                .map_err(|e| format!("{rest:?} is not RFC 9535 JSONPath: {e}"))?;
-            if rest.trim() == "$" {
-                return Err("json:$ selects the whole body; name the members to change".into());
-            }
-            Ok(Selector::Json(JsonSelector {
-                source: rest.to_string(),
-                path,
-            }))
-        }
+        "json" => JsonSelector::parse(rest).map(Selector::Json),
         other => Err(format!(
             "{other:?} is not a selector kind (query, header, form, json)"
         )),
@@ -963,6 +981,7 @@ mod tests {
             ("[listen]\nproxy = \"localhost\"", "listen.proxy"),
             ("[clients]\nallow = [\"10.0.0.0/33\"]", "clients.allow"),
             ("mode = \"relaxed\"", "unknown variant `relaxed`"),
+            ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"json:$.userId\"]\n[[feature.rule]]\nremove = [\"json:$.userid\"]", "\"userId\" and \"userid\" name one member"),
         ];
         for (text, want) in cases {
             let e = load_text(text).expect_err(text).to_string();

@@ -94,10 +94,139 @@ pub enum Selector {
     Json(JsonSelector),
 }
 
+/// A `json:` selector: RFC 9535 JSONPath, optionally ending in a member-name pattern.
+///
+/// RFC 9535 cannot select members by the shape of their names, so a selector may end in one
+/// segment `.PATTERN` where `*` stands for any run of characters (`$.props.feature_*`): the
+/// members of each object the path before it selects whose names match. (`['feature_*']` in
+/// brackets stays the literal name.) Names compare as the receivers read them ([`crate::fold`]).
 #[derive(Clone, Debug)]
 pub struct JsonSelector {
     pub source: String,
+    /// The RFC 9535 part (all of the selector, when it has no pattern).
     pub path: JsonPath,
+    /// The trailing member-name pattern, if any.
+    pub pattern: Option<String>,
+    /// The member names `path` names (shorthands, quoted names, names in filter queries).
+    pub names: Vec<String>,
+}
+
+impl JsonSelector {
+    pub fn parse(source: &str) -> Result<Self, String> {
+        let (path_src, pattern) = match source.rsplit_once('.') {
+            Some((head, tail))
+                if tail.contains('*')
+                    && tail != "*"
+                    && !head.ends_with('.')
+                    && tail
+                        .chars()
+                        .all(|c| c == '*' || c == '_' || c.is_alphanumeric() || !c.is_ascii()) =>
+            {
+                (head, Some(tail.to_string()))
+            }
+            _ => (source, None),
+        };
+        let path = JsonPath::parse(path_src)
+            .map_err(|e| format!("{source:?} is not RFC 9535 JSONPath: {e}"))?;
+        if pattern.is_none() && path_src.trim() == "$" {
+            return Err("json:$ selects the whole body; name the members to change".into());
+        }
+        let names = path_names(path_src)?;
+        Ok(JsonSelector {
+            source: source.to_string(),
+            path,
+            pattern,
+            names,
+        })
+    }
+}
+
+/// The member names a (valid) JSONPath names: `.name` shorthands, and quoted names that open a
+/// bracketed selection or follow a comma in one. String literals compared in filters and passed
+/// to functions are values, not names.
+fn path_names(src: &str) -> Result<Vec<String>, String> {
+    let chars: Vec<char> = src.chars().collect();
+    let mut names = Vec::new();
+    let mut open: Vec<char> = Vec::new();
+    let mut prev = ' ';
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\'' | '"' => {
+                let start = i;
+                i += 1;
+                while i < chars.len() && chars[i] != c {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                let literal: String = chars[start + 1..i.min(chars.len())].iter().collect();
+                if matches!(prev, '[' | ',') && open.last() == Some(&'[') {
+                    names.push(unquote(&literal, c)?);
+                }
+                prev = 's';
+            }
+            '.' => {
+                let mut j = i + 1;
+                if chars.get(j) == Some(&'.') {
+                    j += 1;
+                }
+                let first = chars.get(j).copied().unwrap_or(' ');
+                if first == '_' || first.is_alphabetic() || !first.is_ascii() {
+                    let end = (j..chars.len())
+                        .find(|&k| {
+                            let ch = chars[k];
+                            !(ch == '_' || ch.is_alphanumeric() || !ch.is_ascii())
+                        })
+                        .unwrap_or(chars.len());
+                    names.push(chars[j..end].iter().collect());
+                    i = end;
+                    prev = 'n';
+                    continue;
+                }
+                prev = '.';
+            }
+            '[' | '(' => {
+                open.push(c);
+                prev = c;
+            }
+            ']' | ')' => {
+                open.pop();
+                prev = c;
+            }
+            c if c.is_whitespace() => {}
+            c => prev = c,
+        }
+        i += 1;
+    }
+    Ok(names)
+}
+
+/// A JSONPath string literal's text (between its quotes) as the name it stands for.
+fn unquote(literal: &str, quote: char) -> Result<String, String> {
+    let json = if quote == '\'' {
+        let mut out = String::new();
+        let mut chars = literal.chars();
+        while let Some(c) = chars.next() {
+            match (c, chars.clone().next()) {
+                ('\\', Some('\'')) => {
+                    out.push('\'');
+                    chars.next();
+                }
+                ('\\', Some(n)) => {
+                    out.push('\\');
+                    out.push(n);
+                    chars.next();
+                }
+                ('"', _) => out.push_str("\\\""),
+                (c, _) => out.push(c),
+            }
+        }
+        out
+    } else {
+        literal.to_string()
+    };
+    serde_json::from_str(&format!("\"{json}\""))
+        .map_err(|_| format!("cannot read the name {literal:?}"))
 }
 
 /// A host name as written in a feature: exact, or `*.` for any subdomain.
@@ -446,6 +575,32 @@ mod tests {
             panic!("granted expected");
         };
         assert_eq!(rules.len(), 1);
+    }
+
+    #[test]
+    fn json_selectors_know_their_names_and_patterns() {
+        for (src, names, pattern) in [
+            ("$.message", vec!["message"], None),
+            ("$.batch[*].userId", vec!["batch", "userId"], None),
+            (
+                "$.batch[?@.event == 'license'].properties.feature_*",
+                vec!["batch", "event", "properties"],
+                Some("feature_*"),
+            ),
+            (
+                "$['a b','it\\'s'][?@[\"k\"] == 'v' && search(@.e, '^x')]..deep",
+                vec!["a b", "it's", "k", "e", "deep"],
+                None,
+            ),
+            ("$.x['feature_*']", vec!["x", "feature_*"], None),
+        ] {
+            let j = JsonSelector::parse(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+            assert_eq!(j.names, names, "{src}");
+            assert_eq!(j.pattern.as_deref(), pattern, "{src}");
+        }
+        for bad in ["$", "$.a[", "$.*x*y[", "$..*x"] {
+            assert!(JsonSelector::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

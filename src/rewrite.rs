@@ -6,18 +6,18 @@
 //! with member order and number text preserved (string escapes may be normalized, e.g. Go's
 //! `\u003c` becomes `<`; both decode to the same value).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json_path::PathElement;
 
 use crate::codec;
-use crate::fold::fold;
+use crate::fold::{fold, glob};
 use crate::policy::{Action, JsonSelector, Rule, Selector};
 
 /// The parts of a request the rules may change.
@@ -86,7 +86,7 @@ pub fn apply(
         (msg.body.clone(), Vec::new())
     };
     let mut edits = Edits::default();
-    let mut body = Body::new(plain);
+    let mut body = Body::new(plain, Names::of(rules));
     for rule in rules {
         match &rule.action {
             Action::Remove(selectors) => {
@@ -158,7 +158,9 @@ fn replace(
     edits: &mut Edits,
 ) -> Result<(), RewriteError> {
     let hit = match sel {
-        Selector::Query(name) => query_edit(edit_params(&mut msg.query, |p| p.replace(name, value)))?,
+        Selector::Query(name) => {
+            query_edit(edit_params(&mut msg.query, |p| p.replace(name, value)))?
+        }
         Selector::Header(name) => match (msg.headers.get_mut(name), HeaderValue::from_str(value)) {
             (Some(slot), Ok(v)) if *slot != v => {
                 *slot = v;
@@ -177,9 +179,11 @@ fn replace(
         Selector::Json(j) => {
             let mut changed = Vec::new();
             if let Some(doc) = body.json()? {
-                for path in located(doc, j) {
+                for path in doc.located(j) {
                     // A member that already holds the replacement is left as it is: nothing to record.
-                    if let Some(node) = node_mut(doc, &path).filter(|n| n.as_str() != Some(value)) {
+                    if let Some(node) =
+                        node_mut(&mut doc.value, &path).filter(|n| n.as_str() != Some(value))
+                    {
                         *node = Value::String(value.to_string());
                         changed.push(path);
                     }
@@ -282,8 +286,8 @@ fn keep(
     }
     if !json.is_empty() {
         if let Some(doc) = body.json()? {
-            let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| located(doc, j)).collect();
-            let n = prune(doc, &mut Vec::new(), &kept);
+            let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| doc.located(j)).collect();
+            let n = prune(&mut doc.value, &mut Vec::new(), &kept);
             if n > 0 {
                 body.touch();
             }
@@ -295,10 +299,10 @@ fn keep(
 
 /// The body, parsed on first use by whichever kind of rule reads it.
 enum Body {
-    Raw(Bytes),
+    Raw(Bytes, Names),
     Empty,
     Json {
-        doc: Value,
+        doc: Doc,
         changed: bool,
     },
     Form {
@@ -307,20 +311,35 @@ enum Body {
     },
 }
 
+/// A parsed JSON body, with the names its rules look for.
+struct Doc {
+    value: Value,
+    names: Names,
+    /// Some member is spelt otherwise than the rules spell the name it binds to
+    /// (`Channel_Name` for `channel_name`): queries then run on a copy spelt the rules' way.
+    respelt: bool,
+}
+
 impl Body {
-    fn new(raw: Bytes) -> Self {
+    fn new(raw: Bytes, names: Names) -> Self {
         if raw.is_empty() {
             Body::Empty
         } else {
-            Body::Raw(raw)
+            Body::Raw(raw, names)
         }
     }
 
     /// The JSON document, or `None` for an empty body (nothing to strip).
-    fn json(&mut self) -> Result<Option<&mut Value>, RewriteError> {
-        if let Body::Raw(raw) = self {
+    fn json(&mut self) -> Result<Option<&mut Doc>, RewriteError> {
+        if let Body::Raw(raw, names) = self {
+            let names = std::mem::take(names);
+            let (value, respelt) = parse_json(raw, &names)?;
             *self = Body::Json {
-                doc: parse_json(raw)?,
+                doc: Doc {
+                    value,
+                    names,
+                    respelt,
+                },
                 changed: false,
             };
         }
@@ -328,12 +347,12 @@ impl Body {
             Body::Empty => Ok(None),
             Body::Json { doc, .. } => Ok(Some(doc)),
             Body::Form { .. } => Err(RewriteError::NotJson),
-            Body::Raw(_) => unreachable!("raw body was parsed above"),
+            Body::Raw(..) => unreachable!("raw body was parsed above"),
         }
     }
 
     fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, RewriteError> {
-        if let Body::Raw(raw) = self {
+        if let Body::Raw(raw, _) = self {
             let is_form = headers
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
@@ -361,7 +380,7 @@ impl Body {
             }
             Body::Form { params, .. } => Ok(params),
             Body::Json { .. } => Err(RewriteError::NotForm),
-            Body::Raw(_) => unreachable!("raw body was parsed above"),
+            Body::Raw(..) => unreachable!("raw body was parsed above"),
         }
     }
 
@@ -377,7 +396,7 @@ impl Body {
         match self {
             Body::Json { doc, changed: true } => {
                 let bytes =
-                    serde_json::to_vec(&doc).expect("a serde_json::Value always serializes");
+                    serde_json::to_vec(&doc.value).expect("a serde_json::Value always serializes");
                 Some(Bytes::from(bytes))
             }
             Body::Form {
@@ -389,41 +408,72 @@ impl Body {
     }
 }
 
-/// Parse a JSON body, refusing duplicate object keys (parsers disagree on which one wins, so a
-/// rule could remove one copy while the upstream reads the other).
-fn parse_json(raw: &[u8]) -> Result<Value, RewriteError> {
+/// Parse a JSON body, refusing what receivers could read differently from the rules: duplicate
+/// object keys (parsers disagree on which one wins, so a rule could remove one copy while the
+/// upstream reads the other), two members that bind to one name a rule names (`message` and
+/// `Message`), and keys with control characters. Returns the document and whether some member
+/// is spelt otherwise than the rules spell it.
+fn parse_json(raw: &[u8], names: &Names) -> Result<(Value, bool), RewriteError> {
     let mut de = serde_json::Deserializer::from_slice(raw);
-    match NoDuplicates::deserialize(&mut de).and_then(|_| de.end()) {
+    let respelt = std::cell::Cell::new(false);
+    let check = Check {
+        names,
+        respelt: &respelt,
+    };
+    match check.deserialize(&mut de).and_then(|()| de.end()) {
         Ok(()) => {}
+        Err(e) if e.is_data() && e.to_string().starts_with(CONTROL) => {
+            return Err(RewriteError::BadKey)
+        }
         Err(e) if e.is_data() => return Err(RewriteError::DuplicateKey),
         Err(_) => return Err(RewriteError::NotJson),
     }
-    serde_json::from_slice(raw).map_err(|_| RewriteError::NotJson)
+    let value = serde_json::from_slice(raw).map_err(|_| RewriteError::NotJson)?;
+    Ok((value, respelt.get()))
 }
 
-/// A visitor that walks a JSON document and fails on a duplicate key in any object.
-struct NoDuplicates;
+const CONTROL: &str = "control character in key";
 
-impl<'de> Deserialize<'de> for NoDuplicates {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoDuplicatesVisitor)
+/// A pass over a JSON document that checks every object's keys (see [`parse_json`]).
+#[derive(Clone, Copy)]
+struct Check<'a> {
+    names: &'a Names,
+    respelt: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> de::DeserializeSeed<'de> for Check<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct NoDuplicatesVisitor;
-
-impl<'de> Visitor<'de> for NoDuplicatesVisitor {
-    type Value = NoDuplicates;
+impl<'de> Visitor<'de> for Check<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NoDuplicates, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // Most objects are small: a linear scan over borrowed keys beats hashing owned ones.
         let mut seen: Vec<Key<'de>> = Vec::new();
         let mut hashed: HashSet<Key<'de>> = HashSet::new();
+        let mut bound: Vec<&str> = Vec::new();
         while let Some(key) = map.next_key::<Key<'de>>()? {
+            if key.0.chars().any(char::is_control) {
+                return Err(de::Error::custom(CONTROL));
+            }
+            if let Some(spelling) = self.names.spelling_of(&key.0) {
+                if bound.contains(&spelling) {
+                    return Err(de::Error::custom("two keys bind to one name"));
+                }
+                bound.push(spelling);
+                if spelling != key.0 {
+                    self.respelt.set(true);
+                }
+            }
             let duplicate = if hashed.is_empty() && seen.len() < 16 {
                 let dup = seen.contains(&key);
                 seen.push(key);
@@ -437,33 +487,84 @@ impl<'de> Visitor<'de> for NoDuplicatesVisitor {
             if duplicate {
                 return Err(de::Error::custom("duplicate key"));
             }
-            map.next_value::<NoDuplicates>()?;
+            map.next_value_seed(self)?;
         }
-        Ok(NoDuplicates)
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NoDuplicates, A::Error> {
-        while seq.next_element::<NoDuplicates>()?.is_some() {}
-        Ok(NoDuplicates)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<NoDuplicates, E> {
-        Ok(NoDuplicates)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// The member names a request's rules name, by folded form: how a member spelt another way
+/// (`Channel_Name`, `meſſage`) is found, as a Go receiver would bind it.
+#[derive(Default)]
+struct Names {
+    by_fold: HashMap<String, String>,
+}
+
+impl Names {
+    fn of(rules: &[&Rule]) -> Self {
+        let mut by_fold = HashMap::new();
+        for rule in rules {
+            for sel in rule.action.selectors() {
+                if let Selector::Json(j) = sel {
+                    for name in &j.names {
+                        by_fold
+                            .entry(fold(name).into_owned())
+                            .or_insert_with(|| name.clone());
+                    }
+                }
+            }
+        }
+        Names { by_fold }
+    }
+
+    /// The rules' spelling of the name `key` binds to, if they name it.
+    fn spelling_of(&self, key: &str) -> Option<&str> {
+        if self.by_fold.is_empty() {
+            return None;
+        }
+        self.by_fold.get(&*fold(key)).map(String::as_str)
+    }
+
+    /// `key` as the rules read it.
+    fn read_as<'k>(&'k self, key: &'k str) -> &'k str {
+        self.spelling_of(key).unwrap_or(key)
+    }
+
+    /// A copy of `value` with every member spelt the rules' way.
+    fn respell(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (self.read_as(k).to_string(), self.respell(v)))
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.respell(v)).collect()),
+            other => other.clone(),
+        }
     }
 }
 
@@ -502,25 +603,73 @@ enum Step {
     Index(usize),
 }
 
-fn located(doc: &Value, sel: &JsonSelector) -> Vec<Vec<Step>> {
-    sel.path
-        .query_located(doc)
-        .locations()
-        .map(|loc| {
-            loc.iter()
-                .map(|el| match el {
-                    PathElement::Name(n) => Step::Name(n.to_string()),
-                    PathElement::Index(i) => Step::Index(*i),
-                })
+impl Doc {
+    /// Where `sel` matches, as normalized paths into the document as received.
+    fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
+        let respelt = self.respelt.then(|| self.names.respell(&self.value));
+        let queried = respelt.as_ref().unwrap_or(&self.value);
+        let found: Vec<Vec<Step>> = sel
+            .path
+            .query_located(queried)
+            .locations()
+            .map(|loc| {
+                loc.iter()
+                    .map(|el| match el {
+                        PathElement::Name(n) => Step::Name(n.to_string()),
+                        PathElement::Index(i) => Step::Index(*i),
+                    })
+                    .collect()
+            })
+            .collect();
+        let paths: Vec<Vec<Step>> = if self.respelt {
+            found
+                .into_iter()
+                .filter_map(|p| self.as_received(p))
                 .collect()
-        })
-        .collect()
+        } else {
+            found
+        };
+        let Some(pattern) = &sel.pattern else {
+            return paths;
+        };
+        let mut members = Vec::new();
+        for path in paths {
+            if let Some(Value::Object(map)) = node(&self.value, &path) {
+                for key in map.keys().filter(|k| glob(pattern, k)) {
+                    let mut p = path.clone();
+                    p.push(Step::Name(key.clone()));
+                    members.push(p);
+                }
+            }
+        }
+        members
+    }
+
+    /// A path found in the respelt copy, with each member named as received.
+    fn as_received(&self, path: Vec<Step>) -> Option<Vec<Step>> {
+        let mut at = &self.value;
+        let mut out = Vec::with_capacity(path.len());
+        for step in path {
+            let (next, step) = match (at, step) {
+                (Value::Object(map), Step::Name(n)) => map
+                    .iter()
+                    .find(|(k, _)| self.names.read_as(k) == n)
+                    .map(|(k, v)| (v, Step::Name(k.clone())))?,
+                (Value::Array(items), Step::Index(i)) => (items.get(i)?, Step::Index(i)),
+                _ => return None,
+            };
+            at = next;
+            out.push(step);
+        }
+        Some(out)
+    }
 }
 
 /// Remove every match of the selector; returns the removed locations, rendered (see
 /// [`summarize`]).
-fn remove_json(doc: &mut Value, sel: &JsonSelector) -> Vec<String> {
-    let mut paths: Vec<Vec<Step>> = located(doc, sel)
+fn remove_json(doc: &mut Doc, sel: &JsonSelector) -> Vec<String> {
+    let mut paths: Vec<Vec<Step>> = doc
+        .located(sel)
         .into_iter()
         .filter(|p| !p.is_empty())
         .collect();
@@ -531,7 +680,7 @@ fn remove_json(doc: &mut Value, sel: &JsonSelector) -> Vec<String> {
     let mut removed = Vec::new();
     for path in paths {
         let (last, parent) = path.split_last().expect("empty paths were filtered out");
-        let gone = match (node_mut(doc, parent), last) {
+        let gone = match (node_mut(&mut doc.value, parent), last) {
             (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
             (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
                 items.remove(*i);
@@ -611,6 +760,17 @@ fn prune(node: &mut Value, at: &mut Vec<Step>, kept: &BTreeSet<Vec<Step>>) -> us
         _ => {}
     }
     removed
+}
+
+fn node<'v>(mut node: &'v Value, path: &[Step]) -> Option<&'v Value> {
+    for step in path {
+        node = match (node, step) {
+            (Value::Object(map), Step::Name(n)) => map.get(n)?,
+            (Value::Array(items), Step::Index(i)) => items.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
 }
 
 fn node_mut<'v>(mut node: &'v mut Value, path: &[Step]) -> Option<&'v mut Value> {
@@ -698,8 +858,8 @@ impl<'s> Params<'s> {
                 return Err(());
             }
         }
-        let decoded: Vec<u8> = percent_encoding::percent_decode(raw.replace('+', " ").as_bytes())
-            .collect();
+        let decoded: Vec<u8> =
+            percent_encoding::percent_decode(raw.replace('+', " ").as_bytes()).collect();
         let name = String::from_utf8(decoded).map_err(|_| ())?;
         if name.chars().any(char::is_control) {
             return Err(());
@@ -789,13 +949,9 @@ fn edit_params(
 mod tests {
     use super::*;
     use crate::policy::JsonSelector;
-    use serde_json_path::JsonPath;
 
     fn json(s: &str) -> Selector {
-        Selector::Json(JsonSelector {
-            source: s.into(),
-            path: JsonPath::parse(s).expect("valid path"),
-        })
+        Selector::Json(JsonSelector::parse(s).expect("valid selector"))
     }
 
     fn rule(action: Action) -> Rule {
@@ -840,7 +996,11 @@ mod tests {
             ("UC=1&Uc=2&u%43=3&a=1", vec!["uc"], Some("a=1")),
             ("a+b=1&a%20b=2&c=3", vec!["a b"], Some("c=3")),
             ("uc&uc=&x=1", vec!["uc"], Some("x=1")),
-            ("sender_name=x&%C5%BFender_name=y&z", vec!["sender_name"], Some("z")),
+            (
+                "sender_name=x&%C5%BFender_name=y&z",
+                vec!["sender_name"],
+                Some("z"),
+            ),
         ];
         for (query, names, want) in cases {
             let r = rule(Action::Remove(
@@ -859,14 +1019,7 @@ mod tests {
     fn queries_that_cannot_be_read_one_way_are_refused() {
         let r = rule(Action::Remove(vec![Selector::Query("uc".into())]));
         for query in [
-            "u%6=1",
-            "u%zz=1",
-            "uc%=1",
-            "=1&a=2",
-            "a=1;=uc",
-            "u%00c=1",
-            "u%0Ac=1",
-            "u%FFc=1",
+            "u%6=1", "u%zz=1", "uc%=1", "=1&a=2", "a=1;=uc", "u%00c=1", "u%0Ac=1", "u%FFc=1",
         ] {
             let mut m = msg(Some(query), &[], "");
             assert_eq!(
@@ -876,7 +1029,10 @@ mod tests {
             );
         }
         let mut m = msg(Some("a=%zz&b=1"), &[], "");
-        assert!(apply(&[&r], &mut m, 1 << 20).is_ok(), "a bad value is the receiver's to read");
+        assert!(
+            apply(&[&r], &mut m, 1 << 20).is_ok(),
+            "a bad value is the receiver's to read"
+        );
     }
 
     #[test]
@@ -1074,11 +1230,139 @@ mod tests {
         let keys: Vec<String> = (0..40).map(|i| format!("\"k{i}\":1")).collect();
         let r = rule(Action::Remove(vec![json("$.x")]));
         let mut m = msg(None, &[], &format!("{{{},\"k39\":2}}", keys.join(",")));
-        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::DuplicateKey));
+        assert_eq!(
+            apply(&[&r], &mut m, 1 << 20),
+            Err(RewriteError::DuplicateKey)
+        );
         let mut m = msg(None, &[], &format!("{{{}}}", keys.join(",")));
         assert!(apply(&[&r], &mut m, 1 << 20).is_ok());
         let mut m = msg(None, &[], r#"{"a":1,"\u0061":2}"#);
-        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::DuplicateKey));
+        assert_eq!(
+            apply(&[&r], &mut m, 1 << 20),
+            Err(RewriteError::DuplicateKey)
+        );
+    }
+
+    #[test]
+    fn members_are_matched_as_go_binds_them() {
+        let r = rule(Action::Remove(vec![
+            json("$.channel_name"),
+            json("$.sender_name"),
+        ]));
+        for (body, want, removed) in [
+            (
+                r#"{"Channel_Name":"c","a":1}"#,
+                r#"{"a":1}"#,
+                vec!["json:$['Channel_Name']"],
+            ),
+            (
+                r#"{"CHANNEL_NAME":"c","\u017fender_name":"s","a":1}"#,
+                r#"{"a":1}"#,
+                vec!["json:$['CHANNEL_NAME']", "json:$['\u{17f}ender_name']"],
+            ),
+            (
+                r#"{"channel_n\u0061me":"c","a":1}"#,
+                r#"{"a":1}"#,
+                vec!["json:$['channel_name']"],
+            ),
+            (r#"{"channelname":"c"}"#, r#"{"channelname":"c"}"#, vec![]),
+        ] {
+            let mut m = msg(None, &[], body);
+            let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+            assert_eq!(m.body, want, "{body}");
+            assert_eq!(edits.removed, removed, "{body}");
+        }
+        // In filters too: `@.event` finds `EVENT`.
+        let r = rule(Action::Remove(vec![json("$.batch[?@.event == 'license']")]));
+        let mut m = msg(
+            None,
+            &[],
+            r#"{"batch":[{"EVENT":"license"},{"event":"server"}]}"#,
+        );
+        apply(&[&r], &mut m, 1 << 20).expect("applies");
+        assert_eq!(m.body, r#"{"batch":[{"event":"server"}]}"#);
+    }
+
+    #[test]
+    fn keys_receivers_could_read_otherwise_are_refused() {
+        let r = rule(Action::Remove(vec![json("$.message")]));
+        for (body, want) in [
+            (
+                r#"{"message":"a","Message":"b"}"#,
+                RewriteError::DuplicateKey,
+            ),
+            (
+                r#"{"x":{"message":1},"MESSAGE":"b","messagE":2}"#,
+                RewriteError::DuplicateKey,
+            ),
+            (r#"{"mess\u0000age":"a"}"#, RewriteError::BadKey),
+            (r#"{"a\u001fb":"a"}"#, RewriteError::BadKey),
+            (r#"{"a\u007f":"a"}"#, RewriteError::BadKey),
+            (r#"{"\ud800message":"a"}"#, RewriteError::NotJson),
+            ("{\"a\":1,}", RewriteError::NotJson),
+            ("{\"a\":NaN}", RewriteError::NotJson),
+            ("\u{feff}{\"a\":1}", RewriteError::NotJson),
+        ] {
+            let mut m = msg(None, &[], body);
+            assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(want), "{body}");
+        }
+        // Folding elsewhere is the receiver's business: names no rule names may differ in case.
+        let mut m = msg(None, &[], r#"{"badge":1,"Badge":2,"message":"m"}"#);
+        assert!(apply(&[&r], &mut m, 1 << 20).is_ok());
+        let mut m = msg(None, &[], "");
+        m.body = Bytes::from_static(b"{\"\xff\":1}");
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::NotJson));
+    }
+
+    #[test]
+    fn member_name_patterns_select_by_name_shape() {
+        let r = rule(Action::Remove(vec![json(
+            "$.batch[?@.event == 'license'].properties.feature_*",
+        )]));
+        let body = r#"{"batch":[{"event":"license","properties":{"id":"l","feature_ldap":true,"Feature_Future_X":false,"features":3}},{"event":"x","properties":{"feature_a":1}}]}"#;
+        let mut m = msg(None, &[], body);
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+        assert_eq!(
+            m.body,
+            r#"{"batch":[{"event":"license","properties":{"id":"l","features":3}},{"event":"x","properties":{"feature_a":1}}]}"#
+        );
+        assert_eq!(
+            edits.removed,
+            vec![
+                "json:$['batch'][0]['properties']['Feature_Future_X']",
+                "json:$['batch'][0]['properties']['feature_ldap']",
+            ]
+        );
+    }
+
+    #[test]
+    fn codings_are_undone_and_redone() {
+        use crate::codec::{self, Coding};
+        let r = rule(Action::Remove(vec![json("$.channel_name")]));
+        let plain = br#"{"channel_name":"c","a":"\u003cb\u003e"}"#;
+        for (header, stack) in [
+            ("gzip", vec![Coding::Gzip]),
+            ("deflate", vec![Coding::Zlib]),
+            ("br", vec![Coding::Brotli]),
+            ("zstd", vec![Coding::Zstd]),
+            ("gzip, zstd", vec![Coding::Gzip, Coding::Zstd]),
+        ] {
+            let mut m = msg(None, &[("content-encoding", header)], "");
+            m.body = Bytes::from(codec::encode(plain, &stack));
+            let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+            assert_eq!(edits.removed, vec!["json:$['channel_name']"], "{header}");
+            assert_eq!(m.headers["content-encoding"], header);
+            assert_eq!(
+                m.headers["content-length"],
+                m.body.len().to_string().as_str()
+            );
+            let (back, found) = codec::decode(&m.headers, &m.body, 1 << 20).expect("decodes");
+            assert_eq!(found, stack);
+            assert_eq!(back, br#"{"a":"<b>"}"#, "{header}");
+        }
+        let mut m = msg(None, &[("content-encoding", "gzip")], "");
+        m.body = Bytes::from(codec::encode(&vec![b' '; 4 << 20], &[Coding::Gzip]));
+        assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::TooLarge));
     }
 
     #[test]

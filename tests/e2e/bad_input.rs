@@ -94,6 +94,12 @@ async fn unreadable_bodies_are_blocked_not_passed() {
             "{\"message\":\"a\"}",
             &["-H", "Content-Encoding: gzip"][..],
             415,
+            "body does not decode as its Content-Encoding says",
+        ),
+        (
+            "{\"message\":\"a\"}",
+            &["-H", "Content-Encoding: compress"][..],
+            415,
             "body has a content encoding that cannot be inspected",
         ),
         (
