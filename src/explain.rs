@@ -1,16 +1,16 @@
-//! `consent-proxy explain`: a dry run of one request against a policy, with no network. It
-//! follows the proxy's decision order (CONNECT verdict, then the request's feature, rules and
-//! body) and shows the request as it would leave.
+//! `consent-proxy explain`: a dry run of one request against a policy, with no network. It runs
+//! the proxy's own plan ([`crate::plan`]: the CONNECT verdict, then the request's plan and the
+//! rules' outcome) and prints it, with the request as it would leave.
 
 use std::fmt::Write as _;
 
 use bytes::Bytes;
 use http::{HeaderMap, Uri};
 
-use crate::audit::Decision;
-use crate::policy::{Action, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
+use crate::plan::{self, plan_request, RequestPlan};
+use crate::policy::{Action, ConnectVerdict, Policy, UnknownHosts};
 use crate::response::Refusal;
-use crate::rewrite::{self, Message};
+use crate::rewrite::Message;
 
 /// The request to explain.
 pub struct Request {
@@ -26,13 +26,8 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
     let host = crate::policy::normalize_host(req.uri.host().unwrap_or_default());
     let https = req.uri.scheme_str() != Some("http");
     let path = req.uri.path().to_string();
-    let report = policy.mode == Mode::Report;
     let refused = |out: &mut String, refusal: Refusal, feature: Option<&str>, when: &str| {
-        let decision = match (report, refusal.decision()) {
-            (true, Decision::Blocked) => Decision::WouldBlock,
-            (_, d) => d,
-        };
-        let _ = writeln!(out, "decision: {}", decision.as_str());
+        let _ = writeln!(out, "decision: {}", refusal.decision().as_str());
         let _ = writeln!(out, "feature: {}", feature.unwrap_or("(none)"));
         let _ = writeln!(out, "reason: {}", refusal.reason());
         let _ = writeln!(
@@ -67,29 +62,26 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
             ConnectVerdict::Intercept => {}
         }
     }
-    let (feature, rules, withheld) = match policy.decide(&host, &path) {
-        Verdict::Unknown(UnknownHosts::Deny) => {
-            refused(&mut out, Refusal::UnknownHost, None, "");
+    let (feature, rules, withheld) = match plan_request(policy, &host, &path) {
+        RequestPlan::Refuse { refusal, feature } => {
+            refused(&mut out, refusal, feature.map(|f| f.name.as_str()), "");
             return out;
         }
-        Verdict::Unknown(UnknownHosts::Tunnel) => {
+        RequestPlan::Forward {
+            decision,
+            reason,
+            feature,
+        } => {
             let _ = writeln!(
                 out,
-                "decision: tunneled\nfeature: (none)\nreason: destination belongs to no feature"
+                "decision: {}\nfeature: {}\nreason: {reason}",
+                decision.as_str(),
+                feature.map_or("(none)", |f| f.name.as_str())
             );
             write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
             return out;
         }
-        Verdict::Denied { feature } => {
-            refused(
-                &mut out,
-                Refusal::ConsentDenied(feature.on_block),
-                Some(&feature.name),
-                "",
-            );
-            return out;
-        }
-        Verdict::Granted {
+        RequestPlan::Rewrite {
             feature,
             rules,
             withheld,
@@ -125,29 +117,18 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
         headers: req.headers.clone(),
         body: req.body.clone(),
     };
-    let edits = match rewrite::apply(&rules, &mut msg, max_body_bytes) {
-        Ok(e) => e,
-        Err(e) => {
-            refused(&mut out, Refusal::Unreadable(e), Some(&feature.name), "");
+    let outcome = match plan::rewrite(policy.mode, &rules, &withheld, &mut msg, max_body_bytes) {
+        Ok(o) => o,
+        Err(refusal) => {
+            refused(&mut out, refusal, Some(&feature.name), "");
             return out;
         }
     };
-    let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
-    let decision = match (changed, report) {
-        (false, _) => Decision::Allowed,
-        (true, false) => Decision::Stripped,
-        (true, true) => Decision::WouldStrip,
-    };
-    let _ = writeln!(out, "decision: {}", decision.as_str());
-    let reason = if changed {
-        crate::policy::rules_reason(&withheld)
-    } else {
-        "consent granted".into()
-    };
-    let _ = writeln!(out, "reason: {reason}");
-    let _ = writeln!(out, "removed: {}", edits.removed.join(", "));
-    let _ = writeln!(out, "replaced: {}", edits.replaced.join(", "));
-    if report || !changed {
+    let _ = writeln!(out, "decision: {}", outcome.decision.as_str());
+    let _ = writeln!(out, "reason: {}", outcome.reason);
+    let _ = writeln!(out, "removed: {}", outcome.edits.removed.join(", "));
+    let _ = writeln!(out, "replaced: {}", outcome.edits.replaced.join(", "));
+    if !outcome.rewritten {
         write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
     } else {
         let pq = match &msg.query {

@@ -32,6 +32,7 @@ pub mod explain;
 pub mod fold;
 pub mod mattermost;
 pub mod metrics;
+pub mod plan;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

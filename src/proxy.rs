@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +29,10 @@ use crate::audit::{AuditError, AuditLog, AuditWriter, Decision, Entry};
 use crate::ca::{CaError, CertificateAuthority, Origin};
 use crate::config::{Config, Limits};
 use crate::metrics::{ListenerLabels, Metrics, OutcomeLabels};
-use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts, Verdict};
+use crate::plan::{self, plan_request, RequestPlan};
+use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts};
 use crate::response::Refusal;
-use crate::rewrite::{self, Message};
+use crate::rewrite::Message;
 use crate::transparent::FeatureAddrs;
 use crate::upstream::{
     self, ConnectError, OutBody, Pinned, PinnedError, Upstream, UpstreamSetupError,
@@ -430,8 +432,9 @@ impl Proxy {
                     let entry =
                         self.entry(&self.current(), peer, Some(&target), req.method(), None);
                     let (_, body) = req.into_parts();
-                    self.drain(body).await;
-                    return self.refuse(entry, Refusal::Malformed(LOOP), None).await;
+                    return self
+                        .refuse_draining(entry, body, Refusal::Malformed(LOOP), None)
+                        .await;
                 }
                 self.request(peer, target, req).await
             }
@@ -665,120 +668,112 @@ impl Proxy {
         );
         if let Err(why) = strict_http1(&parts, &target).and_then(|()| names_agree(&parts, &target))
         {
-            self.drain(body).await;
-            return self.refuse(entry, Refusal::Malformed(why), None).await;
+            return self
+                .refuse_draining(entry, body, Refusal::Malformed(why), None)
+                .await;
         }
         // Nothing leaves unaudited: once a record could not be written, every request stops here.
         if !self.audit.is_healthy() {
-            self.drain(body).await;
-            return self.refuse(entry, Refusal::AuditUnavailable, None).await;
+            return self
+                .refuse_draining(entry, body, Refusal::AuditUnavailable, None)
+                .await;
         }
-        let report = active.policy.mode == Mode::Report;
-        match active.policy.decide(&target.host, parts.uri.path()) {
-            Verdict::Unknown(UnknownHosts::Deny) => {
-                self.drain(body).await;
-                self.refuse(entry, Refusal::UnknownHost, None).await
-            }
-            Verdict::Unknown(UnknownHosts::Tunnel) => {
-                if let Some(dest) = destination(&target) {
-                    if let Some(feature) = self.feature_at(&active.policy, dest).await {
-                        self.drain(body).await;
-                        let refusal = Refusal::Malformed(FEATURE_ADDRESS);
-                        return self.refuse(entry, refusal, Some(&feature)).await;
-                    }
+        let (feature, rules, withheld) =
+            match plan_request(&active.policy, &target.host, parts.uri.path()) {
+                RequestPlan::Refuse { refusal, feature } => {
+                    let name = feature.map(|f| f.name.as_str());
+                    return self.refuse_draining(entry, body, refusal, name).await;
                 }
-                entry.decision = Decision::Tunneled;
-                entry.reason = "destination belongs to no feature".into();
-                self.forward(entry, &target, parts, streamed(body)).await
-            }
-            Verdict::Denied { feature } if report => {
-                entry.feature = Some(feature.name.clone());
-                entry.decision = Decision::WouldBlock;
-                entry.reason = "consent denied".into();
-                self.forward(entry, &target, parts, streamed(body)).await
-            }
-            Verdict::Denied { feature } => {
-                entry.feature = Some(feature.name.clone());
-                self.drain(body).await;
-                self.refuse(
-                    entry,
-                    Refusal::ConsentDenied(feature.on_block),
-                    Some(&feature.name),
-                )
-                .await
-            }
-            Verdict::Granted {
-                feature,
-                rules,
-                withheld,
-            } => {
-                entry.feature = Some(feature.name.clone());
-                entry.decision = Decision::Allowed;
-                entry.reason = "consent granted".into();
-                if rules.is_empty() {
-                    return self.forward(entry, &target, parts, streamed(body)).await;
-                }
-                let reads_body = rules.iter().any(|r| r.reads_body());
-                let (raw, body) = if reads_body {
-                    match self.read_body(&parts.headers, body).await {
-                        Ok(bytes) => (bytes, None),
-                        Err(refusal) => {
-                            return self.refuse(entry, refusal, Some(&feature.name)).await
+                RequestPlan::Forward {
+                    decision,
+                    reason,
+                    feature,
+                } => {
+                    // A name of no feature must not reach a feature host's address.
+                    if decision == Decision::Tunneled {
+                        if let Some(dest) = destination(&target) {
+                            if let Some(f) = self.feature_at(&active.policy, dest).await {
+                                let refusal = Refusal::Malformed(FEATURE_ADDRESS);
+                                return self.refuse_draining(entry, body, refusal, Some(&f)).await;
+                            }
                         }
                     }
-                } else {
-                    (Bytes::new(), Some(body))
-                };
-                let mut msg = Message {
-                    query: parts.uri.query().map(str::to_string),
-                    headers: parts.headers.clone(),
-                    body: raw.clone(),
-                };
-                let edits = match rewrite::apply(&rules, &mut msg, self.limits.max_body_bytes) {
-                    Ok(edits) => edits,
-                    Err(e) => {
-                        return self
-                            .refuse(entry, Refusal::Unreadable(e), Some(&feature.name))
-                            .await
-                    }
-                };
-                if reads_body {
-                    entry.bytes_in = Some(raw.len() as u64);
+                    entry.feature = feature.map(|f| f.name.clone());
+                    entry.decision = decision;
+                    entry.reason = reason.into();
+                    return self.forward(entry, &target, parts, streamed(body)).await;
                 }
-                let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
-                if changed {
-                    entry.decision = if report {
-                        Decision::WouldStrip
-                    } else {
-                        Decision::Stripped
-                    };
-                    entry.reason = crate::policy::rules_reason(&withheld);
-                    entry.removed = edits.removed;
-                    entry.replaced = edits.replaced;
-                }
-                if !changed || report {
-                    let out = body.map(streamed).unwrap_or_else(|| full(raw));
-                    return self.forward(entry, &target, parts, out).await;
-                }
-                let mut parts = parts;
-                parts.uri = with_query(&parts.uri, msg.query.as_deref());
-                parts.headers = msg.headers;
-                if reads_body {
-                    entry.bytes_out = Some(msg.body.len() as u64);
-                }
-                let out = body.map(streamed).unwrap_or_else(|| full(msg.body));
-                self.forward(entry, &target, parts, out).await
+                RequestPlan::Rewrite {
+                    feature,
+                    rules,
+                    withheld,
+                } => (feature, rules, withheld),
+            };
+        entry.feature = Some(feature.name.clone());
+        let reads_body = rules.iter().any(|r| r.reads_body());
+        let (raw, body) = if reads_body {
+            match self.read_body(&parts.headers, body).await {
+                Ok(bytes) => (bytes, None),
+                Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
             }
+        } else {
+            (Bytes::new(), Some(body))
+        };
+        if reads_body {
+            entry.bytes_in = Some(raw.len() as u64);
         }
+        let mode = active.policy.mode;
+        let mut parts = parts;
+        // Report mode forwards the request as it came: only then is a copy of the headers kept.
+        let original = (mode == Mode::Report).then(|| parts.headers.clone());
+        let mut msg = Message {
+            query: parts.uri.query().map(str::to_string),
+            headers: std::mem::take(&mut parts.headers),
+            body: raw.clone(),
+        };
+        let limit = self.limits.max_body_bytes;
+        let outcome = match plan::rewrite(mode, &rules, &withheld, &mut msg, limit) {
+            Ok(outcome) => outcome,
+            Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
+        };
+        entry.decision = outcome.decision;
+        entry.reason = outcome.reason;
+        entry.removed = outcome.edits.removed;
+        entry.replaced = outcome.edits.replaced;
+        if !outcome.rewritten {
+            parts.headers = original.unwrap_or(msg.headers);
+            let out = body.map(streamed).unwrap_or_else(|| full(raw));
+            return self.forward(entry, &target, parts, out).await;
+        }
+        parts.uri = with_query(&parts.uri, msg.query.as_deref());
+        parts.headers = msg.headers;
+        let out = body.map(streamed).unwrap_or_else(|| full(msg.body));
+        self.forward(entry, &target, parts, out).await
+    }
+
+    /// Refuse a request whose body has not been read: read and count it first (see
+    /// [`Proxy::drain`]).
+    async fn refuse_draining(
+        &self,
+        mut entry: Entry,
+        body: Incoming,
+        refusal: Refusal,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        entry.bytes_in = Some(self.drain(body).await);
+        self.refuse(entry, refusal, feature).await
     }
 
     /// Read and discard a refused request's body (up to `max_body_bytes`, for a few seconds)
     /// before answering: an h2 stream whose body is dropped unread is reset, and clients then
     /// report a stream error instead of the refusal.
-    async fn drain(&self, body: Incoming) {
+    async fn drain(&self, body: Incoming) -> u64 {
+        let read = Arc::new(AtomicU64::new(0));
         let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), Limited::new(body, max).collect()).await;
+        let counted = Counted::new(body, read.clone());
+        let _ = tokio::time::timeout(Duration::from_secs(5), Limited::new(counted, max).collect())
+            .await;
+        read.load(Ordering::Relaxed)
     }
 
     /// Read a body a rule must inspect, within `max_body_bytes`.
@@ -805,11 +800,9 @@ impl Proxy {
         parts: Parts,
         body: OutBody,
     ) -> Response<OutBody> {
-        if entry.bytes_in.is_none() {
-            let declared = declared_length(&parts.headers);
-            entry.bytes_in = declared;
-            entry.bytes_out = declared;
-        }
+        // What passed is counted as the upstream reads it: a streamed body is known only so.
+        let sent_bytes = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(body, sent_bytes.clone()).boxed();
         let mut req = Request::new(body);
         *req.method_mut() = parts.method;
         *req.uri_mut() = upstream_uri(target, &parts.uri);
@@ -835,7 +828,11 @@ impl Proxy {
                 }
             }
         };
-        let resp = match tokio::time::timeout(self.limits.upstream_timeout, sent).await {
+        let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
+        let passed = sent_bytes.load(Ordering::Relaxed);
+        entry.bytes_out = Some(passed);
+        entry.bytes_in.get_or_insert(passed);
+        let resp = match result {
             Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
             Ok(Err(refusal)) => {
                 warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
@@ -879,6 +876,8 @@ impl Proxy {
         }
         entry.decision = refusal.decision();
         entry.reason = refusal.reason();
+        entry.bytes_in.get_or_insert(0);
+        entry.bytes_out.get_or_insert(0);
         entry.status = Some(refusal.status().as_u16());
         if entry.feature.is_none() {
             entry.feature = feature.map(str::to_string);
@@ -1274,6 +1273,47 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
+    }
+}
+
+/// A body that counts the data it yields into a shared counter.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                use bytes::Buf;
+                this.count
+                    .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
