@@ -406,6 +406,7 @@ async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {
     let result = until_cancelled(conn, &proxy.token, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         debug!(error = %e, "client connection ended");
+        proxy.record_malformed(peer, None, &e).await;
     }
 }
 
@@ -604,8 +605,14 @@ impl Proxy {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
         let start = match tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor).await {
             Ok(Ok(start)) => start,
-            Ok(Err(e)) => return debug!(error = %e, "client TLS hello failed"),
-            Err(_) => return debug!("client TLS hello timed out"),
+            Ok(Err(e)) => {
+                let why = format!("client TLS hello failed: {e}");
+                return self.record_handshake(peer, &target, why).await;
+            }
+            Err(_) => {
+                let why = "client sent no TLS hello in time".to_string();
+                return self.record_handshake(peer, &target, why).await;
+            }
         };
         if let Some(sni) = start.client_hello().server_name() {
             if normalize_host(sni) != target.host {
@@ -619,7 +626,14 @@ impl Proxy {
         }
         let config = match self.ca.server_config(&target.host) {
             Ok(c) => c,
-            Err(e) => return warn!(error = %e, "cannot mint a leaf"),
+            Err(e) => {
+                warn!(error = %e, "cannot mint a leaf");
+                let mut entry =
+                    self.entry(&self.current(), peer, Some(&target), &Method::CONNECT, None);
+                entry.reason = format!("cannot mint a leaf: {e}");
+                let _ = self.record(entry).await;
+                return;
+            }
         };
         let tls = match tokio::time::timeout(
             self.limits.tls_handshake_timeout,
@@ -628,13 +642,20 @@ impl Proxy {
         .await
         {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return debug!(error = %e, "client TLS handshake failed"),
-            Err(_) => return debug!("client TLS handshake timed out"),
+            Ok(Err(e)) => {
+                let why = format!("client TLS handshake failed: {e}");
+                return self.record_handshake(peer, &target, why).await;
+            }
+            Err(_) => {
+                let why = "client TLS handshake timed out".to_string();
+                return self.record_handshake(peer, &target, why).await;
+            }
         };
         let this = self.clone();
+        let for_service = target.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
-            let target = target.clone();
+            let target = for_service.clone();
             async move { Ok::<_, Infallible>(this.request(peer, target, req).await) }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -647,7 +668,41 @@ impl Proxy {
         let result = until_cancelled(conn, &self.token, |c| c.graceful_shutdown()).await;
         if let Err(e) = result {
             debug!(error = %e, "intercepted connection ended");
+            if let Some(e) = e.downcast_ref::<hyper::Error>() {
+                self.record_malformed(peer, Some(&target), e).await;
+            }
         }
+    }
+
+    /// A request hyper could not parse was answered by hyper itself (400, or 431 for a head
+    /// over the limit) before it reached us; it still gets its record. Other ways a connection
+    /// ends (closed, timed out, reset) are not decisions.
+    pub(crate) async fn record_malformed(
+        &self,
+        peer: Peer,
+        target: Option<&Target>,
+        e: &hyper::Error,
+    ) {
+        if !e.is_parse() && !e.is_parse_too_large() {
+            return;
+        }
+        let mut entry = self.entry(&self.current(), peer, target, &Method::GET, None);
+        entry.method = None;
+        entry.decision = Decision::Blocked;
+        entry.reason = format!("malformed request: {e}");
+        entry.status = Some(if e.is_parse_too_large() { 431 } else { 400 });
+        entry.bytes_in = Some(0);
+        entry.bytes_out = Some(0);
+        let _ = self.record(entry).await;
+    }
+
+    /// A client's TLS handshake with the minted leaf did not complete: recorded, since the
+    /// client meant to reach a feature host (a client that does not trust the CA shows here).
+    async fn record_handshake(&self, peer: Peer, target: &Target, why: String) {
+        let mut entry = self.entry(&self.current(), peer, Some(target), &Method::CONNECT, None);
+        entry.decision = Decision::Blocked;
+        entry.reason = why;
+        let _ = self.record(entry).await;
     }
 
     /// Decide one request to `target` and answer it: refuse, or rewrite and forward.
@@ -1129,9 +1184,11 @@ fn connect_target(uri: &Uri) -> Option<Target> {
 /// RFC 9112 read strictly, where hyper is lenient and a receiver might read the request
 /// differently from the proxy: exactly one `Host`; the request-target in the one form the
 /// listener takes (origin-form, or `*` for OPTIONS, inside an intercepted connection;
-/// absolute-form for a plain-HTTP proxy request); `chunked` as the only transfer coding and never
-/// beside a `Content-Length`; one `Content-Length`. HTTP/2 requests are framed by h2 and checked
-/// by [`names_agree`] alone.
+/// absolute-form for a plain-HTTP proxy request); `chunked` as the only transfer coding, not in
+/// HTTP/1.0. (hyper itself refuses `Content-Length` headers that disagree. With both `Transfer-Encoding` and `Content-Length`, hyper
+/// follows RFC 9112 §6.3: chunked wins and the connection closes after the response; the body
+/// leaves re-framed, so no receiver can read it otherwise.) HTTP/2 requests are framed by h2 and
+/// checked by [`names_agree`] alone.
 fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
     if parts.version >= Version::HTTP_2 {
         return Ok(());
@@ -1164,12 +1221,6 @@ fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
         if codings.len() > 1 || !codings[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err("Transfer-Encoding other than chunked");
         }
-        if parts.headers.contains_key(header::CONTENT_LENGTH) {
-            return Err("both Transfer-Encoding and Content-Length");
-        }
-    }
-    if parts.headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
-        return Err("more than one Content-Length header");
     }
     Ok(())
 }

@@ -262,6 +262,7 @@ async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rew
         crate::proxy::until_cancelled(conn, proxy.token(), |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         debug!(error = %e, "transparent HTTP connection ended");
+        proxy.record_malformed(peer, None, &e).await;
     }
 }
 

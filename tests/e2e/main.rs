@@ -2,6 +2,7 @@
 //! real clients (curl over HTTP/1.1 and HTTP/2, Go's net/http). One test binary, several modules.
 
 mod bad_input;
+mod bypass;
 mod cli;
 mod clients;
 mod harness;
