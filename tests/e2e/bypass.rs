@@ -380,8 +380,8 @@ async fn request_forms_rfc_9112_forbids_are_refused_with_a_record() {
     let env = Env::start(Setup::default()).await;
     let s = SECURITY;
     let cases = [
-        format!("GET /security?id=x HTTP/1.1\r\n\r\n"),
-        format!("GET /security?id=x HTTP/1.0\r\n\r\n"),
+        "GET /security?id=x HTTP/1.1\r\n\r\n".to_string(),
+        "GET /security?id=x HTTP/1.0\r\n\r\n".to_string(),
         format!("GET /security?id=x HTTP/1.1\r\nHost: {s}\r\nHost: {s}\r\n\r\n"),
         format!("GET https://{s}/security?id=x HTTP/1.1\r\nHost: {s}\r\n\r\n"),
         format!("GET {s}:443 HTTP/1.1\r\nHost: {s}\r\n\r\n"),
