@@ -1,0 +1,184 @@
+//! The rewriter against the Mattermost pack: arbitrary queries, headers, codings and bodies on
+//! every feature host, under arbitrary withheld categories. No panic; and when a rewrite reports
+//! success, no forbidden selector survives it: applying the same rules to what would leave
+//! finds nothing more to remove or replace, and no query pair a lenient receiver reads is one
+//! a rule removes.
+
+#![no_main]
+
+use std::sync::OnceLock;
+
+use arbitrary::Arbitrary;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use libfuzzer_sys::fuzz_target;
+
+use consent_proxy::codec::{self, Coding};
+use consent_proxy::fold::fold;
+use consent_proxy::policy::{Action, Policy, Selector, Verdict};
+use consent_proxy::rewrite::{self, Message};
+
+const CATEGORIES: [&str; 9] = [
+    "server_identifier",
+    "activity_counts",
+    "configuration",
+    "license_info",
+    "enterprise_features",
+    "versions_and_components",
+    "message_content",
+    "channel_names",
+    "user_names",
+];
+
+const TARGETS: [(&str, &str); 4] = [
+    ("securityupdatecheck.mattermost.com", "/security"),
+    ("pdat.matterlytics.com", "/v1/batch"),
+    ("push.mattermost.com", "/api/v1/send_push"),
+    ("push.mattermost.com", "/api/v1/ack"),
+];
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    target: u8,
+    withheld: u16,
+    query: Option<String>,
+    headers: Vec<(String, String)>,
+    codings: Vec<u8>,
+    body: Vec<u8>,
+}
+
+fn policies() -> &'static Vec<Policy> {
+    static POLICIES: OnceLock<Vec<Policy>> = OnceLock::new();
+    POLICIES.get_or_init(|| {
+        // Every feature granted, under a spread of withheld subsets: none, every category but
+        // server_identifier (push needs it), and every 7th subset between (those withholding
+        // server_identifier do not load while push is granted).
+        let dir = std::env::temp_dir();
+        let all_but_id = (1u16 << CATEGORIES.len()) - 2;
+        (0..1u16 << CATEGORIES.len())
+            .step_by(7)
+            .chain([0, all_but_id])
+            .filter_map(|bits| {
+                let withheld: Vec<String> = CATEGORIES
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, c)| format!("{c:?}"))
+                    .collect();
+                let text = format!(
+                    "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\npush_notifications = \"granted\"\nwithhold = [{}]\n",
+                    withheld.join(", ")
+                );
+                consent_proxy::config::load_str("fuzz", &text, &dir)
+                    .map(|c| c.policy)
+                    .ok()
+            })
+            .collect()
+    })
+}
+
+fuzz_target!(|input: Input| {
+    let all = policies();
+    let policy = &all[usize::from(input.withheld) % all.len()];
+    let (host, path) = TARGETS[usize::from(input.target) % TARGETS.len()];
+    let Verdict::Granted { rules, .. } = policy.decide(host, path) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &input.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            headers.append(k, v);
+        }
+    }
+    // Encode the body with the chosen codings, as a client would send it.
+    let codings: Vec<Coding> = input
+        .codings
+        .iter()
+        .take(3)
+        .map(|c| match c % 5 {
+            0 => Coding::Gzip,
+            1 => Coding::Zlib,
+            2 => Coding::RawDeflate,
+            3 => Coding::Brotli,
+            _ => Coding::Zstd,
+        })
+        .collect();
+    let mut body = input.body.clone();
+    if !codings.is_empty() && input.target % 2 == 1 {
+        body = codec::encode(&body, &codings);
+        let names: Vec<&str> = codings
+            .iter()
+            .map(|c| match c {
+                Coding::Gzip => "gzip",
+                Coding::Zlib | Coding::RawDeflate => "deflate",
+                Coding::Brotli => "br",
+                Coding::Zstd => "zstd",
+            })
+            .collect();
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_str(&names.join(", ")).expect("coding names are tokens"),
+        );
+    }
+    let mut msg = Message {
+        query: input.query.clone(),
+        headers,
+        body: Bytes::from(body),
+    };
+    let max = 1 << 20;
+    if rewrite::apply(&rules, &mut msg, max).is_err() {
+        return;
+    }
+    // Nothing left for the rules to do.
+    let mut again = Message {
+        query: msg.query.clone(),
+        headers: msg.headers.clone(),
+        body: msg.body.clone(),
+    };
+    let edits = rewrite::apply(&rules, &mut again, max).expect("what left is readable");
+    assert!(
+        edits.removed.is_empty() && edits.replaced.is_empty(),
+        "a second pass still found {edits:?}"
+    );
+    // No pair of what leaves is, as a lenient receiver reads it, a name a rule removes.
+    let removed: Vec<String> = rules
+        .iter()
+        .flat_map(|r| match &r.action {
+            Action::Remove(s) => s.iter().collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .filter_map(|s| match s {
+            Selector::Query(n) => Some(fold(n).into_owned()),
+            _ => None,
+        })
+        .collect();
+    if let Some(q) = &msg.query {
+        for pair in q.split(['&', ';']) {
+            let name = pair.split('=').next().unwrap_or_default().replace('+', " ");
+            let decoded: Vec<u8> = percent_decode(name.as_bytes());
+            let name = String::from_utf8_lossy(&decoded);
+            assert!(
+                !removed.contains(&fold(&name).into_owned()),
+                "{name:?} left in {q:?}"
+            );
+        }
+    }
+});
+
+fn percent_decode(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
