@@ -1,6 +1,8 @@
 //! The admin endpoint (`[listen] admin`): `GET /metrics` (Prometheus text), `/healthz` (the
-//! process is up), `/readyz` (listening, CA loaded, policy loaded, audit log writable). It
-//! serves only clients in `[clients] allow` (loopback by default) and never proxies traffic.
+//! process is up), `/readyz` (listening, CA loaded, policy loaded, audit log writable, not
+//! draining), `/audit/head` (the newest record's node, seq, hash and time, for a monitoring
+//! system to keep as a witness). It serves only clients in `[clients] allow` (loopback by
+//! default) and never proxies traffic.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -67,6 +69,15 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/audit/head" => {
+            let head = serde_json::to_string(&proxy.audit_head()).unwrap_or_default();
+            let mut resp = text(StatusCode::OK, head + "\n");
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
         "/readyz" => match proxy.not_ready() {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(
@@ -76,7 +87,7 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found (try /metrics, /healthz, /readyz)\n".into(),
+            "not found (try /metrics, /healthz, /readyz, /audit/head)\n".into(),
         ),
     }
 }

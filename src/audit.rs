@@ -11,9 +11,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -106,6 +107,7 @@ impl Entry {
 struct Record<'a> {
     seq: u64,
     time: String,
+    node: &'a str,
     #[serde(flatten)]
     entry: &'a Entry,
     policy: &'a str,
@@ -143,6 +145,17 @@ struct Job {
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
     healthy: Arc<AtomicBool>,
+    head: Arc<Mutex<Head>>,
+}
+
+/// The newest record of a chain: what `GET /audit/head` serves, so a monitoring system holds an
+/// independent witness of how long each replica's chain was (`audit verify --witness`).
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct Head {
+    pub node: String,
+    pub seq: u64,
+    pub hash: String,
+    pub time: String,
 }
 
 /// The writer thread; join it after every [`AuditLog`] handle is dropped to flush the log.
@@ -161,11 +174,18 @@ impl AuditLog {
     /// (or from the newest rotated file's, when the current one is empty).
     pub fn open(
         target: &AuditTarget,
+        node: &str,
         policy_hash: String,
         consent_hash: String,
+        seq_gauge: Gauge,
     ) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let (sink, seq, prev) = match target {
-            AuditTarget::Stdout => (Sink::Stdout(io::stdout()), 0, ZERO_HASH.to_string()),
+        let (sink, seq, prev, time) = match target {
+            AuditTarget::Stdout => (
+                Sink::Stdout(io::stdout()),
+                0,
+                ZERO_HASH.to_string(),
+                String::new(),
+            ),
             AuditTarget::File(path, rotation) => {
                 let open_err = |source| AuditError::Open {
                     path: path.clone(),
@@ -185,8 +205,8 @@ impl AuditLog {
                         tail = last_line(&mut older).map_err(open_err)?;
                     }
                 }
-                let (seq, prev) = match tail {
-                    None => (0, ZERO_HASH.to_string()),
+                let (seq, prev, time) = match tail {
+                    None => (0, ZERO_HASH.to_string(), String::new()),
                     Some(line) => chain_tail(&line)
                         .ok_or_else(|| AuditError::DamagedTail { path: path.clone() })?,
                 };
@@ -197,24 +217,34 @@ impl AuditLog {
                     rotation: *rotation,
                     size,
                 };
-                (sink, seq, prev)
+                (sink, seq, prev, time)
             }
         };
         let (tx, rx) = mpsc::channel(1024);
         let healthy = Arc::new(AtomicBool::new(true));
+        seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
+        let head = Arc::new(Mutex::new(Head {
+            node: node.to_string(),
+            seq,
+            hash: prev.clone(),
+            time,
+        }));
         let state = WriterState {
             sink,
+            node: node.to_string(),
             seq,
             prev,
             policy: policy_hash,
             consent: consent_hash,
             healthy: healthy.clone(),
+            head: head.clone(),
+            seq_gauge,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || state.run(rx))
             .map_err(AuditError::Write)?;
-        Ok((AuditLog { tx, healthy }, AuditWriter(handle)))
+        Ok((AuditLog { tx, healthy, head }, AuditWriter(handle)))
     }
 
     /// Write one record; returns once it is written and flushed.
@@ -234,6 +264,11 @@ impl AuditLog {
             Some((policy_hash, consent_hash)),
         )
         .await
+    }
+
+    /// The newest record written.
+    pub fn head(&self) -> Head {
+        self.head.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// False once a write failed: inspected traffic must then be blocked.
@@ -329,11 +364,14 @@ pub fn chain_files(path: &Path) -> Vec<PathBuf> {
 
 struct WriterState {
     sink: Sink,
+    node: String,
     seq: u64,
     prev: String,
     policy: String,
     consent: String,
     healthy: Arc<AtomicBool>,
+    head: Arc<Mutex<Head>>,
+    seq_gauge: Gauge,
 }
 
 impl WriterState {
@@ -361,7 +399,8 @@ impl WriterState {
         let seq = self.seq + 1;
         let record = Record {
             seq,
-            time,
+            time: time.clone(),
+            node: &self.node,
             entry,
             policy: &self.policy,
             consent: &self.consent,
@@ -374,6 +413,12 @@ impl WriterState {
             .write_line(line.as_bytes())
             .map_err(AuditError::Write)?;
         self.seq = seq;
+        self.seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
+        if let Ok(mut head) = self.head.lock() {
+            head.seq = seq;
+            head.hash.clone_from(&hash);
+            head.time = time;
+        }
         self.prev = hash;
         Ok(())
     }
@@ -409,11 +454,12 @@ fn last_line(file: &mut File) -> io::Result<Option<String>> {
         .map(str::to_string))
 }
 
-fn chain_tail(line: &str) -> Option<(u64, String)> {
+fn chain_tail(line: &str) -> Option<(u64, String, String)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     Some((
         v.get("seq")?.as_u64()?,
         v.get("hash")?.as_str()?.to_string(),
+        v.get("time")?.as_str()?.to_string(),
     ))
 }
 
@@ -438,7 +484,29 @@ pub enum Verdict {
 
 /// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …).
 pub fn verify(path: &Path) -> io::Result<Verdict> {
+    verify_chain(path, &[]).map(|r| r.verdict)
+}
+
+/// What `audit verify` found in one replica's chain.
+#[derive(Debug)]
+pub struct ChainReport {
+    pub path: PathBuf,
+    /// The replica that wrote it (its newest record's `node`).
+    pub node: Option<String>,
+    pub verdict: Verdict,
+    /// The newest `seq` read.
+    pub last_seq: Option<u64>,
+    /// Witnessed heads of this node the chain does not hold: truncation or rewriting.
+    pub witness_problems: Vec<String>,
+}
+
+/// Verify the chain at `path` (with its rotated files) and check it against the heads a
+/// monitoring system witnessed (`GET /audit/head`) for its node.
+pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> {
     let files = chain_files(path);
+    let mut node: Option<String> = None;
+    // (seq, hash) of each witnessed head, and whether the chain held it.
+    let mut seen: Vec<(&Head, Option<bool>)> = witnessed.iter().map(|h| (h, None)).collect();
     let mut prev: Option<String> = None;
     let mut last_seq: Option<u64> = None;
     let mut first_seq = None;
@@ -447,24 +515,44 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
         let file = File::open(file_path)?;
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line?;
-            let broken = |seq, reason: &str| Verdict::Broken {
-                file: file_path.clone(),
-                line: i as u64 + 1,
-                seq,
-                reason: reason.to_string(),
+            let broken = |node: &Option<String>, seq, reason: &str| ChainReport {
+                path: path.to_path_buf(),
+                node: node.clone(),
+                verdict: Verdict::Broken {
+                    file: file_path.clone(),
+                    line: i as u64 + 1,
+                    seq,
+                    reason: reason.to_string(),
+                },
+                last_seq,
+                witness_problems: Vec::new(),
             };
             let Ok(serde_json::Value::Object(mut record)) =
                 serde_json::from_str::<serde_json::Value>(&line)
             else {
-                return Ok(broken(None, "not a JSON record"));
+                return Ok(broken(&node, None, "not a JSON record"));
             };
             let seq = record.get("seq").and_then(|s| s.as_u64());
             let Some(serde_json::Value::String(hash)) = record.shift_remove("hash") else {
-                return Ok(broken(seq, "no hash"));
+                return Ok(broken(&node, seq, "no hash"));
             };
             let body = serde_json::to_string(&record).map_err(io::Error::other)?;
             if sha256(body.as_bytes()) != hash {
-                return Ok(broken(seq, "hash does not match the record (edited)"));
+                return Ok(broken(
+                    &node,
+                    seq,
+                    "hash does not match the record (edited)",
+                ));
+            }
+            if let Some(n) = record.get("node").and_then(|n| n.as_str()) {
+                if node.as_deref() != Some(n) {
+                    node = Some(n.to_string());
+                }
+            }
+            for (head, held) in seen.iter_mut() {
+                if Some(head.seq) == seq && node.as_deref() == Some(head.node.as_str()) {
+                    *held = Some(head.hash == hash);
+                }
             }
             let record_prev = record.get("prev").and_then(|p| p.as_str());
             let linked = match (&prev, record_prev) {
@@ -476,6 +564,7 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
             };
             if !linked {
                 return Ok(broken(
+                    &node,
                     seq,
                     "prev does not match the previous record's hash (deleted, reordered or inserted)",
                 ));
@@ -484,7 +573,13 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
                 (Some(s), Some(l)) if s == l + 1 => {}
                 (Some(1), None) => {}
                 (Some(_), None) if files.len() > 1 && record_prev != Some(ZERO_HASH) => {}
-                _ => return Ok(broken(seq, "seq does not follow the previous record")),
+                _ => {
+                    return Ok(broken(
+                        &node,
+                        seq,
+                        "seq does not follow the previous record",
+                    ))
+                }
             }
             first_seq = first_seq.or(seq);
             last_seq = seq;
@@ -492,30 +587,107 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
             n += 1;
         }
     }
-    Ok(Verdict::Intact {
-        records: n,
-        files: files.len(),
-        first_seq: first_seq.unwrap_or(0),
+    let mut witness_problems = Vec::new();
+    for (head, held) in seen {
+        if node.as_deref() != Some(head.node.as_str()) {
+            continue;
+        }
+        let at = format!("witnessed head of node {} at seq {}", head.node, head.seq);
+        match held {
+            Some(true) => {}
+            Some(false) => witness_problems.push(format!(
+                "{at}: the chain holds another record there (rewritten)"
+            )),
+            None if last_seq.is_some_and(|l| head.seq > l) => witness_problems.push(format!(
+                "{at}: the chain ends at seq {} (newer records are missing: truncated)",
+                last_seq.unwrap_or(0)
+            )),
+            None => witness_problems.push(format!(
+                "{at}: not in the files read (rotated away, or the chain was cut)"
+            )),
+        }
+    }
+    Ok(ChainReport {
+        path: path.to_path_buf(),
+        node,
+        verdict: Verdict::Intact {
+            records: n,
+            files: files.len(),
+            first_seq: first_seq.unwrap_or(0),
+        },
+        last_seq,
+        witness_problems,
     })
 }
 
-/// Per feature and decision counts, and the selectors removed or replaced most often.
+/// The chains among files and folders named on the command line: a folder stands for every
+/// log in it; a rotated file (`FILE.3`) for its chain (`FILE`). Sorted, each once.
+pub fn chains(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    files.push(entry.path());
+                }
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut bases: Vec<PathBuf> = files
+        .into_iter()
+        .map(|f| {
+            let name = f.to_string_lossy();
+            match name.rsplit_once('.') {
+                Some((base, k)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) => {
+                    PathBuf::from(base)
+                }
+                _ => f,
+            }
+        })
+        .collect();
+    bases.sort();
+    bases.dedup();
+    Ok(bases)
+}
+
+/// Per node, feature and decision counts, and the selectors removed or replaced most often.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Summary {
     pub records: u64,
     pub first: Option<String>,
     pub last: Option<String>,
+    /// Each replica's records, first and last time, ordered by their first record's time.
+    pub nodes: Vec<NodeSummary>,
     /// feature (`-` for none) → decision → count.
     pub decisions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// `(selector, count)`, most frequent first; array indexes folded to `[*]`.
     pub selectors: Vec<(String, u64)>,
 }
 
-/// Summarize an audit log (and its rotated files), records at or after `since` (RFC 3339).
-pub fn summarize(path: &Path, since: Option<OffsetDateTime>) -> io::Result<Summary> {
+#[derive(Debug, Default, serde::Serialize)]
+pub struct NodeSummary {
+    pub node: String,
+    pub records: u64,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    /// feature (`-` for none) → decision → count.
+    pub decisions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+}
+
+/// Summarize audit logs (each with its rotated files; several replicas' logs together), records
+/// at or after `since` (RFC 3339): per node, and merged across nodes.
+pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result<Summary> {
     let mut summary = Summary::default();
     let mut selectors: std::collections::HashMap<String, u64> = Default::default();
-    for file_path in chain_files(path) {
+    let mut nodes: std::collections::BTreeMap<String, NodeSummary> = Default::default();
+    let files: Vec<PathBuf> = chains(paths)?
+        .iter()
+        .flat_map(|base| chain_files(base))
+        .collect();
+    for file_path in files {
         for line in BufReader::new(File::open(&file_path)?).lines() {
             let Ok(record) = serde_json::from_str::<serde_json::Value>(&line?) else {
                 continue;
@@ -528,10 +700,31 @@ pub fn summarize(path: &Path, since: Option<OffsetDateTime>) -> io::Result<Summa
                 }
             }
             summary.records += 1;
-            summary.first.get_or_insert_with(|| time.to_string());
-            summary.last = Some(time.to_string());
+            // RFC 3339 times in UTC with one precision sort as text.
+            if summary.first.as_deref().is_none_or(|f| time < f) {
+                summary.first = Some(time.to_string());
+            }
+            if summary.last.as_deref().is_none_or(|l| time > l) {
+                summary.last = Some(time.to_string());
+            }
+            let node_name = record["node"].as_str().unwrap_or("-").to_string();
+            let node = nodes
+                .entry(node_name.clone())
+                .or_insert_with(|| NodeSummary {
+                    node: node_name,
+                    ..NodeSummary::default()
+                });
+            node.records += 1;
+            node.first.get_or_insert_with(|| time.to_string());
+            node.last = Some(time.to_string());
             let feature = record["feature"].as_str().unwrap_or("-").to_string();
             let decision = record["decision"].as_str().unwrap_or("?").to_string();
+            *node
+                .decisions
+                .entry(feature.clone())
+                .or_default()
+                .entry(decision.clone())
+                .or_default() += 1;
             *summary
                 .decisions
                 .entry(feature)
@@ -553,6 +746,9 @@ pub fn summarize(path: &Path, since: Option<OffsetDateTime>) -> io::Result<Summa
     let mut selectors: Vec<(String, u64)> = selectors.into_iter().collect();
     selectors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     summary.selectors = selectors;
+    let mut nodes: Vec<NodeSummary> = nodes.into_values().collect();
+    nodes.sort_by(|a, b| a.first.cmp(&b.first).then_with(|| a.node.cmp(&b.node)));
+    summary.nodes = nodes;
     Ok(summary)
 }
 
@@ -590,8 +786,14 @@ mod tests {
         let path = dir.path().join("a/audit.jsonl");
         let target = AuditTarget::File(path.clone(), None);
         for round in 0..2 {
-            let (log, writer) =
-                AuditLog::open(&target, "sha256:p".into(), "sha256:c".into()).expect("opens");
+            let (log, writer) = AuditLog::open(
+                &target,
+                "node-a",
+                "sha256:p".into(),
+                "sha256:c".into(),
+                Gauge::default(),
+            )
+            .expect("opens");
             log.policy_loaded(
                 format!("start {round}"),
                 "sha256:p".into(),
@@ -659,8 +861,14 @@ mod tests {
         };
         let target = AuditTarget::File(path.clone(), Some(rotation));
         for round in 0..2 {
-            let (log, writer) =
-                AuditLog::open(&target, "sha256:p".into(), "sha256:c".into()).expect("opens");
+            let (log, writer) = AuditLog::open(
+                &target,
+                "node-a",
+                "sha256:p".into(),
+                "sha256:c".into(),
+                Gauge::default(),
+            )
+            .expect("opens");
             for i in 0..20 {
                 log.write(entry(&format!("r{round} {i}")))
                     .await
@@ -686,7 +894,7 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        let summary = summarize(&path, None).expect("reads");
+        let summary = summarize(std::slice::from_ref(&path), None).expect("reads");
         assert_eq!(summary.decisions["-"]["allowed"], summary.records);
         assert_eq!(
             summary.selectors,
@@ -717,7 +925,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "{\"seq\":1,\"hash\":\"sha256:ab").expect("writes");
-        let r = AuditLog::open(&AuditTarget::File(path, None), String::new(), String::new());
+        let r = AuditLog::open(
+            &AuditTarget::File(path, None),
+            "node-a",
+            String::new(),
+            String::new(),
+            Gauge::default(),
+        );
         assert!(matches!(r, Err(AuditError::DamagedTail { .. })));
     }
 }

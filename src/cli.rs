@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -34,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve (the default).
-    Run,
+    Run(RunArgs),
     /// Validate a policy; with --print, show the effective policy.
     Check {
         #[arg(long)]
@@ -67,6 +66,23 @@ enum Command {
     },
 }
 
+/// Per-replica settings over the policy file, so the replicas of a fleet can share one file.
+#[derive(Debug, Default, clap::Args)]
+struct RunArgs {
+    /// This replica's name in the audit log (`[audit] node`; default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// The explicit listener's address (`[listen] proxy`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// The admin listener's address (`[listen] admin`).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+    /// This replica's audit log (`[audit] path`; `-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum CaCommand {
     /// Create a CA (ECDSA P-256; key written 0600) and print its paths.
@@ -78,11 +94,19 @@ enum CaCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain (with rotated files FILE.1, FILE.2, …); exit 1 on a break.
-    Verify { file: PathBuf },
-    /// Per feature and decision counts, and the selectors removed most often.
+    /// Recompute each replica's hash chain (logs, with their rotated files FILE.1, FILE.2, …,
+    /// or folders of them); exit 1 on a break, or when a witnessed head is missing.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Heads a monitoring system kept from `GET /audit/head`, one JSON object a line.
+        #[arg(long)]
+        witness: Option<PathBuf>,
+    },
+    /// Per node, feature and decision counts, and the selectors removed most often.
     Summary {
-        file: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         /// Only records at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
@@ -94,8 +118,11 @@ enum AuditCommand {
 
 impl Cli {
     pub fn run(self) -> ExitCode {
-        match self.command.unwrap_or(Command::Run) {
-            Command::Run => serve(self.config, self.mattermost_config),
+        match self
+            .command
+            .unwrap_or_else(|| Command::Run(RunArgs::default()))
+        {
+            Command::Run(args) => serve(self.config, self.mattermost_config, args),
             Command::Check { print } => {
                 match load(self.config.as_deref(), self.mattermost_config.as_deref()) {
                     Some(c) => {
@@ -167,44 +194,10 @@ impl Cli {
                 }
             }
             Command::Audit {
-                command: AuditCommand::Verify { file },
-            } => match audit::verify(&file) {
-                Ok(audit::Verdict::Intact {
-                    records,
-                    files,
-                    first_seq,
-                }) => {
-                    let from = if first_seq > 1 {
-                        format!(" (from seq {first_seq}; older records were rotated away)")
-                    } else {
-                        String::new()
-                    };
-                    println!(
-                        "{}: intact, {records} records in {files} file(s){from}",
-                        file.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(audit::Verdict::Broken {
-                    file: at,
-                    line,
-                    seq,
-                    reason,
-                }) => {
-                    let seq = seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
-                    println!(
-                        "{}: broken at line {line} (seq {seq}): {reason}",
-                        at.display()
-                    );
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!("error: cannot read {}: {e}", file.display());
-                    ExitCode::from(1)
-                }
-            },
+                command: AuditCommand::Verify { files, witness },
+            } => verify(&files, witness.as_deref()),
             Command::Audit {
-                command: AuditCommand::Summary { file, since, json },
+                command: AuditCommand::Summary { files, since, json },
             } => {
                 let since = match since.as_deref().map(|s| {
                     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
@@ -218,7 +211,7 @@ impl Cli {
                         return ExitCode::from(2);
                     }
                 };
-                match audit::summarize(&file, since) {
+                match audit::summarize(&files, since) {
                     Ok(summary) if json => {
                         println!(
                             "{}",
@@ -231,12 +224,128 @@ impl Cli {
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
-                        eprintln!("error: cannot read {}: {e}", file.display());
+                        eprintln!("error: cannot read the audit logs: {e}");
                         ExitCode::from(1)
                     }
                 }
             }
         }
+    }
+}
+
+/// `audit verify`: every chain among `files`, each against the witnessed heads of its node.
+fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
+    let heads: Vec<audit::Head> = match witness {
+        None => Vec::new(),
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot read --witness {}: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            };
+            let mut heads = Vec::new();
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                match serde_json::from_str(line) {
+                    Ok(h) => heads.push(h),
+                    Err(e) => {
+                        eprintln!(
+                            "error: {} line {}: not an /audit/head object: {e}",
+                            path.display(),
+                            i + 1
+                        );
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            heads
+        }
+    };
+    let chains = match audit::chains(files) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot read the audit logs: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut bad = 0;
+    let mut records = 0;
+    let mut nodes = Vec::new();
+    for chain in &chains {
+        let report = match audit::verify_chain(chain, &heads) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", chain.display());
+                return ExitCode::from(1);
+            }
+        };
+        let node = report.node.clone().unwrap_or_else(|| "-".into());
+        match &report.verdict {
+            audit::Verdict::Intact {
+                records: n,
+                files,
+                first_seq,
+            } => {
+                records += n;
+                let from = if *first_seq > 1 {
+                    format!(" (from seq {first_seq}; older records were rotated away)")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{} (node {node}): intact, {n} records in {files} file(s){from}",
+                    chain.display()
+                );
+            }
+            audit::Verdict::Broken {
+                file: at,
+                line,
+                seq,
+                reason,
+            } => {
+                bad += 1;
+                let seq = seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+                let file = if at == chain {
+                    String::new()
+                } else {
+                    format!(" of {}", at.display())
+                };
+                println!(
+                    "{} (node {node}): broken at line {line}{file} (seq {seq}): {reason}",
+                    chain.display(),
+                );
+            }
+        }
+        for problem in &report.witness_problems {
+            bad += 1;
+            println!("{} (node {node}): {problem}", chain.display());
+        }
+        nodes.push(node);
+    }
+    for head in heads.iter().filter(|h| !nodes.contains(&h.node)) {
+        bad += 1;
+        println!(
+            "witnessed node {} (seq {}): no chain of it among the files read",
+            head.node, head.seq
+        );
+    }
+    nodes.sort();
+    nodes.dedup();
+    println!(
+        "{} chain(s) of {} node(s), {records} records: {}",
+        chains.len(),
+        nodes.len(),
+        if bad == 0 { "intact" } else { "NOT intact" }
+    );
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -250,6 +359,20 @@ fn summary_table(s: &audit::Summary) -> String {
         s.first.as_deref().unwrap_or("-"),
         s.last.as_deref().unwrap_or("-")
     );
+    if s.nodes.len() > 1 {
+        let _ = writeln!(out, "{:<24} {:>8}  first / last record", "node", "records");
+        for n in &s.nodes {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>8}  {} / {}",
+                n.node,
+                n.records,
+                n.first.as_deref().unwrap_or("-"),
+                n.last.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(out, "\nall nodes:");
+    }
     let _ = writeln!(out, "{:<24} {:<14} {:>8}", "feature", "decision", "count");
     for (feature, decisions) in &s.decisions {
         for (decision, count) in decisions {
@@ -327,10 +450,30 @@ fn load(path: Option<&std::path::Path>, mattermost: Option<&std::path::Path>) ->
     }
 }
 
-fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>) -> ExitCode {
-    let Some(config) = load(path.as_deref(), mattermost.as_deref()) else {
+fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>, args: RunArgs) -> ExitCode {
+    let Some(mut config) = load(path.as_deref(), mattermost.as_deref()) else {
         return ExitCode::from(1);
     };
+    if let Some(node) = args.node {
+        config.node = node;
+    }
+    if let Some(addr) = args.listen {
+        config.listen.proxy = addr;
+    }
+    if let Some(addr) = args.admin {
+        config.listen.admin = Some(addr);
+    }
+    if let Some(file) = args.audit {
+        config.audit = if file.as_os_str() == "-" {
+            config::AuditTarget::Stdout
+        } else {
+            let rotation = match &config.audit {
+                config::AuditTarget::File(_, rotation) => *rotation,
+                config::AuditTarget::Stdout => None,
+            };
+            config::AuditTarget::File(file, rotation)
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -365,8 +508,9 @@ fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>) -> ExitCode {
             eprintln!("consent-proxy: admin on http://{admin} (/metrics, /healthz, /readyz)");
         }
         wait_for_signal().await;
-        eprintln!("consent-proxy: shutting down");
-        running.shutdown(Duration::from_secs(10)).await;
+        eprintln!("consent-proxy: draining (readyz fails; shutting down)");
+        running.drain().await;
+        eprintln!("consent-proxy: stopped");
         ExitCode::SUCCESS
     })
 }

@@ -46,10 +46,14 @@ pub struct Config {
     pub source: String,
     pub listen: Listen,
     pub clients: Vec<IpNet>,
+    /// `[clients] balancers`: who may (and, with `proxy_protocol`, must) send PROXY headers.
+    pub balancers: Vec<IpNet>,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub upstream: UpstreamSettings,
     pub audit: AuditTarget,
+    /// `[audit] node`: the replica named in every record (default: the host name).
+    pub node: String,
     pub limits: Limits,
     pub policy: Policy,
     /// `sha256:` of the effective policy without consent, and of the consent.
@@ -71,6 +75,8 @@ pub struct Listen {
     pub proxy: SocketAddr,
     pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The explicit listener reads a PROXY protocol header from `[clients] balancers`.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -123,6 +129,11 @@ pub struct Limits {
     pub tunnel_idle_timeout: Duration,
     /// Leaf certificates kept for reuse.
     pub leaf_cache_size: usize,
+    /// SIGTERM: `/readyz` fails at once; the listeners keep accepting this long, so a
+    /// balancer's health check sees the replica leave before its connections are refused.
+    pub drain_delay: Duration,
+    /// Then open connections may finish for this long before the proxy exits.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -136,6 +147,8 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(600),
             leaf_cache_size: 1024,
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -406,12 +419,14 @@ struct ListenFile {
     proxy: String,
     transparent: Option<String>,
     admin: Option<String>,
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct ClientsFile {
     allow: Vec<String>,
+    balancers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +450,7 @@ struct UpstreamFile {
 #[serde(default, deny_unknown_fields)]
 struct AuditFile {
     path: String,
+    node: Option<String>,
     rotate_bytes: Option<u64>,
     rotate_keep: Option<usize>,
 }
@@ -450,6 +466,8 @@ struct LimitsFile {
     upstream_timeout_secs: Option<u64>,
     tunnel_idle_timeout_secs: Option<u64>,
     leaf_cache_size: Option<usize>,
+    drain_delay_secs: Option<u64>,
+    shutdown_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -514,22 +532,44 @@ impl File {
                 .as_deref()
                 .map(|s| addr("listen.admin", s))
                 .transpose()?,
+            proxy_protocol: self.listen.proxy_protocol,
         };
-        let clients = self
-            .clients
-            .allow
-            .iter()
-            .map(|s| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        err(
-                            "clients.allow",
-                            format!("{s:?} is not an address or CIDR network"),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let nets = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|s| {
+                    s.parse::<IpNet>()
+                        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                        .map_err(|_| err(key, format!("{s:?} is not an address or CIDR network")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let clients = nets("clients.allow", &self.clients.allow)?;
+        let balancers = nets("clients.balancers", &self.clients.balancers)?;
+        match (listen.proxy_protocol, balancers.is_empty()) {
+            (true, true) => {
+                return Err(err(
+                    "listen.proxy_protocol",
+                    "needs [clients] balancers: the addresses PROXY headers may come from".into(),
+                ))
+            }
+            (false, false) => {
+                return Err(err(
+                    "clients.balancers",
+                    "has no effect without [listen] proxy_protocol = true".into(),
+                ))
+            }
+            _ => {}
+        }
+        let node = match &self.audit.node {
+            Some(n) if n.trim().is_empty() => {
+                return Err(err("audit.node", "must not be empty".into()))
+            }
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "consent-proxy".into()),
+        };
         let mut resolve = HashMap::new();
         for (from, to) in &self.upstream.resolve {
             let key = format!("upstream.resolve.{from:?}");
@@ -579,6 +619,8 @@ impl File {
             tunnel_idle_timeout: secs(l.tunnel_idle_timeout_secs, defaults.tunnel_idle_timeout)
                 .max(Duration::from_secs(1)),
             leaf_cache_size: l.leaf_cache_size.unwrap_or(defaults.leaf_cache_size).max(1),
+            drain_delay: secs(l.drain_delay_secs, defaults.drain_delay),
+            shutdown_timeout: secs(l.shutdown_timeout_secs, defaults.shutdown_timeout),
         };
 
         let mut features = Vec::new();
@@ -608,6 +650,7 @@ impl File {
             source: source.to_string(),
             listen,
             clients,
+            balancers,
             ca_cert: self.tls.ca_cert,
             ca_key: self.tls.ca_key,
             upstream: UpstreamSettings {
@@ -616,6 +659,7 @@ impl File {
                 resolve,
             },
             audit,
+            node,
             limits,
             policy,
             policy_hash,

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod balancer;
 pub mod ca;
 pub mod cli;
 pub mod codec;
@@ -37,6 +38,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod response;
+pub mod rewind;
 pub mod rewrite;
 pub mod transparent;
 pub mod upstream;

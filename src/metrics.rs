@@ -51,6 +51,8 @@ pub struct Metrics {
     pub leaf: LeafMetrics,
     pub audit_records: Counter,
     pub audit_failures: Counter,
+    /// The `seq` of this replica's newest audit record: a witness of the chain's length.
+    pub audit_seq: Gauge,
     pub reloads: Family<OutcomeLabels, Counter>,
 }
 
@@ -76,6 +78,11 @@ impl Metrics {
             "upstream_errors",
             "Upstream connections or requests that failed or timed out",
             self.upstream_errors.clone(),
+        );
+        r.register(
+            "audit_seq",
+            "Sequence number of the newest audit record (a witness of the chain's length)",
+            self.audit_seq.clone(),
         );
         r.register(
             "leaf_cache_hits",

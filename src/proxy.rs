@@ -66,26 +66,52 @@ pub struct Started {
 /// A running proxy; [`Running::shutdown`] drains it and flushes the audit log.
 pub struct Running {
     pub started: Started,
-    token: CancellationToken,
-    tracker: TaskTracker,
+    proxy: Arc<Proxy>,
     writer: AuditWriter,
 }
 
 impl Running {
     /// Stop accepting, let in-flight requests finish (up to `deadline`), flush the audit log.
     pub async fn shutdown(self, deadline: Duration) {
-        self.token.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(deadline, self.tracker.wait())
+        let Running { proxy, writer, .. } = self;
+        proxy.token.cancel();
+        proxy.tracker.close();
+        let finished = tokio::time::timeout(deadline, proxy.tracker.wait())
             .await
-            .is_ok()
-        {
-            // Every task, and with them every audit handle, is gone: the writer ends and flushes.
-            let writer = self.writer;
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-        } else {
-            warn!("shutdown deadline passed with connections still open");
+            .is_ok();
+        if !finished {
+            warn!("shutdown deadline passed with connections still open; closing them");
+            proxy.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), proxy.tracker.wait()).await;
         }
+        let reason = if finished {
+            "shutting down: every connection finished; no policy is in force from here"
+        } else {
+            "shutting down: connections still open at the deadline were closed; no policy is in force from here"
+        };
+        let active = proxy.current();
+        let _ = proxy
+            .audit
+            .policy_loaded(
+                reason.into(),
+                active.policy_hash.to_string(),
+                active.consent_hash.to_string(),
+            )
+            .await;
+        // The last audit handle goes with the proxy: the writer ends and flushes.
+        drop(active);
+        drop(proxy);
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
+
+    /// Leave a fleet cleanly (SIGTERM): `/readyz` fails at once, so the balancer's health check
+    /// takes the replica out; new connections are still accepted for `drain_delay`; then
+    /// [`Running::shutdown`] with `shutdown_timeout`.
+    pub async fn drain(self) {
+        self.proxy.draining.store(true, Ordering::Relaxed);
+        tokio::time::sleep(self.proxy.limits.drain_delay).await;
+        let deadline = self.proxy.limits.shutdown_timeout;
+        self.shutdown(deadline).await;
     }
 }
 
@@ -115,8 +141,16 @@ pub(crate) struct Proxy {
     upstream: Upstream,
     audit: AuditLog,
     limits: Limits,
+    /// Stop accepting and close connections once their requests are answered.
     token: CancellationToken,
+    /// Close what is still open (tunnels) when the shutdown deadline passes.
+    hard_stop: CancellationToken,
     tracker: TaskTracker,
+    /// SIGTERM was received: `/readyz` fails while the listeners drain.
+    draining: std::sync::atomic::AtomicBool,
+    /// `[listen] proxy_protocol` and `[clients] balancers`.
+    proxy_protocol: bool,
+    balancers: Vec<IpNet>,
     /// Where the policy came from, to reload it.
     sources: crate::reload::Sources,
     metrics: Metrics,
@@ -165,8 +199,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let upstream = Upstream::new(&config.upstream, provider, config.limits.connect_timeout)?;
     let (audit, writer) = AuditLog::open(
         &config.audit,
+        &config.node,
         config.policy_hash.clone(),
         config.consent_hash.clone(),
+        metrics.audit_seq.clone(),
     )?;
     let listener = TcpListener::bind(config.listen.proxy)
         .await
@@ -200,6 +236,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             &config.consent_hash,
         )),
         clients: config.clients,
+        proxy_protocol: config.listen.proxy_protocol,
+        balancers: config.balancers,
         ca,
         upstream,
         audit,
@@ -210,7 +248,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         resolve: config.upstream.resolve.clone(),
         feature_addrs: FeatureAddrs::default(),
         token: token.clone(),
+        hard_stop: CancellationToken::new(),
         tracker: tracker.clone(),
+        draining: std::sync::atomic::AtomicBool::new(false),
         sources: crate::reload::Sources {
             policy_file: config.policy_file.clone(),
             mattermost_override: config.mattermost_override.clone(),
@@ -224,7 +264,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(l) = transparent {
         tracker.spawn(crate::transparent::accept_loop(proxy.clone(), l));
     }
-    tracker.spawn(accept_explicit(proxy, listener));
+    tracker.spawn(accept_explicit(proxy.clone(), listener));
     Ok(Running {
         started: Started {
             proxy_addr,
@@ -232,8 +272,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             transparent_addr,
             ca_origin,
         },
-        token,
-        tracker,
+        proxy,
         writer,
     })
 }
@@ -378,21 +417,35 @@ async fn bind_optional(
 }
 
 async fn accept_explicit(proxy: Arc<Proxy>, listener: TcpListener) {
-    accept_each(proxy, listener, "explicit", |p, client, tcp| {
-        serve_explicit(
-            p,
-            Peer {
-                client,
-                listener: "explicit",
-                original_dst: None,
-            },
-            tcp,
-        )
+    accept_each(proxy, listener, "explicit", |p, from, tcp| async move {
+        let peer = |client| Peer {
+            client,
+            listener: "explicit",
+            original_dst: None,
+        };
+        if !p.proxy_protocol {
+            return serve_explicit(p, peer(from), tcp).await;
+        }
+        let within = p.limits.header_read_timeout;
+        match crate::balancer::accept(tcp, from, &p.balancers, within).await {
+            Ok((client, io)) => serve_explicit(p, peer(client), io).await,
+            Err(refused) => {
+                let mut entry = p.entry(&p.current(), peer(from), None, &Method::CONNECT, None);
+                entry.method = None;
+                entry.decision = Decision::Blocked;
+                entry.reason = refused.to_string();
+                info!(reason = %entry.reason, "connection refused");
+                let _ = p.record(entry).await;
+            }
+        }
     })
     .await
 }
 
-async fn serve_explicit(proxy: Arc<Proxy>, peer: Peer, tcp: TcpStream) {
+async fn serve_explicit<IO>(proxy: Arc<Proxy>, peer: Peer, tcp: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let p = proxy.clone();
     let service = service_fn(move |req| {
         let p = p.clone();
@@ -571,7 +624,7 @@ impl Proxy {
                     }
                     return;
                 }
-                () = self.token.cancelled() => return,
+                () = self.hard_stop.cancelled() => return,
                 _ = tick.tick() => {
                     if activity.quiet_for() >= idle {
                         debug!("idle tunnel closed");
@@ -1066,7 +1119,15 @@ impl Proxy {
     /// Why the proxy is not ready, if it is not: the audit log must be writable. (Listening,
     /// the CA and a policy are given once it runs.)
     pub(crate) fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining (shutting down)");
+        }
         (!self.audit.is_healthy()).then_some("audit log cannot be written")
+    }
+
+    /// The newest audit record of this replica (`GET /audit/head`).
+    pub(crate) fn audit_head(&self) -> crate::audit::Head {
+        self.audit.head()
     }
 
     pub(crate) fn client_allowed(&self, addr: SocketAddr) -> bool {

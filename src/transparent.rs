@@ -13,11 +13,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request};
@@ -25,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use nix::sys::socket::{getsockopt, sockopt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -33,6 +30,7 @@ use crate::audit::Decision;
 use crate::policy::{normalize_host, ConnectVerdict, HostPattern, Policy, UnknownHosts};
 use crate::proxy::{Peer, Proxy, Target};
 use crate::response::Refusal;
+use crate::rewind::Rewind;
 
 /// The most bytes read while looking for a complete ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
@@ -439,58 +437,6 @@ impl FeatureAddrs {
                     .is_some_and(|(addrs, _)| addrs.contains(&canonical))
             })
             .map(|(feature, _)| feature.to_string())
-    }
-}
-
-/// A stream that first yields bytes already read (while sniffing), then the inner stream.
-pub(crate) struct Rewind<T> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    fn new(prefix: Vec<u8>, inner: T) -> Self {
-        Rewind {
-            prefix,
-            pos: 0,
-            inner,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.pos);
-            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
