@@ -56,6 +56,7 @@ pub(crate) async fn accept(
                         return Ok((client.unwrap_or(from), rest));
                     }
                     Parsed::Bad => return Err(Refused::Malformed),
+                    Parsed::NoHeader => return Err(Refused::Missing),
                     Parsed::More => {}
                 }
             } else if !may_be_header(&buf) {
@@ -96,6 +97,8 @@ enum Parsed {
     /// the balancer itself).
     Done(Option<SocketAddr>, usize),
     More,
+    /// Not a PROXY header at all: the balancer sent none.
+    NoHeader,
     Bad,
 }
 
@@ -106,10 +109,12 @@ fn parse(buf: &[u8]) -> Parsed {
     if !V2_SIGNATURE.starts_with(&buf[..buf.len().min(V2_SIGNATURE.len())])
         && !V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
     {
-        return Parsed::Bad;
+        return Parsed::NoHeader;
     }
     let header = HeaderResult::parse(buf);
-    if header.is_incomplete() {
+    // A v1 header ends at its CRLF: past it, nothing more can complete it.
+    let v1_ended = buf.starts_with(V1_PREFIX) && buf.windows(2).any(|w| w == b"\r\n");
+    if header.is_incomplete() && !v1_ended {
         return Parsed::More;
     }
     match header {
@@ -202,9 +207,10 @@ mod tests {
         for partial in [&b"PRO"[..], b"PROXY TCP4 10.1.2.3", b"\r\n\r\n\0\r\nQU"] {
             assert!(matches!(parse(partial), Parsed::More), "{partial:?}");
         }
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\n"), Parsed::NoHeader));
         for bad in [
-            &b"GET / HTTP/1.1\r\n"[..],
-            b"PROXY TCP4 10.1.2.3 x 1 2\r\n",
+            &b"PROXY TCP4 10.1.2.3 x 1 2\r\n"[..],
+            b"PROXY TCP4 192.0.2.10 nonsense\r\n",
             b"PROXY TCP9 1 2 3 4\r\n",
             b"\r\n\r\n\0\r\nQUIT\n\x21\x31\x00\x00",
         ] {

@@ -255,6 +255,10 @@ pub struct Setup<'a> {
     pub files: &'a [(&'a str, &'a str)],
     /// Start the admin listener too.
     pub admin: bool,
+    /// `[listen] proxy_protocol = true` (with `[clients] balancers` in `policy`).
+    pub proxy_protocol: bool,
+    /// `[audit] node`.
+    pub node: Option<&'a str>,
 }
 
 impl Default for Setup<'_> {
@@ -265,6 +269,8 @@ impl Default for Setup<'_> {
             tunnel_to: None,
             files: &[],
             admin: false,
+            proxy_protocol: false,
+            node: None,
         }
     }
 }
@@ -284,11 +290,13 @@ impl Env {
             resolve.push(format!("\"{TUNNELLED}:443\" = \"{addr}\""));
         }
         let text = format!(
-            "{}\n[listen]\nproxy = \"127.0.0.1:0\"\n{}[tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
-             [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ {} }}\n[audit]\npath = \"audit.jsonl\"\n",
+            "{}\n[listen]\nproxy = \"127.0.0.1:0\"\n{}{}[tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
+             [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ {} }}\n[audit]\npath = \"audit.jsonl\"\n{}",
             setup.policy,
             if setup.admin { "admin = \"127.0.0.1:0\"\n" } else { "" },
-            resolve.join(", ")
+            if setup.proxy_protocol { "proxy_protocol = true\n" } else { "" },
+            resolve.join(", "),
+            setup.node.map(|n| format!("node = {n:?}\n")).unwrap_or_default(),
         );
         for (name, text) in setup.files {
             let path = dir.path().join(name);
@@ -408,10 +416,13 @@ impl Env {
             .collect()
     }
 
-    pub async fn stop(mut self) {
+    /// Stop the proxy (it writes its final record); returns its folder, which lives on while
+    /// the caller keeps it.
+    pub async fn stop(mut self) -> TempDir {
         if let Some(r) = self.running.take() {
             r.shutdown(Duration::from_secs(5)).await;
         }
+        self.dir
     }
 
     /// Run curl through the proxy, trusting only the interception CA.
