@@ -2,7 +2,6 @@
 //! upstreams), Go's net/http with only HTTPS_PROXY and SSL_CERT_FILE, tunnels, access control,
 //! and a planted secret that must appear nowhere.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -199,39 +198,11 @@ async fn plain_http_absolute_form_is_decided_too() {
     env.stop().await;
 }
 
-/// Build the Go client once per test run; `None` (with a message) where Go is missing outside CI.
-fn go_client() -> Option<PathBuf> {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goclient");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("goclient");
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
-    let status = std::process::Command::new("go")
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
-        .env("GOCACHE", &cache)
-        .env("GOFLAGS", "-mod=mod")
-        .env("GO111MODULE", "on")
-        .env("GOTOOLCHAIN", "local")
-        .status();
-    match status {
-        Ok(s) if s.success() => Some(out),
-        other => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "Go is required under CI=true: {other:?}"
-            );
-            eprintln!(
-                "skipping the Go client test: `go build` failed ({other:?}); install golang-go"
-            );
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn go_net_http_gets_the_same_outcomes_as_curl() {
-    let Some(go) = go_client() else { return };
+    let Some(go) = crate::harness::go_client() else {
+        return;
+    };
     let env = Env::start(Setup::default()).await;
     let run = |args: Vec<String>| {
         let proxy = format!("http://{}", env.proxy);

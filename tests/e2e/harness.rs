@@ -381,24 +381,7 @@ impl Env {
         tcp: tokio::net::TcpStream,
         host: &str,
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&self.ca_pem).expect("ca");
-        roots
-            .add(CertificateDer::from_pem_slice(&pem).expect("pem"))
-            .expect("root");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
-        connector
-            .connect(name, tcp)
+        tls_client(tcp, host, &self.ca_pem)
             .await
             .expect("TLS with the minted leaf")
     }
@@ -427,43 +410,79 @@ impl Env {
 
     /// Run curl through the proxy, trusting only the interception CA.
     pub async fn curl(&self, args: &[&str]) -> Curl {
-        let out_file = self.dir.path().join(format!(
-            "curl-{}.out",
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let output = tokio::process::Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "20",
-                "--proxy",
-                &format!("http://{}", self.proxy),
-            ])
-            .arg("--cacert")
-            .arg(&self.ca_pem)
-            .arg("-o")
-            .arg(&out_file)
-            .args(["-w", "%{http_code} %{http_connect} %{http_version}"])
-            .args(args)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("NO_PROXY")
-            .output()
-            .await
-            .expect("curl runs (install curl)");
-        let w = String::from_utf8_lossy(&output.stdout).to_string();
-        let mut parts = w.split_whitespace();
-        let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
-        let connect = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
-        let version = parts.next().unwrap_or_default().to_string();
-        Curl {
-            code,
-            connect,
-            version,
-            body: std::fs::read_to_string(&out_file).unwrap_or_default(),
-            exit: output.status.code().unwrap_or(-1),
-            stderr: String::from_utf8_lossy(&output.stderr).to_string(),
-        }
+        curl(self.proxy, &self.ca_pem, self.dir.path(), args).await
+    }
+}
+
+/// TLS over `tcp` to `host`, trusting only the CA in `ca_pem`, offering HTTP/1.1.
+pub async fn tls_client(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    ca_pem: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem)?;
+    roots
+        .add(CertificateDer::from_pem_slice(&pem).expect("pem"))
+        .expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
+    connector.connect(name, tcp).await
+}
+
+/// Run curl through the proxy at `proxy`, trusting only the CA in `ca_pem`; its output file
+/// goes in `dir`.
+pub async fn curl(proxy: SocketAddr, ca_pem: &Path, dir: &Path, args: &[&str]) -> Curl {
+    let out_file = dir.join(format!(
+        "curl-{}.out",
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let output = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            &format!("http://{proxy}"),
+        ])
+        .arg("--cacert")
+        .arg(ca_pem)
+        .arg("-o")
+        .arg(&out_file)
+        .args([
+            "-w",
+            "%{http_code} %{http_connect} %{http_version} %{local_port}",
+        ])
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .await
+        .expect("curl runs (install curl)");
+    let w = String::from_utf8_lossy(&output.stdout).to_string();
+    let mut parts = w.split_whitespace();
+    let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let connect = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let version = parts.next().unwrap_or_default().to_string();
+    let local_port = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    Curl {
+        code,
+        connect,
+        version,
+        local_port,
+        body: std::fs::read_to_string(&out_file).unwrap_or_default(),
+        exit: output.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
     }
 }
 
@@ -476,6 +495,8 @@ pub struct Curl {
     /// The CONNECT response's status.
     pub connect: u16,
     pub version: String,
+    /// The client's own port (the audit `client` names it).
+    pub local_port: u16,
     pub body: String,
     pub exit: i32,
     /// Read in failure messages (`{:?}`).
@@ -514,4 +535,34 @@ fn capture_diagnostics() {
             .with_ansi(false)
             .try_init();
     });
+}
+
+/// Build the Go client once per test run; `None` (with a message) where Go is missing outside CI.
+pub fn go_client() -> Option<PathBuf> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goclient");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("goclient");
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
+    let status = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOCACHE", &cache)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GO111MODULE", "on")
+        .env("GOTOOLCHAIN", "local")
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(out),
+        other => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "Go is required under CI=true: {other:?}"
+            );
+            eprintln!(
+                "skipping the Go client test: `go build` failed ({other:?}); install golang-go"
+            );
+            None
+        }
+    }
 }
