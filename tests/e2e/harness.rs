@@ -495,7 +495,8 @@ pub struct Curl {
     /// The CONNECT response's status.
     pub connect: u16,
     pub version: String,
-    /// The client's own port (the audit `client` names it).
+    /// The client's own port (the audit `client` names it; read by the fleet test).
+    #[allow(dead_code)]
     pub local_port: u16,
     pub body: String,
     pub exit: i32,
