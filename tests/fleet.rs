@@ -326,7 +326,17 @@ async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
     let mut answered = 0;
     for i in 0..60u32 {
         match i {
-            10 => r1.signal("-TERM"),
+            10 => {
+                r1.signal("-TERM");
+                // Readiness fails at once, while the listeners still accept (drain_delay_secs).
+                let deadline = Instant::now() + Duration::from_millis(900);
+                let mut status = admin_get(r1.admin, "/readyz").await.0;
+                while status != 503 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    status = admin_get(r1.admin, "/readyz").await.0;
+                }
+                assert_eq!(status, 503, "a draining replica is not ready");
+            }
             25 => {
                 assert_eq!(r1.exited().await, Some(0), "a drained replica exits 0");
                 let last = records(&logs[0]).pop().expect("final record");
