@@ -773,6 +773,11 @@ fn fold_indexes(selector: &str) -> String {
 mod tests {
     use super::*;
 
+    fn open(target: &AuditTarget) -> (AuditLog, AuditWriter) {
+        let (p, c) = ("sha256:p".to_string(), "sha256:c".to_string());
+        AuditLog::open(target, "node-a", p, c, Gauge::default()).expect("opens")
+    }
+
     fn entry(reason: &str) -> Entry {
         let mut e = Entry::new(Decision::Allowed, reason);
         e.host = Some("h.example".into());
@@ -786,14 +791,7 @@ mod tests {
         let path = dir.path().join("a/audit.jsonl");
         let target = AuditTarget::File(path.clone(), None);
         for round in 0..2 {
-            let (log, writer) = AuditLog::open(
-                &target,
-                "node-a",
-                "sha256:p".into(),
-                "sha256:c".into(),
-                Gauge::default(),
-            )
-            .expect("opens");
+            let (log, writer) = open(&target);
             log.policy_loaded(
                 format!("start {round}"),
                 "sha256:p".into(),
@@ -861,14 +859,7 @@ mod tests {
         };
         let target = AuditTarget::File(path.clone(), Some(rotation));
         for round in 0..2 {
-            let (log, writer) = AuditLog::open(
-                &target,
-                "node-a",
-                "sha256:p".into(),
-                "sha256:c".into(),
-                Gauge::default(),
-            )
-            .expect("opens");
+            let (log, writer) = open(&target);
             for i in 0..20 {
                 log.write(entry(&format!("r{round} {i}")))
                     .await

@@ -14,21 +14,11 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
 use consent_proxy::codec::{self, Coding};
+use consent_proxy::config::CATEGORIES;
 use consent_proxy::fold::fold;
 use consent_proxy::policy::{Action, Policy, Selector, Verdict};
 use consent_proxy::rewrite::{self, Message};
 
-const CATEGORIES: [&str; 9] = [
-    "server_identifier",
-    "activity_counts",
-    "configuration",
-    "license_info",
-    "enterprise_features",
-    "versions_and_components",
-    "message_content",
-    "channel_names",
-    "user_names",
-];
 
 const TARGETS: [(&str, &str); 4] = [
     ("securityupdatecheck.mattermost.com", "/security"),

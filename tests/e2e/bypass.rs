@@ -5,12 +5,12 @@
 //! Every class failed on the proxy before it was hardened against it.
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::cli::bin;
 use crate::harness::{fixture_body, Curl, Env, Setup, PUSH, RUDDER, SECURITY};
 
 /// POST `body` to `https://{host}{path}` with curl over `http` (`--http1.1` or `--http2`),
@@ -521,10 +521,6 @@ async fn every_refusal_leaves_one_record_and_bytes_are_counted() {
     assert_eq!(r["bytes_in"], body.len());
     assert_eq!(r["bytes_out"], body.len());
     env.stop().await;
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
 }
 
 /// Run the proxy binary with `policy`; it must exit within `within`. Returns code and stderr.

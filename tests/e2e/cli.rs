@@ -7,11 +7,11 @@ use crate::harness::{
     fixture_path, fixture_url, Env, Setup, PUSH, PUSH_SENDS, RUDDER, SECURITY, TELEMETRY_BATCHES,
 };
 
-fn bin() -> Command {
+pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
 }
 
-fn run(cmd: &mut Command) -> (i32, String) {
+pub fn run(cmd: &mut Command) -> (i32, String) {
     let out = cmd.output().expect("runs");
     (
         out.status.code().unwrap_or(-1),

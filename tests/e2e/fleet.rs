@@ -3,12 +3,12 @@
 //! balancer), the chain's head for a monitoring system, and `audit verify` / `summary` over
 //! several replicas' logs with a witness of how long each chain was.
 
-use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::cli::{bin, run};
 use crate::harness::{Env, Setup, RUDDER, SECURITY};
 
 const BALANCED: &str =
@@ -191,18 +191,6 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or(text)
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
-}
-
-fn run(cmd: &mut Command) -> (i32, String) {
-    let out = cmd.output().expect("runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 #[tokio::test]
