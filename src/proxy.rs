@@ -98,10 +98,15 @@ impl Running {
                 active.consent_hash.to_string(),
             )
             .await;
-        // The last audit handle goes with the proxy: the writer ends and flushes.
+        // Every record is flushed as it is written. The writer ends once the last audit handle
+        // is gone: wait for it only when no task (one stuck on an upstream past the deadline)
+        // still holds one, so a stuck request cannot hold the exit.
+        let idle = proxy.tracker.is_empty();
         drop(active);
         drop(proxy);
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        if idle {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
     }
 
     /// Leave a fleet cleanly (SIGTERM): `/readyz` fails at once, so the balancer's health check
