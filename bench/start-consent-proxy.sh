@@ -2,12 +2,14 @@
 # Start consent-proxy for the bench harness: a feature for upstream.test with rules, granted.
 set -euo pipefail
 dir=$(mktemp -d /tmp/consent-bench.XXXX)
+# The proxy refuses a CA key others can read; the harness's copy may be world-readable.
+install -m 0600 "${BENCH_MITM_CA_KEY}" "$dir/ca.key"
 cat > "$dir/policy.toml" <<TOML
 [listen]
 proxy = "127.0.0.1:${BENCH_PROXY_PORT}"
 [tls]
 ca_cert = "${BENCH_MITM_CA_CERT}"
-ca_key = "${BENCH_MITM_CA_KEY}"
+ca_key = "$dir/ca.key"
 [upstream]
 roots = "webpki"
 extra_ca = ["${BENCH_UPSTREAM_CA}"]
