@@ -40,5 +40,6 @@ pub mod reload;
 pub mod response;
 pub mod rewind;
 pub mod rewrite;
+mod spans;
 pub mod transparent;
 pub mod upstream;

@@ -109,6 +109,158 @@ pub struct JsonSelector {
     pub pattern: Option<String>,
     /// The member names `path` names (shorthands, quoted names, names in filter queries).
     pub names: Vec<String>,
+    /// `path` in the subset the span engine evaluates, when it is in it.
+    pub simple: Option<SimplePath>,
+}
+
+/// The JSONPath subset the span engine ([`crate::spans`]) evaluates without reading the whole
+/// body into a tree: segments of names, `*`, non-negative indexes, and filters that look only
+/// at the child they test (no `$` inside).
+#[derive(Clone, Debug)]
+pub struct SimplePath {
+    pub segments: Vec<SimpleSegment>,
+}
+
+#[derive(Clone, Debug)]
+pub enum SimpleSegment {
+    /// Members by name (`.a`, `['a','b']`), in the order written.
+    Names(Vec<String>),
+    Wildcard,
+    Index(usize),
+    /// `[?F]`, compiled as `$[?F]` and run on a one-item array holding the child.
+    Filter(JsonPath),
+}
+
+impl SimplePath {
+    /// `src` (valid RFC 9535) in the subset, or `None`.
+    fn parse(src: &str) -> Option<SimplePath> {
+        let b = src.as_bytes();
+        if b.first() != Some(&b'$') {
+            return None;
+        }
+        let mut i = 1;
+        let mut segments = Vec::new();
+        while i < b.len() {
+            match b[i] {
+                b'.' if b.get(i + 1) == Some(&b'*') => {
+                    segments.push(SimpleSegment::Wildcard);
+                    i += 2;
+                }
+                b'.' if b.get(i + 1) != Some(&b'.') => {
+                    let end = src[i + 1..]
+                        .find(|c: char| !(c == '_' || c.is_alphanumeric() || !c.is_ascii()))
+                        .map_or(src.len(), |e| e + i + 1);
+                    if end == i + 1 {
+                        return None;
+                    }
+                    segments.push(SimpleSegment::Names(vec![src[i + 1..end].to_string()]));
+                    i = end;
+                }
+                b'[' => {
+                    let end = bracket_end(src, i)?;
+                    segments.push(Self::bracket(&src[i + 1..end])?);
+                    i = end + 1;
+                }
+                _ => return None,
+            }
+        }
+        Some(SimplePath { segments })
+    }
+
+    fn bracket(inner: &str) -> Option<SimpleSegment> {
+        let inner = inner.trim();
+        if let Some(filter) = inner.strip_prefix('?') {
+            if outside_strings(filter).contains('$') {
+                return None;
+            }
+            return JsonPath::parse(&format!("$[?{filter}]"))
+                .ok()
+                .map(SimpleSegment::Filter);
+        }
+        if inner == "*" {
+            return Some(SimpleSegment::Wildcard);
+        }
+        if let Ok(i) = inner.parse::<usize>() {
+            return (inner.bytes().all(|b| b.is_ascii_digit())).then_some(SimpleSegment::Index(i));
+        }
+        // A list of quoted names only.
+        let mut names = Vec::new();
+        let mut rest = inner;
+        while !rest.is_empty() {
+            let quote = rest.chars().next()?;
+            if quote != '\'' && quote != '"' {
+                return None;
+            }
+            let close = string_end(rest, 0)?;
+            names.push(unquote(&rest[1..close], quote).ok()?);
+            rest = rest[close + 1..].trim_start();
+            match rest.strip_prefix(',') {
+                Some(r) => rest = r.trim_start(),
+                None if rest.is_empty() => {}
+                None => return None,
+            }
+        }
+        (!names.is_empty()).then_some(SimpleSegment::Names(names))
+    }
+}
+
+/// The index of the closing quote of the string literal opening at `open`.
+fn string_end(src: &str, open: usize) -> Option<usize> {
+    let b = src.as_bytes();
+    let quote = b[open];
+    let mut i = open + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            c if c == quote => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The index of the `]` closing the bracket that opens at `open` (strings and nesting skipped).
+fn bracket_end(src: &str, open: usize) -> Option<usize> {
+    let b = src.as_bytes();
+    let mut depth = 0;
+    let mut i = open;
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => i = string_end(src, i)?,
+            b'[' | b'(' => depth += 1,
+            b']' | b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `src` with the contents of its string literals blanked out.
+fn outside_strings(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    while i < src.len() {
+        let c = src.as_bytes()[i];
+        if c == b'\'' || c == b'"' {
+            match string_end(src, i) {
+                Some(end) => {
+                    out.push_str("''");
+                    i = end + 1;
+                    continue;
+                }
+                None => return src.to_string(),
+            }
+        }
+        out.push(c as char);
+        i += 1;
+    }
+    out
 }
 
 impl JsonSelector {
@@ -137,6 +289,7 @@ impl JsonSelector {
             path,
             pattern,
             names,
+            simple: SimplePath::parse(path_src),
         })
     }
 }

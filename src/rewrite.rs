@@ -19,6 +19,7 @@ use serde_json_path::PathElement;
 use crate::codec;
 use crate::fold::{fold, glob};
 use crate::policy::{Action, JsonSelector, Rule, Selector};
+use crate::spans::SpanDoc;
 
 /// The parts of a request the rules may change.
 #[derive(Debug)]
@@ -78,6 +79,16 @@ pub fn apply(
     msg: &mut Message,
     max_body_bytes: u64,
 ) -> Result<Edits, RewriteError> {
+    apply_with(rules, msg, max_body_bytes, spans_apply(rules))
+}
+
+/// [`apply`], with the span engine or (`spans` false) the tree engine for JSON bodies.
+fn apply_with(
+    rules: &[&Rule],
+    msg: &mut Message,
+    max_body_bytes: u64,
+    spans: bool,
+) -> Result<Edits, RewriteError> {
     let reads_body = rules.iter().any(|r| r.reads_body());
     let (plain, codings) = if reads_body && !msg.body.is_empty() {
         let (plain, codings) = codec::decode(&msg.headers, &msg.body, max_body_bytes)?;
@@ -86,7 +97,7 @@ pub fn apply(
         (msg.body.clone(), Vec::new())
     };
     let mut edits = Edits::default();
-    let mut body = Body::new(plain, Names::of(rules));
+    let mut body = Body::new(plain, Names::of(rules), spans);
     for rule in rules {
         match &rule.action {
             Action::Remove(selectors) => {
@@ -114,6 +125,17 @@ pub fn apply(
         msg.body = new_body;
     }
     Ok(edits)
+}
+
+/// Whether the span engine can apply every JSON selector of `rules` (see [`crate::spans`]).
+fn spans_apply(rules: &[&Rule]) -> bool {
+    rules.iter().all(|r| match &r.action {
+        Action::Keep(s) => !s.iter().any(|s| matches!(s, Selector::Json(_))),
+        action => action.selectors().all(|s| match s {
+            Selector::Json(j) => j.simple.is_some(),
+            _ => true,
+        }),
+    })
 }
 
 fn remove(
@@ -181,10 +203,7 @@ fn replace(
             if let Some(doc) = body.json()? {
                 for path in doc.located(j) {
                     // A member that already holds the replacement is left as it is: nothing to record.
-                    if let Some(node) =
-                        node_mut(&mut doc.value, &path).filter(|n| n.as_str() != Some(value))
-                    {
-                        *node = Value::String(value.to_string());
+                    if doc.replace(&path, value) {
                         changed.push(path);
                     }
                 }
@@ -287,7 +306,7 @@ fn keep(
     if !json.is_empty() {
         if let Some(doc) = body.json()? {
             let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| doc.located(j)).collect();
-            let n = prune(&mut doc.value, &mut Vec::new(), &kept);
+            let n = doc.prune(&kept);
             if n > 0 {
                 body.touch();
             }
@@ -299,7 +318,8 @@ fn keep(
 
 /// The body, parsed on first use by whichever kind of rule reads it.
 enum Body {
-    Raw(Bytes, Names),
+    /// Not parsed yet; `bool`: the span engine can apply the rules.
+    Raw(Bytes, Names, bool),
     Empty,
     Json {
         doc: Doc,
@@ -311,8 +331,76 @@ enum Body {
     },
 }
 
-/// A parsed JSON body, with the names its rules look for.
-struct Doc {
+/// A parsed JSON body: as spans of the bytes received (the fast path), or as a tree.
+enum Doc {
+    Spans(SpanDoc),
+    Tree(TreeDoc),
+}
+
+impl Doc {
+    fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
+        match (self, &sel.simple) {
+            (Doc::Spans(d), Some(simple)) => d.located(sel, simple),
+            (Doc::Tree(d), _) => d.located(sel),
+            (Doc::Spans(_), None) => unreachable!("the span engine is used only for simple paths"),
+        }
+    }
+
+    /// Remove the member or item at `path` (its parent must exist); false when not there.
+    fn remove(&mut self, path: &[Step]) -> bool {
+        match self {
+            Doc::Spans(d) => d.remove(path),
+            Doc::Tree(d) => {
+                let Some((last, parent)) = path.split_last() else {
+                    return false;
+                };
+                match (node_mut(&mut d.value, parent), last) {
+                    (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
+                    (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+                        items.remove(*i);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    /// Set the node at `path` to the string `text`; false when not there or already that.
+    fn replace(&mut self, path: &[Step], text: &str) -> bool {
+        match self {
+            Doc::Spans(d) => d.replace(path, text),
+            Doc::Tree(d) => match node_mut(&mut d.value, path).filter(|n| n.as_str() != Some(text))
+            {
+                Some(node) => {
+                    *node = Value::String(text.to_string());
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Remove everything neither kept nor on the way to something kept; returns the count.
+    fn prune(&mut self, kept: &BTreeSet<Vec<Step>>) -> usize {
+        match self {
+            Doc::Tree(d) => prune(&mut d.value, &mut Vec::new(), kept),
+            Doc::Spans(_) => unreachable!("allowlists use the tree engine"),
+        }
+    }
+
+    fn serialize(&self) -> Option<Bytes> {
+        match self {
+            Doc::Spans(d) => d.finish(),
+            Doc::Tree(d) => Some(Bytes::from(
+                serde_json::to_vec(&d.value).expect("a serde_json::Value always serializes"),
+            )),
+        }
+    }
+}
+
+/// A JSON body read into a tree, with the names its rules look for.
+struct TreeDoc {
     value: Value,
     names: Names,
     /// Some member is spelt otherwise than the rules spell the name it binds to
@@ -321,25 +409,30 @@ struct Doc {
 }
 
 impl Body {
-    fn new(raw: Bytes, names: Names) -> Self {
+    fn new(raw: Bytes, names: Names, spans: bool) -> Self {
         if raw.is_empty() {
             Body::Empty
         } else {
-            Body::Raw(raw, names)
+            Body::Raw(raw, names, spans)
         }
     }
 
     /// The JSON document, or `None` for an empty body (nothing to strip).
     fn json(&mut self) -> Result<Option<&mut Doc>, RewriteError> {
-        if let Body::Raw(raw, names) = self {
+        if let Body::Raw(raw, names, spans) = self {
             let names = std::mem::take(names);
-            let (value, respelt) = parse_json(raw, &names)?;
-            *self = Body::Json {
-                doc: Doc {
+            let doc = if *spans {
+                Doc::Spans(SpanDoc::parse(raw.clone(), names)?)
+            } else {
+                let (value, respelt) = parse_json(raw, &names)?;
+                Doc::Tree(TreeDoc {
                     value,
                     names,
                     respelt,
-                },
+                })
+            };
+            *self = Body::Json {
+                doc,
                 changed: false,
             };
         }
@@ -352,7 +445,7 @@ impl Body {
     }
 
     fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, RewriteError> {
-        if let Body::Raw(raw, _) = self {
+        if let Body::Raw(raw, ..) = self {
             let is_form = headers
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
@@ -394,11 +487,7 @@ impl Body {
     /// The new body, if it changed.
     fn finish(self) -> Option<Bytes> {
         match self {
-            Body::Json { doc, changed: true } => {
-                let bytes =
-                    serde_json::to_vec(&doc.value).expect("a serde_json::Value always serializes");
-                Some(Bytes::from(bytes))
-            }
+            Body::Json { doc, changed: true } => doc.serialize(),
             Body::Form {
                 params,
                 changed: true,
@@ -520,7 +609,7 @@ impl<'de> Visitor<'de> for Check<'_> {
 /// The member names a request's rules name, by folded form: how a member spelt another way
 /// (`Channel_Name`, `meſſage`) is found, as a Go receiver would bind it.
 #[derive(Default)]
-struct Names {
+pub(crate) struct Names {
     by_fold: HashMap<String, String>,
 }
 
@@ -542,7 +631,7 @@ impl Names {
     }
 
     /// The rules' spelling of the name `key` binds to, if they name it.
-    fn spelling_of(&self, key: &str) -> Option<&str> {
+    pub(crate) fn spelling_of(&self, key: &str) -> Option<&str> {
         if self.by_fold.is_empty() {
             return None;
         }
@@ -550,12 +639,12 @@ impl Names {
     }
 
     /// `key` as the rules read it.
-    fn read_as<'k>(&'k self, key: &'k str) -> &'k str {
+    pub(crate) fn read_as<'k>(&'k self, key: &'k str) -> &'k str {
         self.spelling_of(key).unwrap_or(key)
     }
 
     /// A copy of `value` with every member spelt the rules' way.
-    fn respell(&self, value: &Value) -> Value {
+    pub(crate) fn respell(&self, value: &Value) -> Value {
         match value {
             Value::Object(map) => Value::Object(
                 map.iter()
@@ -598,12 +687,12 @@ impl<'de> Visitor<'de> for KeyVisitor {
 
 /// One step of a normalized JSONPath, owned so the document can be changed after the query.
 #[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
-enum Step {
+pub(crate) enum Step {
     Name(String),
     Index(usize),
 }
 
-impl Doc {
+impl TreeDoc {
     /// Where `sel` matches, as normalized paths into the document as received.
     fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
         let respelt = self.respelt.then(|| self.names.respell(&self.value));
@@ -679,16 +768,7 @@ fn remove_json(doc: &mut Doc, sel: &JsonSelector) -> Vec<String> {
     paths.reverse();
     let mut removed = Vec::new();
     for path in paths {
-        let (last, parent) = path.split_last().expect("empty paths were filtered out");
-        let gone = match (node_mut(&mut doc.value, parent), last) {
-            (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
-            (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
-                items.remove(*i);
-                true
-            }
-            _ => false,
-        };
-        if gone {
+        if doc.remove(&path) {
             removed.push(path);
         }
     }
@@ -1358,11 +1438,131 @@ mod tests {
             );
             let (back, found) = codec::decode(&m.headers, &m.body, 1 << 20).expect("decodes");
             assert_eq!(found, stack);
-            assert_eq!(back, br#"{"a":"<b>"}"#, "{header}");
+            // Every byte no rule touched leaves as it came, Go's escapes included.
+            assert_eq!(back, br#"{"a":"\u003cb\u003e"}"#, "{header}");
         }
         let mut m = msg(None, &[("content-encoding", "gzip")], "");
         m.body = Bytes::from(codec::encode(&vec![b' '; 4 << 20], &[Coding::Gzip]));
         assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::TooLarge));
+    }
+
+    /// The span engine and the tree engine agree: same outcome, same edits, same document (the
+    /// span engine keeping untouched bytes), on every fixture under every withheld category and
+    /// on thousands of mutated bodies (keys respelt, duplicated, nested, values changed).
+    #[test]
+    fn span_and_tree_engines_agree() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mattermost");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "fixtures missing"
+            );
+            return;
+        };
+        let mut bodies: Vec<Vec<u8>> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .collect();
+        assert!(bodies.len() >= 10);
+        // Deterministic mutations: respelt keys, duplicates, dropped bytes, wrapped values.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let originals = bodies.clone();
+        for round in 0..400 {
+            let mut b = originals[round % originals.len()].clone();
+            for _ in 0..(1 + next() % 3) {
+                let at = (next() as usize) % b.len().max(1);
+                match next() % 6 {
+                    0 => b[at] = b[at].to_ascii_uppercase(),
+                    1 => {
+                        let end = (at + (next() % 40) as usize).min(b.len());
+                        let copy = b[at..end].to_vec();
+                        b.splice(at..at, copy);
+                    }
+                    2 => {
+                        b.remove(at);
+                    }
+                    3 => b
+                        .splice(at..at, br#""M\u0065ssage":1,"#.iter().copied())
+                        .for_each(drop),
+                    4 => b.splice(at..at, b"{\"x\":[".iter().copied()).for_each(drop),
+                    _ => b
+                        .splice(at..at, b"\"channel_name\":\"c\",".iter().copied())
+                        .for_each(drop),
+                }
+            }
+            bodies.push(b);
+        }
+        let categories = [
+            "activity_counts",
+            "configuration",
+            "license_info",
+            "enterprise_features",
+            "versions_and_components",
+            "message_content",
+            "channel_names",
+            "user_names",
+        ];
+        let mut withheld_sets: Vec<Vec<&str>> = categories.iter().map(|c| vec![*c]).collect();
+        withheld_sets.push(categories.to_vec());
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut compared = 0;
+        for withheld in &withheld_sets {
+            let text = format!(
+                "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\npush_notifications = \"granted\"\nwithhold = {withheld:?}\n"
+            );
+            let policy = crate::config::load_str("t", &text, tmp.path())
+                .expect("loads")
+                .policy;
+            for (host, path) in [
+                ("pdat.matterlytics.com", "/v1/batch"),
+                ("push.mattermost.com", "/api/v1/send_push"),
+            ] {
+                let crate::policy::Verdict::Granted { rules, .. } = policy.decide(host, path)
+                else {
+                    panic!("granted");
+                };
+                if rules.is_empty() {
+                    continue;
+                }
+                assert!(
+                    spans_apply(&rules),
+                    "the pack's rules are in the span subset"
+                );
+                for body in &bodies {
+                    let mut a = msg(None, &[], "");
+                    a.body = Bytes::from(body.clone());
+                    let mut b = msg(None, &[], "");
+                    b.body = Bytes::from(body.clone());
+                    let spans = apply_with(&rules, &mut a, 1 << 20, true);
+                    let tree = apply_with(&rules, &mut b, 1 << 20, false);
+                    let shown = String::from_utf8_lossy(body);
+                    assert_eq!(spans, tree, "{withheld:?} {shown}");
+                    if spans.is_ok() {
+                        let va: Value =
+                            serde_json::from_slice(&a.body).expect("span output is JSON");
+                        let vb: Value =
+                            serde_json::from_slice(&b.body).expect("tree output is JSON");
+                        assert_eq!(va, vb, "{withheld:?} {shown}");
+                        if spans
+                            .as_ref()
+                            .is_ok_and(|e| e.removed.is_empty() && e.replaced.is_empty())
+                        {
+                            assert_eq!(a.body, body.as_slice());
+                        }
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared > 500, "only {compared} successful comparisons");
     }
 
     #[test]
