@@ -2,9 +2,11 @@
 //! body) and reports what it changed as selectors, never as values. Pure: bytes in, bytes out.
 //!
 //! Byte fidelity: query and form parameters that no rule touches keep their exact bytes; a JSON
-//! body no rule changes is passed on as received. A changed JSON body is re-serialized compactly
-//! with member order and number text preserved (string escapes may be normalized, e.g. Go's
-//! `\u003c` becomes `<`; both decode to the same value).
+//! body no rule changes is passed on as received. JSON selectors in the span engine's subset
+//! (every selector of the Mattermost pack) are applied by cutting and splicing the received bytes
+//! ([`crate::spans`]): every byte no rule touched leaves as it came, Go's `\u003c` escapes
+//! included. Other selectors and JSON allowlists use a `serde_json::Value` tree, re-serialized
+//! compactly with member order and number text kept (string escapes may then be normalized).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
