@@ -424,7 +424,7 @@ impl Body {
         if let Body::Raw(raw, names, spans) = self {
             let names = std::mem::take(names);
             let doc = if *spans {
-                Doc::Spans(SpanDoc::parse(raw.clone(), names)?)
+                Doc::Spans(SpanDoc::parse(raw, names)?)
             } else {
                 let (value, respelt) = parse_json(raw, &names)?;
                 Doc::Tree(TreeDoc {
@@ -613,6 +613,9 @@ impl<'de> Visitor<'de> for Check<'_> {
 #[derive(Default)]
 pub(crate) struct Names {
     by_fold: HashMap<String, String>,
+    /// The byte lengths of the folded names: an ASCII key of another length names none of
+    /// them (folding keeps an ASCII name's length), and most keys are told so without folding.
+    lengths: Vec<usize>,
 }
 
 impl Names {
@@ -629,12 +632,15 @@ impl Names {
                 }
             }
         }
-        Names { by_fold }
+        let mut lengths: Vec<usize> = by_fold.keys().map(String::len).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        Names { by_fold, lengths }
     }
 
     /// The rules' spelling of the name `key` binds to, if they name it.
     pub(crate) fn spelling_of(&self, key: &str) -> Option<&str> {
-        if self.by_fold.is_empty() {
+        if self.by_fold.is_empty() || (key.is_ascii() && !self.lengths.contains(&key.len())) {
             return None;
         }
         self.by_fold.get(&*fold(key)).map(String::as_str)

@@ -20,7 +20,8 @@ const MAX_DEPTH: usize = 128;
 
 /// A parsed body: the tree of spans, what changed, and the names its rules look for.
 pub(crate) struct SpanDoc {
-    src: Bytes,
+    /// The body, checked as UTF-8 once; spans index it.
+    src: String,
     root: Node,
     names: Names,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
@@ -41,24 +42,50 @@ struct Node {
 
 enum Kind {
     Object(Vec<Member>),
-    Array(Vec<Node>),
+    /// The items, and the lowest position of a removed one (below it, index = position).
+    Array(Vec<Node>, usize),
     Scalar,
 }
 
 struct Member {
     /// The key as it decodes.
-    key: String,
+    key: Key,
     /// From the key's opening quote up to the value.
     key_span: Range<usize>,
     value: Node,
 }
 
+/// A member's key: its bytes in the body when it holds no escape, or its decoded text.
+enum Key {
+    Raw(Range<usize>),
+    Decoded(String),
+}
+
+impl Member {
+    fn key<'s>(&'s self, src: &'s str) -> &'s str {
+        match &self.key {
+            // Ranges lie between a key's quotes (ASCII), so on character boundaries.
+            Key::Raw(r) => src.get(r.clone()).unwrap_or_default(),
+            Key::Decoded(k) => k,
+        }
+    }
+}
+
+/// The live item at index `i` of an array (items removed before it shift it).
+fn nth_live(items: &[Node], first_removed: usize, i: usize) -> Option<&Node> {
+    if i < first_removed {
+        return items.get(i).filter(|n| !n.removed);
+    }
+    items.iter().filter(|n| !n.removed).nth(i)
+}
+
 impl SpanDoc {
     /// Parse and check `src` (see `rewrite::parse_json` for what is refused and why).
-    pub(crate) fn parse(src: Bytes, names: Names) -> Result<SpanDoc, RewriteError> {
-        let text = std::str::from_utf8(&src).map_err(|_| RewriteError::NotJson)?;
+    pub(crate) fn parse(raw: &[u8], names: Names) -> Result<SpanDoc, RewriteError> {
+        let src = String::from_utf8(raw.to_vec()).map_err(|_| RewriteError::NotJson)?;
         let mut scanner = Scanner {
-            s: text.as_bytes(),
+            text: &src,
+            s: src.as_bytes(),
             at: 0,
             names: &names,
             respelt: false,
@@ -95,9 +122,10 @@ impl SpanDoc {
                 for (at, node) in found {
                     if let Kind::Object(members) = &node.kind {
                         for m in members.iter().filter(|m| !m.value.removed) {
-                            if glob(pattern, &m.key) {
+                            let key = m.key(&self.src);
+                            if glob(pattern, key) {
                                 let mut p = at.clone();
-                                p.push(Step::Name(m.key.clone()));
+                                p.push(Step::Name(key.to_string()));
                                 out.push(p);
                             }
                         }
@@ -126,14 +154,14 @@ impl SpanDoc {
                     if let Some(m) = members
                         .iter()
                         .filter(|m| !m.value.removed)
-                        .find(|m| self.read_as(&m.key) == name)
+                        .find(|m| self.read_as(m.key(&self.src)) == name)
                     {
-                        push(out, Step::Name(m.key.clone()), &m.value);
+                        push(out, Step::Name(m.key(&self.src).to_string()), &m.value);
                     }
                 }
             }
-            (SimpleSegment::Index(i), Kind::Array(items)) => {
-                if let Some(item) = items.iter().filter(|n| !n.removed).nth(*i) {
+            (SimpleSegment::Index(i), Kind::Array(items, first_removed)) => {
+                if let Some(item) = nth_live(items, *first_removed, *i) {
                     push(out, Step::Index(*i), item);
                 }
             }
@@ -158,9 +186,9 @@ impl SpanDoc {
             Kind::Object(members) => members
                 .iter()
                 .filter(|m| !m.value.removed)
-                .map(|m| (Step::Name(m.key.clone()), &m.value))
+                .map(|m| (Step::Name(m.key(&self.src).to_string()), &m.value))
                 .collect(),
-            Kind::Array(items) => items
+            Kind::Array(items, _) => items
                 .iter()
                 .filter(|n| !n.removed)
                 .enumerate()
@@ -194,7 +222,7 @@ impl SpanDoc {
 
     /// Remove the node at `path`; false when it is not there.
     pub(crate) fn remove(&mut self, path: &[Step]) -> bool {
-        self.edit(path, |n| {
+        edit(&self.src, &mut self.root, path, |n| {
             n.removed = true;
             true
         })
@@ -204,11 +232,13 @@ impl SpanDoc {
     /// already holds exactly that string.
     pub(crate) fn replace(&mut self, path: &[Step], text: &str) -> bool {
         let literal = serde_json::to_string(text).expect("a string always serializes");
-        let src = self.src.clone();
-        self.edit(path, |n| {
+        let src = &self.src;
+        edit(src, &mut self.root, path, |n| {
             let current: Option<String> = match &n.replaced {
                 Some(r) => serde_json::from_str(r).ok(),
-                None => serde_json::from_slice(&src[n.span.clone()]).ok(),
+                None => src
+                    .get(n.span.clone())
+                    .and_then(|t| serde_json::from_str(t).ok()),
             };
             if current.as_deref() == Some(text) {
                 return false;
@@ -216,29 +246,6 @@ impl SpanDoc {
             n.replaced = Some(literal.clone());
             true
         })
-    }
-
-    fn edit(&mut self, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
-        fn walk(node: &mut Node, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
-            let Some((first, rest)) = path.split_first() else {
-                return f(node);
-            };
-            let child = match (&mut node.kind, first) {
-                (Kind::Object(members), Step::Name(name)) => members
-                    .iter_mut()
-                    .filter(|m| !m.value.removed)
-                    .find(|m| &m.key == name)
-                    .map(|m| &mut m.value),
-                (Kind::Array(items), Step::Index(i)) => {
-                    items.iter_mut().filter(|n| !n.removed).nth(*i)
-                }
-                _ => None,
-            };
-            let changed = child.is_some_and(|c| walk(c, rest, f));
-            node.dirty |= changed;
-            changed
-        }
-        walk(&mut self.root, path, f)
     }
 
     /// The body as it leaves: the original bytes, with removed members and items cut and
@@ -254,7 +261,7 @@ impl SpanDoc {
 
     fn bytes_of(&self, node: &Node) -> Cow<'_, [u8]> {
         if !node.dirty && node.replaced.is_none() {
-            return Cow::Borrowed(&self.src[node.span.clone()]);
+            return Cow::Borrowed(&self.src.as_bytes()[node.span.clone()]);
         }
         let mut out = Vec::new();
         self.emit(node, &mut out);
@@ -267,7 +274,7 @@ impl SpanDoc {
             return;
         }
         if !node.dirty {
-            out.extend_from_slice(&self.src[node.span.clone()]);
+            out.extend_from_slice(&self.src.as_bytes()[node.span.clone()]);
             return;
         }
         match &node.kind {
@@ -277,12 +284,12 @@ impl SpanDoc {
                     if i > 0 {
                         out.push(b',');
                     }
-                    out.extend_from_slice(&self.src[m.key_span.clone()]);
+                    out.extend_from_slice(&self.src.as_bytes()[m.key_span.clone()]);
                     self.emit(&m.value, out);
                 }
                 out.push(b'}');
             }
-            Kind::Array(items) => {
+            Kind::Array(items, _) => {
                 out.push(b'[');
                 for (i, item) in items.iter().filter(|n| !n.removed).enumerate() {
                     if i > 0 {
@@ -292,13 +299,57 @@ impl SpanDoc {
                 }
                 out.push(b']');
             }
-            Kind::Scalar => out.extend_from_slice(&self.src[node.span.clone()]),
+            Kind::Scalar => out.extend_from_slice(&self.src.as_bytes()[node.span.clone()]),
         }
     }
 }
 
+/// Apply `f` to the node at `path` under `root`, marking its ancestors dirty when it changed
+/// something; false when the node is not there.
+fn edit(src: &str, root: &mut Node, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
+    fn walk(src: &str, node: &mut Node, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
+        let Some((first, rest)) = path.split_first() else {
+            return f(node);
+        };
+        let changed = match (&mut node.kind, first) {
+            (Kind::Object(members), Step::Name(name)) => members
+                .iter_mut()
+                .filter(|m| !m.value.removed)
+                .find(|m| m.key(src) == name)
+                .is_some_and(|m| walk(src, &mut m.value, rest, f)),
+            (Kind::Array(items, first_removed), Step::Index(i)) => {
+                let position = if *i < *first_removed && items.get(*i).is_some_and(|n| !n.removed) {
+                    Some(*i)
+                } else {
+                    items
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| !n.removed)
+                        .nth(*i)
+                        .map(|(p, _)| p)
+                };
+                match position {
+                    Some(p) => {
+                        let changed = walk(src, &mut items[p], rest, f);
+                        if changed && items[p].removed {
+                            *first_removed = (*first_removed).min(p);
+                        }
+                        changed
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        };
+        node.dirty |= changed;
+        changed
+    }
+    walk(src, root, path, f)
+}
+
 /// A strict RFC 8259 scanner over text already known to be UTF-8.
 struct Scanner<'s> {
+    text: &'s str,
     s: &'s [u8],
     at: usize,
     names: &'s Names,
@@ -372,19 +423,27 @@ impl Scanner<'_> {
         loop {
             self.ws();
             let key_start = self.at;
-            let key = self.string()?;
-            if key.chars().any(char::is_control) {
+            let key = match self.string()? {
+                None => Key::Raw(key_start + 1..self.at - 1),
+                Some(decoded) => Key::Decoded(decoded),
+            };
+            let text = match &key {
+                Key::Raw(r) => self.text.get(r.clone()).ok_or(RewriteError::NotJson)?,
+                Key::Decoded(k) => k.as_str(),
+            };
+            if text.chars().any(char::is_control) {
                 return Err(RewriteError::BadKey);
             }
-            if members.iter().any(|m| m.key == key) {
+            if members.iter().any(|m| m.key(self.text) == text) {
                 return Err(RewriteError::DuplicateKey);
             }
-            if let Some(spelling) = self.names.spelling_of(&key) {
+            let names = self.names;
+            if let Some(spelling) = names.spelling_of(text) {
                 if bound.contains(&spelling) {
                     return Err(RewriteError::DuplicateKey);
                 }
                 bound.push(spelling);
-                if spelling != key {
+                if spelling != text {
                     self.respelt = true;
                 }
             }
@@ -419,7 +478,7 @@ impl Scanner<'_> {
         self.ws();
         if self.s.get(self.at) == Some(&b']') {
             self.at += 1;
-            return Ok(Kind::Array(items));
+            return Ok(Kind::Array(items, usize::MAX));
         }
         loop {
             self.ws();
@@ -429,26 +488,25 @@ impl Scanner<'_> {
                 Some(b',') => self.at += 1,
                 Some(b']') => {
                     self.at += 1;
-                    return Ok(Kind::Array(items));
+                    return Ok(Kind::Array(items, usize::MAX));
                 }
                 _ => return Err(RewriteError::NotJson),
             }
         }
     }
 
-    /// A string literal; returns its decoded text. Raw control characters, bad escapes and lone
-    /// surrogates are refused (as serde_json refuses them).
-    fn string(&mut self) -> Result<String, RewriteError> {
+    /// A string literal: `None` when its text is its bytes (no escape), else the decoded
+    /// text. Raw control characters, bad escapes and lone surrogates are refused (as serde_json
+    /// refuses them).
+    fn string(&mut self) -> Result<Option<String>, RewriteError> {
         self.eat(b'"')?;
         let start = self.at;
         // Fast path: no escapes.
         while let Some(&b) = self.s.get(self.at) {
             match b {
                 b'"' => {
-                    let text = std::str::from_utf8(&self.s[start..self.at])
-                        .map_err(|_| RewriteError::NotJson)?;
                     self.at += 1;
-                    return Ok(text.to_string());
+                    return Ok(None);
                 }
                 b'\\' => break,
                 0..=0x1f => return Err(RewriteError::NotJson),
@@ -461,7 +519,9 @@ impl Scanner<'_> {
                 None => return Err(RewriteError::NotJson),
                 Some(b'"') => {
                     self.at += 1;
-                    return String::from_utf8(out).map_err(|_| RewriteError::NotJson);
+                    return String::from_utf8(out)
+                        .map(Some)
+                        .map_err(|_| RewriteError::NotJson);
                 }
                 Some(0..=0x1f) => return Err(RewriteError::NotJson),
                 Some(b'\\') => {
