@@ -16,7 +16,8 @@ pub fn raw_member(text: &str, key: &str) -> Option<String> {
     Some(rest[..end].to_string())
 }
 
-async fn raw_exchange(env: &Env, request: &str) -> String {
+/// Send `request` to the proxy's explicit listener; the first answer read.
+pub async fn raw_exchange(env: &Env, request: &str) -> String {
     let mut tcp = TcpStream::connect(env.proxy).await.expect("connect");
     tcp.write_all(request.as_bytes()).await.expect("write");
     let mut buf = vec![0u8; 4096];

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::bad_input::raw_exchange;
 use crate::cli::bin;
 use crate::harness::{fixture_body, Curl, Env, Setup, PUSH, RUDDER, SECURITY};
 
@@ -419,19 +420,6 @@ async fn request_forms_rfc_9112_forbids_are_refused_with_a_record() {
     env.stop().await;
 }
 
-async fn raw_to_proxy(env: &Env, request: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(env.proxy)
-        .await
-        .expect("connect");
-    tcp.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("answer in time")
-        .unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).to_string()
-}
-
 #[tokio::test]
 async fn loops_to_the_proxys_own_listener_are_refused() {
     let env = Env::start(Setup::default()).await;
@@ -444,7 +432,7 @@ async fn loops_to_the_proxys_own_listener_are_refused() {
         ),
         format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"),
     ] {
-        let answer = raw_to_proxy(&env, &request).await;
+        let answer = raw_exchange(&env, &request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{request:?}: {answer}");
         let record = env.audit().pop().expect("record");
         assert_eq!(
@@ -470,7 +458,7 @@ async fn every_refusal_leaves_one_record_and_bytes_are_counted() {
         "GET /x HTTP/9.9\r\n\r\n",
     ];
     for (i, request) in requests.iter().enumerate() {
-        let answer = raw_to_proxy(&env, request).await;
+        let answer = raw_exchange(&env, request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{request:?}: {answer}");
         // hyper answers before the proxy records: wait for the record.
         let deadline = Instant::now() + Duration::from_secs(10);
