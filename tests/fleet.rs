@@ -155,6 +155,24 @@ async fn get_through(front: SocketAddr, ca: &Path, host: &str, path: &str) -> Re
         .ok_or(format!("no response: {text:?}"))
 }
 
+/// Send requests through the front until one lands on the replica whose log is `log`: HAProxy
+/// has it back in rotation (its health checks passed `rise` times).
+async fn in_rotation(front: SocketAddr, ca: &Path, log: &Path, label: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 0.. {
+        let path = format!("/bulletins/warm-{label}-{n}");
+        let _ = get_through(front, ca, SECURITY, &path).await;
+        if records(log).iter().any(|r| r["path"] == path.as_str()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{label} never came back into rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -348,18 +366,22 @@ async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
                 );
                 r1 = Replica::start(d, "replica-1", p1, a1);
                 r1.ready().await;
+                // Before the other replica goes down, HAProxy must route to this one again.
+                in_rotation(front, &ca, &logs[0], "r1").await;
             }
             40 => {
                 r2.child.kill().expect("SIGKILL");
                 let _ = r2.child.wait();
                 r2 = Replica::start(d, "replica-2", p2, a2);
                 r2.ready().await;
+                in_rotation(front, &ca, &logs[1], "r2").await;
             }
             _ => {}
         }
         let path = format!("/bulletins/loop-{i}?id=x&uc=SECRET{i}");
-        if get_through(front, &ca, SECURITY, &path).await == Ok(200) {
-            answered += 1;
+        match get_through(front, &ca, SECURITY, &path).await {
+            Ok(200) => answered += 1,
+            other => eprintln!("request {i}: {other:?}"),
         }
     }
     assert!(
