@@ -226,7 +226,7 @@ async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
              [clients]\nallow = [\"127.0.0.0/8\"]\nbalancers = [\"{BALANCER}/32\"]\n\
              [tls]\nca_cert = \"ca/ca.pem\"\nca_key = \"ca/ca.key\"\n\
              [upstream]\nextra_ca = [\"upstream-ca.pem\"]\nresolve = {{ \"{SECURITY}:443\" = \"{0}\", \"{PUSH}:443\" = \"{0}\" }}\n\
-             [audit]\npath = \"unused.jsonl\"\n[limits]\ndrain_delay_secs = 1\nshutdown_timeout_secs = 5\n",
+             [audit]\npath = \"unused.jsonl\"\n[limits]\ndrain_delay_secs = 2\nshutdown_timeout_secs = 5\n",
             upstream.addr
         )
     };
@@ -347,7 +347,7 @@ async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
             10 => {
                 r1.signal("-TERM");
                 // Readiness fails at once, while the listeners still accept (drain_delay_secs).
-                let deadline = Instant::now() + Duration::from_millis(900);
+                let deadline = Instant::now() + Duration::from_millis(1800);
                 let mut status = admin_get(r1.admin, "/readyz").await.0;
                 while status != 503 && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
