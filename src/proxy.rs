@@ -435,12 +435,9 @@ async fn accept_explicit(proxy: Arc<Proxy>, listener: TcpListener) {
         match crate::balancer::accept(tcp, from, &p.balancers, within).await {
             Ok((client, io)) => serve_explicit(p, peer(client), io).await,
             Err(refused) => {
-                let mut entry = p.entry(&p.current(), peer(from), None, &Method::CONNECT, None);
-                entry.method = None;
-                entry.decision = Decision::Blocked;
-                entry.reason = refused.to_string();
-                info!(reason = %entry.reason, "connection refused");
-                let _ = p.record(entry).await;
+                info!(reason = %refused, "connection refused");
+                p.record_blocked(peer(from), None, None, refused.to_string(), None)
+                    .await;
             }
         }
     })
@@ -661,25 +658,15 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-        let start = match tokio::time::timeout(self.limits.tls_handshake_timeout, acceptor).await {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => {
-                let why = format!("client TLS hello failed: {e}");
-                return self.record_handshake(peer, &target, why).await;
-            }
-            Err(_) => {
-                let why = "client sent no TLS hello in time".to_string();
-                return self.record_handshake(peer, &target, why).await;
-            }
+        let limit = self.limits.tls_handshake_timeout;
+        let start = match handshake_step(tokio::time::timeout(limit, acceptor).await, "hello") {
+            Ok(start) => start,
+            Err(why) => return self.record_handshake(peer, &target, why).await,
         };
         if let Some(sni) = start.client_hello().server_name() {
             if normalize_host(sni) != target.host {
-                let mut entry =
-                    self.entry(&self.current(), peer, Some(&target), &Method::CONNECT, None);
-                entry.decision = Decision::Blocked;
-                entry.reason = "TLS SNI does not match the CONNECT target".into();
-                let _ = self.record(entry).await;
-                return;
+                let why = "TLS SNI does not match the CONNECT target".to_string();
+                return self.record_handshake(peer, &target, why).await;
             }
         }
         let config = match self.ca.server_config(&target.host) {
@@ -693,21 +680,10 @@ impl Proxy {
                 return;
             }
         };
-        let tls = match tokio::time::timeout(
-            self.limits.tls_handshake_timeout,
-            start.into_stream(config),
-        )
-        .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let why = format!("client TLS handshake failed: {e}");
-                return self.record_handshake(peer, &target, why).await;
-            }
-            Err(_) => {
-                let why = "client TLS handshake timed out".to_string();
-                return self.record_handshake(peer, &target, why).await;
-            }
+        let handshake = tokio::time::timeout(limit, start.into_stream(config)).await;
+        let tls = match handshake_step(handshake, "handshake") {
+            Ok(tls) => tls,
+            Err(why) => return self.record_handshake(peer, &target, why).await,
         };
         let this = self.clone();
         let for_service = target.clone();
@@ -744,22 +720,40 @@ impl Proxy {
         if !e.is_parse() && !e.is_parse_too_large() {
             return;
         }
-        let mut entry = self.entry(&self.current(), peer, target, &Method::GET, None);
-        entry.method = None;
-        entry.decision = Decision::Blocked;
-        entry.reason = format!("malformed request: {e}");
-        entry.status = Some(if e.is_parse_too_large() { 431 } else { 400 });
-        entry.bytes_in = Some(0);
-        entry.bytes_out = Some(0);
-        let _ = self.record(entry).await;
+        let status = if e.is_parse_too_large() { 431 } else { 400 };
+        let reason = format!("malformed request: {e}");
+        self.record_blocked(peer, target, None, reason, Some(status))
+            .await;
     }
 
-    /// A client's TLS handshake with the minted leaf did not complete: recorded, since the
-    /// client meant to reach a feature host (a client that does not trust the CA shows here).
+    /// A client's TLS handshake with the minted leaf did not complete, or named another host:
+    /// recorded, since the client meant to reach a feature host (a client that does not trust
+    /// the CA shows here).
     async fn record_handshake(&self, peer: Peer, target: &Target, why: String) {
-        let mut entry = self.entry(&self.current(), peer, Some(target), &Method::CONNECT, None);
+        self.record_blocked(peer, Some(target), Some(&Method::CONNECT), why, None)
+            .await;
+    }
+
+    /// Record a connection or request refused before any HTTP answer of ours (hyper answered,
+    /// the handshake failed, the connection was closed): `blocked`. A request hyper answered
+    /// (it has a `status`) passed no body; a connection's bytes are not known (`null`).
+    pub(crate) async fn record_blocked(
+        &self,
+        peer: Peer,
+        target: Option<&Target>,
+        method: Option<&Method>,
+        reason: String,
+        status: Option<u16>,
+    ) {
+        let mut entry = self.entry(&self.current(), peer, target, &Method::CONNECT, None);
+        entry.method = method.map(Method::to_string);
         entry.decision = Decision::Blocked;
-        entry.reason = why;
+        entry.reason = reason;
+        if status.is_some() {
+            entry.bytes_in = Some(0);
+            entry.bytes_out = Some(0);
+        }
+        entry.status = status;
         let _ = self.record(entry).await;
     }
 
@@ -855,12 +849,12 @@ impl Proxy {
         entry.replaced = outcome.edits.replaced;
         if !outcome.rewritten {
             parts.headers = original.unwrap_or(msg.headers);
-            let out = body.map(streamed).unwrap_or_else(|| full(raw));
+            let out = body.map(without_trailers).unwrap_or_else(|| full(raw));
             return self.forward(entry, &target, parts, out).await;
         }
         parts.uri = with_query(&parts.uri, msg.query.as_deref());
         parts.headers = msg.headers;
-        let out = body.map(streamed).unwrap_or_else(|| full(msg.body));
+        let out = body.map(without_trailers).unwrap_or_else(|| full(msg.body));
         self.forward(entry, &target, parts, out).await
     }
 
@@ -1168,6 +1162,18 @@ impl Proxy {
     }
 }
 
+/// One step of a client's TLS handshake, bounded in time: the result, or why it failed.
+fn handshake_step<T, E: std::fmt::Display>(
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    step: &str,
+) -> Result<T, String> {
+    match result {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(format!("client TLS {step} failed: {e}")),
+        Err(_) => Err(format!("client TLS {step} timed out")),
+    }
+}
+
 const LOOP: &str = "the destination is one of the proxy's own listeners (a loop)";
 
 const FEATURE_ADDRESS: &str =
@@ -1248,21 +1254,19 @@ fn connect_target(uri: &Uri) -> Option<Target> {
 }
 
 /// RFC 9112 read strictly, where hyper is lenient and a receiver might read the request
-/// differently from the proxy: exactly one `Host`; the request-target in the one form the
-/// listener takes (origin-form, or `*` for OPTIONS, inside an intercepted connection;
-/// absolute-form for a plain-HTTP proxy request); `chunked` as the only transfer coding, not in
-/// HTTP/1.0. (hyper itself refuses `Content-Length` headers that disagree. With both `Transfer-Encoding` and `Content-Length`, hyper
-/// follows RFC 9112 §6.3: chunked wins and the connection closes after the response; the body
-/// leaves re-framed, so no receiver can read it otherwise.) HTTP/2 requests are framed by h2 and
-/// checked by [`names_agree`] alone.
+/// differently from the proxy: a `Host` (more than one is [`names_agree`]'s to refuse); the
+/// request-target in the one form the listener takes (origin-form, or `*` for OPTIONS, inside
+/// an intercepted connection; absolute-form for a plain-HTTP proxy request); `chunked` as the
+/// only transfer coding, not in HTTP/1.0. hyper itself refuses `Content-Length`s that disagree;
+/// with both `Transfer-Encoding` and `Content-Length` it follows RFC 9112 §6.3 (chunked wins,
+/// the connection closes after the response), and the body leaves re-framed, so no receiver
+/// reads it otherwise. HTTP/2 requests are framed by h2 and checked by [`names_agree`] alone.
 fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
     if parts.version >= Version::HTTP_2 {
         return Ok(());
     }
-    match parts.headers.get_all(HOST).iter().count() {
-        0 => return Err("HTTP/1 request without a Host header"),
-        1 => {}
-        _ => return Err("more than one Host header"),
+    if !parts.headers.contains_key(HOST) {
+        return Err("HTTP/1 request without a Host header");
     }
     let uri = &parts.uri;
     let origin_form = uri.scheme().is_none()
@@ -1438,6 +1442,41 @@ fn streamed(body: Incoming) -> OutBody {
     body.map_err(Into::into).boxed()
 }
 
+/// A body of a request the rules looked at, streamed without its trailers: the rules read the
+/// headers, and trailers are headers a client could send after them (a read body is collected,
+/// which drops them too).
+fn without_trailers(body: Incoming) -> OutBody {
+    NoTrailers(body).map_err(Into::into).boxed()
+}
+
+struct NoTrailers<B>(B);
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for NoTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        match std::pin::Pin::new(&mut self.get_mut().0).poll_frame(cx) {
+            // Trailers come last: the body ends there.
+            std::task::Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                std::task::Poll::Ready(None)
+            }
+            polled => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
 fn full(bytes: Bytes) -> OutBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
@@ -1497,6 +1536,42 @@ mod tests {
             let (parts, ()) = b.body(()).expect("request").into_parts();
             assert_eq!(names_agree(&parts, &target).is_ok(), ok, "{uri} {host:?}");
         }
+    }
+
+    /// A test body: these frames, in order.
+    struct Frames(Vec<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            let frames = &mut self.get_mut().0;
+            std::task::Poll::Ready((!frames.is_empty()).then(|| Ok(frames.remove(0))))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_of_an_inspected_body_do_not_leave() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-install-id", "secret".parse().expect("value"));
+        let frames = || {
+            Frames(vec![
+                hyper::body::Frame::data(Bytes::from_static(b"body")),
+                hyper::body::Frame::trailers(trailers.clone()),
+            ])
+        };
+        let passed = NoTrailers(frames()).collect().await.expect("collects");
+        assert!(passed.trailers().is_none());
+        assert_eq!(passed.to_bytes(), "body");
+        let as_sent = frames().collect().await.expect("collects");
+        assert!(
+            as_sent.trailers().is_some(),
+            "the test body carries trailers"
+        );
     }
 
     #[test]
