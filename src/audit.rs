@@ -482,11 +482,6 @@ pub enum Verdict {
     },
 }
 
-/// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …).
-pub fn verify(path: &Path) -> io::Result<Verdict> {
-    verify_chain(path, &[]).map(|r| r.verdict)
-}
-
 /// What `audit verify` found in one replica's chain.
 #[derive(Debug)]
 pub struct ChainReport {
@@ -500,8 +495,8 @@ pub struct ChainReport {
     pub witness_problems: Vec<String>,
 }
 
-/// Verify the chain at `path` (with its rotated files) and check it against the heads a
-/// monitoring system witnessed (`GET /audit/head`) for its node.
+/// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …), and
+/// check it against the heads a monitoring system witnessed (`GET /audit/head`) for its node.
 pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> {
     let files = chain_files(path);
     let mut node: Option<String> = None;
@@ -683,6 +678,10 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
     let mut summary = Summary::default();
     let mut selectors: std::collections::HashMap<String, u64> = Default::default();
     let mut nodes: std::collections::BTreeMap<String, NodeSummary> = Default::default();
+    // The instants behind `first`/`last` (the text drops trailing zeros: it does not sort), and
+    // each node's first, to order the nodes by.
+    let (mut first_at, mut last_at) = (None::<OffsetDateTime>, None::<OffsetDateTime>);
+    let mut node_first: std::collections::HashMap<String, OffsetDateTime> = Default::default();
     let files: Vec<PathBuf> = chains(paths)?
         .iter()
         .flat_map(|base| chain_files(base))
@@ -693,21 +692,23 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
                 continue;
             };
             let time = record["time"].as_str().unwrap_or_default();
-            if let Some(since) = since {
-                match OffsetDateTime::parse(time, &Rfc3339) {
-                    Ok(t) if t >= since => {}
-                    _ => continue,
-                }
+            let Ok(at) = OffsetDateTime::parse(time, &Rfc3339) else {
+                continue;
+            };
+            if since.is_some_and(|since| at < since) {
+                continue;
             }
             summary.records += 1;
-            // RFC 3339 times in UTC with one precision sort as text.
-            if summary.first.as_deref().is_none_or(|f| time < f) {
+            if first_at.is_none_or(|f| at < f) {
+                first_at = Some(at);
                 summary.first = Some(time.to_string());
             }
-            if summary.last.as_deref().is_none_or(|l| time > l) {
+            if last_at.is_none_or(|l| at > l) {
+                last_at = Some(at);
                 summary.last = Some(time.to_string());
             }
             let node_name = record["node"].as_str().unwrap_or("-").to_string();
+            node_first.entry(node_name.clone()).or_insert(at);
             let node = nodes
                 .entry(node_name.clone())
                 .or_insert_with(|| NodeSummary {
@@ -747,7 +748,7 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
     selectors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     summary.selectors = selectors;
     let mut nodes: Vec<NodeSummary> = nodes.into_values().collect();
-    nodes.sort_by(|a, b| a.first.cmp(&b.first).then_with(|| a.node.cmp(&b.node)));
+    nodes.sort_by_key(|n| (node_first.get(&n.node).copied(), n.node.clone()));
     summary.nodes = nodes;
     Ok(summary)
 }
@@ -772,6 +773,10 @@ fn fold_indexes(selector: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn verify(path: &Path) -> io::Result<Verdict> {
+        verify_chain(path, &[]).map(|r| r.verdict)
+    }
 
     fn open(target: &AuditTarget) -> (AuditLog, AuditWriter) {
         let (p, c) = ("sha256:p".to_string(), "sha256:c".to_string());

@@ -68,13 +68,14 @@ pub(crate) async fn accept(
             let mut chunk = [0u8; 512];
             let n = tcp.read(&mut chunk).await.map_err(|_| Refused::Missing)?;
             if n == 0 {
-                return Err(if from_balancer && buf.is_empty() {
-                    Refused::Missing
-                } else if from_balancer {
-                    Refused::Malformed
-                } else {
-                    // A client that closes without a byte: nothing to refuse, nothing to serve.
+                if !from_balancer {
+                    // A client that closed early: nothing to refuse; hyper sees what it sent.
                     return Ok((from, std::mem::take(&mut buf)));
+                }
+                return Err(if buf.is_empty() {
+                    Refused::Missing
+                } else {
+                    Refused::Malformed
                 });
             }
             buf.extend_from_slice(&chunk[..n]);

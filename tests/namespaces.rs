@@ -487,7 +487,10 @@ async fn inner_transparent_cases() {
     .await;
 
     running.shutdown(Duration::from_secs(5)).await;
-    match consent_proxy::audit::verify(&log).expect("reads") {
+    match consent_proxy::audit::verify_chain(&log, &[])
+        .expect("reads")
+        .verdict
+    {
         consent_proxy::audit::Verdict::Intact { .. } => {}
         broken => panic!("{broken:?}"),
     }

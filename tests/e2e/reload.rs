@@ -87,7 +87,9 @@ async fn flipping_enable_diagnostics_blocks_the_next_request_on_an_open_connecti
     let resp = conn.send_request(batch()).await.expect("third request");
     assert_eq!(resp.status(), 403, "the last good consent (denied) stays");
     assert!(matches!(
-        consent_proxy::audit::verify(&env.dir.path().join("audit.jsonl")).expect("reads"),
+        consent_proxy::audit::verify_chain(&env.dir.path().join("audit.jsonl"), &[])
+            .expect("reads")
+            .verdict,
         consent_proxy::audit::Verdict::Intact { .. }
     ));
     env.stop().await;
