@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use bytes::Bytes;
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
@@ -27,8 +28,6 @@ pub(crate) struct SpanDoc {
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
 }
-
-type Bytes = bytes::Bytes;
 
 struct Node {
     span: Range<usize>,
@@ -199,10 +198,12 @@ impl SpanDoc {
     }
 
     /// Whether a filter (`$[?…]`, compiled) selects `child`: the child alone is read into a
-    /// value (spelt the rules' way) and the filter runs on a one-item array holding it.
+    /// value (spelt the rules' way) and the filter runs on a one-item array holding it. A child
+    /// serde_json cannot read (the scanner accepted it, so this should not happen) counts as
+    /// selected: what a rule cannot look at is removed or replaced, never passed.
     fn passes(&self, filter: &JsonPath, child: &Node) -> bool {
         let Ok(value) = serde_json::from_slice::<Value>(&self.bytes_of(child)) else {
-            return false;
+            return true;
         };
         let value = if self.respelt {
             self.names.respell(&value)
