@@ -189,24 +189,26 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn haproxy_missing() -> bool {
-    let found = Command::new("haproxy")
-        .arg("-v")
+/// Whether `program` runs (`arg` is a harmless flag such as `--version`). Under `CI=true` it
+/// must; elsewhere a test without it skips, saying what is missing.
+fn available(program: &str, arg: &str, test: &str) -> bool {
+    let found = Command::new(program)
+        .arg(arg)
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "the fleet test must run under CI=true, but haproxy is not installed"
+            "{test} must run under CI=true, but {program} is not installed"
         );
-        eprintln!("skipping the fleet test: haproxy is not installed (apt-get install haproxy)");
+        eprintln!("skipping {test}: {program} is not installed");
     }
-    !found
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
-    if haproxy_missing() {
+    if !available("haproxy", "-v", "the fleet test") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -461,16 +463,7 @@ async fn two_replicas_behind_haproxy_drain_die_and_keep_one_trail() {
 /// under test, passes `systemd-analyze verify` without a word about the unit.
 #[test]
 fn the_systemd_unit_verifies() {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "systemd-analyze is required under CI=true"
-        );
-        eprintln!("skipping the systemd unit check: no systemd-analyze");
+    if !available("systemd-analyze", "--version", "the systemd unit check") {
         return;
     }
     let unit =

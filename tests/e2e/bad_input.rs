@@ -6,7 +6,7 @@ use std::process::Command;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Env, Setup, PUSH, SECURITY};
+use crate::harness::{exchange, Env, Setup, PUSH, SECURITY};
 
 /// `"key":<raw value>` as it stands in a compact JSON text.
 pub fn raw_member(text: &str, key: &str) -> Option<String> {
@@ -19,13 +19,7 @@ pub fn raw_member(text: &str, key: &str) -> Option<String> {
 /// Send `request` to the proxy's explicit listener; the first answer read.
 pub async fn raw_exchange(env: &Env, request: &str) -> String {
     let mut tcp = TcpStream::connect(env.proxy).await.expect("connect");
-    tcp.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("answer in time")
-        .unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).to_string()
+    exchange(&mut tcp, request.as_bytes()).await
 }
 
 #[tokio::test]

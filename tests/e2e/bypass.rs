@@ -4,15 +4,15 @@
 //! proxy's own listeners, CA keys others can read, and refusals that must each leave a record.
 //! Every class failed on the proxy before it was hardened against it.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::bad_input::raw_exchange;
 use crate::cli::bin;
-use crate::harness::{fixture_body, Curl, Env, Setup, PUSH, RUDDER, SECURITY};
+use crate::harness::{exchange, fixture_body, Curl, Env, Setup, PUSH, RUDDER, SECURITY};
 
 /// POST `body` to `https://{host}{path}` with curl over `http` (`--http1.1` or `--http2`),
 /// without a Content-Type, as Mattermost's push client sends.
@@ -37,56 +37,42 @@ async fn post(env: &Env, host: &str, path: &str, body: &[u8], http: &str, extra:
 
 type Codec = (&'static str, fn(&[u8]) -> Vec<u8>, fn(&[u8]) -> Vec<u8>);
 
+/// Everything a reader yields: every coder below is a reader over the input.
+fn read_all(mut r: impl Read) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).expect("codes");
+    out
+}
+
 fn gzip(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(b).expect("gzip");
-    e.finish().expect("gzip")
+    read_all(flate2::read::GzEncoder::new(b, flate2::Compression::fast()))
 }
 fn gunzip(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("gunzip");
-    out
+    read_all(flate2::read::MultiGzDecoder::new(b))
 }
 fn zlib(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(b).expect("zlib");
-    e.finish().expect("zlib")
+    read_all(flate2::read::ZlibEncoder::new(
+        b,
+        flate2::Compression::fast(),
+    ))
 }
 fn unzlib(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::ZlibDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("inflate zlib");
-    out
+    read_all(flate2::read::ZlibDecoder::new(b))
 }
 fn raw_deflate(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(b).expect("deflate");
-    e.finish().expect("deflate")
+    read_all(flate2::read::DeflateEncoder::new(
+        b,
+        flate2::Compression::fast(),
+    ))
 }
 fn raw_inflate(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::DeflateDecoder::new(b)
-        .read_to_end(&mut out)
-        .expect("inflate raw");
-    out
+    read_all(flate2::read::DeflateDecoder::new(b))
 }
 fn br(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let mut e = brotli::CompressorWriter::new(&mut out, 4096, 4, 22);
-        e.write_all(b).expect("br");
-    }
-    out
+    read_all(brotli::CompressorReader::new(b, 4096, 4, 22))
 }
 fn unbr(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    brotli::Decompressor::new(b, 4096)
-        .read_to_end(&mut out)
-        .expect("unbrotli");
-    out
+    read_all(brotli::Decompressor::new(b, 4096))
 }
 fn zstd_(b: &[u8]) -> Vec<u8> {
     zstd::encode_all(b, 1).expect("zstd")
@@ -367,13 +353,7 @@ async fn query_pairs_a_lenient_receiver_reads_are_stripped() {
 async fn raw_inside(env: &Env, host: &str, request: &str) -> String {
     let tcp = env.connect_tunnel(host).await;
     let mut tls = env.tls_client(tcp, host).await;
-    tls.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
-        .await
-        .expect("answer in time")
-        .unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).to_string()
+    exchange(&mut tls, request.as_bytes()).await
 }
 
 #[tokio::test]

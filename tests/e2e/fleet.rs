@@ -3,13 +3,11 @@
 //! balancer), the chain's head for a monitoring system, and `audit verify` / `summary` over
 //! several replicas' logs with a witness of how long each chain was.
 
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::cli::{bin, run};
-use crate::harness::{Env, Setup, RUDDER, SECURITY};
+use crate::harness::{exchange, Env, Setup, RUDDER, SECURITY};
 
 const BALANCED: &str =
     "[clients]\nallow = [\"127.0.0.0/8\", \"192.0.2.0/24\"]\nbalancers = [\"127.0.0.2/32\"]";
@@ -21,17 +19,6 @@ async fn connect_from(env: &Env, source: &str) -> TcpStream {
         .bind(format!("{source}:0").parse().expect("addr"))
         .expect("bind");
     socket.connect(env.proxy).await.expect("connect")
-}
-
-/// Send `bytes` and read the answer ("" when the proxy closed without one).
-async fn exchange(mut tcp: TcpStream, bytes: &[u8]) -> String {
-    tcp.write_all(bytes).await.expect("write");
-    let mut buf = vec![0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .unwrap_or_else(|_| panic!("no answer in time\n{}", crate::harness::diagnostics()))
-        .unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
 fn connect_request(host: &str) -> String {
@@ -71,7 +58,7 @@ async fn proxy_protocol_names_the_client_and_refuses_the_rest() {
         (v2, "HTTP/1.1 403", "192.0.2.11:6666", "blocked"),
         (not_allowed, "HTTP/1.1 403", "198.51.100.7:7777", "denied"),
     ] {
-        let answer = exchange(connect_from(&env, "127.0.0.2").await, &bytes).await;
+        let answer = exchange(&mut connect_from(&env, "127.0.0.2").await, &bytes).await;
         assert!(answer.starts_with(status), "{client}: {answer}");
         let record = env.audit().pop().expect("record");
         assert_eq!(record["client"], client);
@@ -133,7 +120,7 @@ async fn proxy_protocol_names_the_client_and_refuses_the_rest() {
             // A truncated v2 header: the proxy waits for the rest, then gives up.
             tcp.shutdown().await.expect("shutdown");
         }
-        let answer = exchange(tcp, b"").await;
+        let answer = exchange(&mut tcp, b"").await;
         assert_eq!(answer, "", "{reason}: refused without an answer");
         let record = env.wait_for_record(reason, |r| r["reason"] == reason).await;
         assert_eq!(record["decision"], "blocked");
@@ -147,7 +134,7 @@ async fn proxy_protocol_names_the_client_and_refuses_the_rest() {
     assert_eq!(env.upstream.requests().len(), requests);
     // A direct client that is no balancer and sends no header is served as itself.
     let answer = exchange(
-        connect_from(&env, "127.0.0.1").await,
+        &mut connect_from(&env, "127.0.0.1").await,
         connect_request(RUDDER).as_bytes(),
     )
     .await;

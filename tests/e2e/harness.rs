@@ -486,6 +486,21 @@ pub async fn curl(proxy: SocketAddr, ca_pem: &Path, dir: &Path, args: &[&str]) -
     }
 }
 
+/// Write `bytes` on `stream` and read the first answer ("" when the peer closed without one);
+/// no answer within 10 s fails the test, with the proxy's diagnostics.
+pub async fn exchange<S>(stream: &mut S, bytes: &[u8]) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(bytes).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer in time\n{}", diagnostics()))
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Debug)]
