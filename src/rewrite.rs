@@ -21,7 +21,7 @@ use serde_json_path::PathElement;
 use crate::codec;
 use crate::fold::{fold, glob};
 use crate::policy::{Action, JsonSelector, Rule, Selector};
-use crate::spans::SpanDoc;
+use crate::spans::{NodeId, SpanDoc};
 
 /// The parts of a request the rules may change.
 #[derive(Debug)]
@@ -154,7 +154,7 @@ fn remove(
         }
         Selector::Json(j) => {
             let removed = match body.json()? {
-                Some(doc) => remove_json(doc, j),
+                Some(doc) => doc.remove_all(j),
                 None => Vec::new(),
             };
             if !removed.is_empty() {
@@ -200,18 +200,13 @@ fn replace(
             hit
         }
         Selector::Json(j) => {
-            let mut changed = Vec::new();
-            if let Some(doc) = body.json()? {
-                for path in doc.located(j) {
-                    // A member that already holds the replacement is left as it is: nothing to record.
-                    if doc.replace(&path, value) {
-                        changed.push(path);
-                    }
-                }
-            }
+            let changed = match body.json()? {
+                Some(doc) => doc.replace_all(j, value),
+                None => Vec::new(),
+            };
             if !changed.is_empty() {
                 body.touch();
-                edits.replaced.extend(summarize(j, &changed));
+                edits.replaced.extend(changed);
             }
             false
         }
@@ -339,46 +334,116 @@ enum Doc {
 }
 
 impl Doc {
+    /// Where `sel` matches, as normalized paths.
     fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
         match (self, &sel.simple) {
-            (Doc::Spans(d), Some(simple)) => d.located(sel, simple),
+            (Doc::Spans(d), Some(simple)) => d
+                .located(sel, simple)
+                .into_iter()
+                .map(|id| d.path_of(id))
+                .collect(),
             (Doc::Tree(d), _) => d.located(sel),
             (Doc::Spans(_), None) => unreachable!("the span engine is used only for simple paths"),
         }
     }
 
+    /// Remove every member or item `sel` selects; what was removed, for the record.
+    fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
+        let Doc::Spans(d) = self else {
+            return self.remove_by_path(sel);
+        };
+        let Some(simple) = &sel.simple else {
+            unreachable!("the span engine is used only for simple paths")
+        };
+        // Nodes, not paths: removing one never moves another.
+        let mut ids = d.located(sel, simple);
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() > MAX_PATHS {
+            let n = ids.into_iter().filter(|id| d.remove(*id)).count();
+            return summarize_count(sel, n);
+        }
+        // Paths as they were before any of these removals.
+        let paths: Vec<Vec<Step>> = ids.iter().map(|id| d.path_of(*id)).collect();
+        let mut removed: Vec<Vec<Step>> = ids
+            .into_iter()
+            .zip(paths)
+            .filter(|(id, _)| d.remove(*id))
+            .map(|(_, path)| path)
+            .collect();
+        removed.sort();
+        summarize(sel, &removed)
+    }
+
+    fn remove_by_path(&mut self, sel: &JsonSelector) -> Vec<String> {
+        let mut paths: Vec<Vec<Step>> = self
+            .located(sel)
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        // Deepest and highest index first, so earlier removals never shift a later path.
+        paths.sort();
+        paths.dedup();
+        paths.reverse();
+        let mut removed = Vec::new();
+        for path in paths {
+            if self.remove(&path) {
+                removed.push(path);
+            }
+        }
+        removed.reverse();
+        summarize(sel, &removed)
+    }
+
     /// Remove the member or item at `path` (its parent must exist); false when not there.
     fn remove(&mut self, path: &[Step]) -> bool {
-        match self {
-            Doc::Spans(d) => d.remove(path),
-            Doc::Tree(d) => {
-                let Some((last, parent)) = path.split_last() else {
-                    return false;
-                };
-                match (node_mut(&mut d.value, parent), last) {
-                    (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
-                    (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
-                        items.remove(*i);
-                        true
-                    }
-                    _ => false,
-                }
+        let Doc::Tree(d) = self else {
+            unreachable!("the span engine removes by node")
+        };
+        let Some((last, parent)) = path.split_last() else {
+            return false;
+        };
+        match (node_mut(&mut d.value, parent), last) {
+            (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
+            (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+                items.remove(*i);
+                true
             }
+            _ => false,
         }
     }
 
-    /// Set the node at `path` to the string `text`; false when not there or already that.
-    fn replace(&mut self, path: &[Step], text: &str) -> bool {
+    /// Set every node `sel` selects to the string `text`; what changed, for the record (a
+    /// node that already holds `text` is left as it is: nothing to record).
+    fn replace_all(&mut self, sel: &JsonSelector, text: &str) -> Vec<String> {
         match self {
-            Doc::Spans(d) => d.replace(path, text),
-            Doc::Tree(d) => match node_mut(&mut d.value, path).filter(|n| n.as_str() != Some(text))
-            {
-                Some(node) => {
-                    *node = Value::String(text.to_string());
-                    true
+            Doc::Spans(d) => {
+                let Some(simple) = &sel.simple else {
+                    unreachable!("the span engine is used only for simple paths")
+                };
+                let changed: Vec<NodeId> = d
+                    .located(sel, simple)
+                    .into_iter()
+                    .filter(|id| d.replace(*id, text))
+                    .collect();
+                if changed.len() > MAX_PATHS {
+                    return summarize_count(sel, changed.len());
                 }
-                None => false,
-            },
+                let paths: Vec<Vec<Step>> = changed.iter().map(|id| d.path_of(*id)).collect();
+                summarize(sel, &paths)
+            }
+            Doc::Tree(d) => {
+                let mut changed = Vec::new();
+                for path in d.located(sel) {
+                    if let Some(node) =
+                        node_mut(&mut d.value, &path).filter(|n| n.as_str() != Some(text))
+                    {
+                        *node = Value::String(text.to_string());
+                        changed.push(path);
+                    }
+                }
+                summarize(sel, &changed)
+            }
         }
     }
 
@@ -611,38 +676,73 @@ impl<'de> Visitor<'de> for Check<'_> {
 /// (`Channel_Name`, `meſſage`) is found, as a Go receiver would bind it.
 #[derive(Default)]
 pub(crate) struct Names {
-    by_fold: HashMap<String, String>,
+    /// Folded form → index into `spellings`.
+    by_fold: HashMap<String, u32>,
+    /// The rules' spelling of each name.
+    spellings: Vec<String>,
     /// The byte lengths of the folded names: an ASCII key of another length names none of
     /// them (folding keeps an ASCII name's length), and most keys are told so without folding.
     lengths: Vec<usize>,
+    /// The folded names that are ASCII (upper case), with their indexes: an ASCII key folds to
+    /// its upper case, so it is compared with these alone, without hashing or allocating.
+    ascii: Vec<(Box<[u8]>, u32)>,
 }
 
 impl Names {
     fn of(rules: &[&Rule]) -> Self {
-        let mut by_fold = HashMap::new();
+        let mut names = Names::default();
         for rule in rules {
             for sel in rule.action.selectors() {
                 if let Selector::Json(j) = sel {
                     for name in &j.names {
-                        by_fold
-                            .entry(fold(name).into_owned())
-                            .or_insert_with(|| name.clone());
+                        let folded = fold(name).into_owned();
+                        if !names.by_fold.contains_key(&folded) {
+                            let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
+                            names.lengths.push(folded.len());
+                            if folded.is_ascii() {
+                                names.ascii.push((folded.as_bytes().into(), index));
+                            }
+                            names.by_fold.insert(folded, index);
+                            names.spellings.push(name.clone());
+                        }
                     }
                 }
             }
         }
-        let mut lengths: Vec<usize> = by_fold.keys().map(String::len).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        Names { by_fold, lengths }
+        names.lengths.sort_unstable();
+        names.lengths.dedup();
+        names
+    }
+
+    /// The name `key` binds to (an index for [`Names::spelling`]), if the rules name it.
+    pub(crate) fn bind(&self, key: &str) -> Option<u32> {
+        if self.by_fold.is_empty() {
+            return None;
+        }
+        if key.is_ascii() {
+            if !self.lengths.contains(&key.len()) {
+                return None;
+            }
+            let key = key.as_bytes();
+            return self
+                .ascii
+                .iter()
+                .find(|(folded, _)| folded.len() == key.len() && folded.eq_ignore_ascii_case(key))
+                .map(|(_, index)| *index);
+        }
+        self.by_fold.get(&*fold(key)).copied()
+    }
+
+    /// The rules' spelling of a name [`Names::bind`] returned.
+    pub(crate) fn spelling(&self, index: u32) -> &str {
+        self.spellings
+            .get(index as usize)
+            .map_or("", String::as_str)
     }
 
     /// The rules' spelling of the name `key` binds to, if they name it.
     pub(crate) fn spelling_of(&self, key: &str) -> Option<&str> {
-        if self.by_fold.is_empty() || (key.is_ascii() && !self.lengths.contains(&key.len())) {
-            return None;
-        }
-        self.by_fold.get(&*fold(key)).map(String::as_str)
+        self.bind(key).map(|i| self.spelling(i))
     }
 
     /// `key` as the rules read it.
@@ -763,39 +863,23 @@ impl TreeDoc {
 
 /// Remove every match of the selector; returns the removed locations, rendered (see
 /// [`summarize`]).
-fn remove_json(doc: &mut Doc, sel: &JsonSelector) -> Vec<String> {
-    let mut paths: Vec<Vec<Step>> = doc
-        .located(sel)
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect();
-    // Deepest and highest index first, so earlier removals never shift a later path.
-    paths.sort();
-    paths.dedup();
-    paths.reverse();
-    let mut removed = Vec::new();
-    for path in paths {
-        if doc.remove(&path) {
-            removed.push(path);
-        }
-    }
-    removed.reverse();
-    summarize(sel, &removed)
-}
-
 /// At most this many normalized paths are recorded per selector; beyond, the selector and its
 /// count stand for them (an audit record must stay small when a filter matches a whole array).
 const MAX_PATHS: usize = 16;
 
 fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
     if paths.len() > MAX_PATHS {
-        vec![format!("json:{} ({} matches)", sel.source, paths.len())]
+        summarize_count(sel, paths.len())
     } else {
         paths
             .iter()
             .map(|p| format!("json:{}", render(p)))
             .collect()
     }
+}
+
+fn summarize_count(sel: &JsonSelector, n: usize) -> Vec<String> {
+    vec![format!("json:{} ({n} matches)", sel.source)]
 }
 
 /// Remove everything that is neither kept nor on the way to something kept; returns the count.
@@ -1451,6 +1535,76 @@ mod tests {
         let mut m = msg(None, &[("content-encoding", "gzip")], "");
         m.body = Bytes::from(codec::encode(&vec![b' '; 4 << 20], &[Coding::Gzip]));
         assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::TooLarge));
+    }
+
+    /// The engines agree on generated batches where a selector matches many times (past the
+    /// 16 paths a record names), items lack the member or spell it otherwise, filters drop
+    /// whole items, and replacements meet values that already hold the replacement.
+    #[test]
+    fn engines_agree_on_generated_batches() {
+        let rules = [
+            rule(Action::Remove(vec![
+                json("$.events[*].email"),
+                json("$.events[*].ip"),
+                json("$.events[?@.event == 'drop']"),
+            ])),
+            rule(Action::Replace(vec![(
+                json("$.events[*].user_id"),
+                "anon".into(),
+            )])),
+            rule(Action::Remove(vec![json("$.events[*].props.feature_*")])),
+        ];
+        let rules: Vec<&Rule> = rules.iter().collect();
+        assert!(spans_apply(&rules));
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..300 {
+            let mut events = Vec::new();
+            for i in 0..next(40) {
+                let mut members = vec![format!(
+                    r#""event":"{}""#,
+                    ["page", "drop", "x"][next(3) as usize]
+                )];
+                if next(4) > 0 {
+                    let name = ["email", "EMAIL", "e\\u006dail", "Email"][next(4) as usize];
+                    members.push(format!(r#""{name}":"u{i}@example.com""#));
+                }
+                if next(3) > 0 {
+                    members.push(format!(r#""ip" : "10.0.0.{i}""#));
+                }
+                let user = if next(5) == 0 { "anon" } else { "u1" };
+                members.push(format!(r#""user_id":"{user}""#));
+                members.push(format!(
+                    r#""props":{{"feature_a":{i},"keep":[1,2],"Feature_b":true}}"#
+                ));
+                let k = next(members.len() as u64) as usize;
+                members.rotate_left(k);
+                events.push(format!("{{{}}}", members.join(", ")));
+            }
+            let body = format!(
+                r#"{{"batch":{round}, "events":[ {} ],"tail":"\u003c"}}"#,
+                events.join(",\n")
+            );
+            let mut a = msg(None, &[], &body);
+            let mut b = msg(None, &[], &body);
+            let spans = apply_with(&rules, &mut a, 1 << 20, true);
+            let tree = apply_with(&rules, &mut b, 1 << 20, false);
+            assert_eq!(spans, tree, "{body}");
+            if spans.is_ok() {
+                let va: Value = serde_json::from_slice(&a.body).expect("span output is JSON");
+                let vb: Value = serde_json::from_slice(&b.body).expect("tree output is JSON");
+                assert_eq!(va, vb, "{body}");
+                assert!(
+                    a.body.ends_with(br#""tail":"\u003c"}"#),
+                    "untouched bytes stay"
+                );
+            }
+        }
     }
 
     /// The span engine and the tree engine agree: same outcome, same edits, same document (the

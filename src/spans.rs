@@ -1,11 +1,15 @@
 //! JSON bodies read as spans of the bytes received: the fast path of the rewriter. A strict
-//! RFC 8259 scanner builds a light tree of byte ranges (no `serde_json::Value` of the whole
-//! body); the simple JSONPath a pack uses (names, wildcards, indexes, and filters on one child at
-//! a time) is evaluated on it; removals and replacements are spliced into the original bytes, so
-//! every byte no rule touched leaves as it came (Go's `\u003c` escapes included). Selectors
-//! beyond that subset, and allowlists, use the tree engine in `rewrite`. Pure.
+//! RFC 8259 scanner builds a flat table of nodes over byte ranges (no `serde_json::Value` of the
+//! whole body, three allocations however large the body); the simple JSONPath a pack uses
+//! (names, wildcards, indexes, and filters on one child at a time) is evaluated on it, and what it
+//! selects is marked by node, not by path; removals and replacements are spliced into the
+//! original bytes, so every byte no rule touched leaves as it came (Go's `\u003c` escapes
+//! included). Selectors beyond that subset, and allowlists, use the tree engine in `rewrite`.
+//! Pure.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -19,181 +23,180 @@ use crate::rewrite::{Names, RewriteError, Step};
 /// Containers nested deeper than this are refused, as serde_json refuses them.
 const MAX_DEPTH: usize = 128;
 
-/// A parsed body: the tree of spans, what changed, and the names its rules look for.
+/// No name, no binding, no removed item: `u32::MAX`.
+const NONE: u32 = u32::MAX;
+
+/// A node of the document: its value's bytes, and for a member its key.
+pub(crate) type NodeId = u32;
+
+/// A parsed body: the nodes (the root first), what changed, and the names its rules look for.
 pub(crate) struct SpanDoc {
     /// The body, checked as UTF-8 once; spans index it.
-    src: String,
-    root: Node,
+    src: Bytes,
+    nodes: Vec<Node>,
+    /// The children of every container, each container's a contiguous run, in document order.
+    kids: Vec<NodeId>,
+    /// Keys that hold escapes, decoded.
+    decoded: Vec<Box<str>>,
+    /// Replacement string literals, by node.
+    replaced: HashMap<NodeId, Box<str>>,
     names: Names,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
 }
 
-struct Node {
-    span: Range<usize>,
-    kind: Kind,
-    removed: bool,
-    /// A JSON string literal standing in for the value.
-    replaced: Option<String>,
-    /// Some descendant was removed or replaced.
-    dirty: bool,
-}
-
+#[derive(Clone, Copy, Eq, PartialEq)]
 enum Kind {
-    Object(Vec<Member>),
-    /// The items, and the lowest position of a removed one (below it, index = position).
-    Array(Vec<Node>, usize),
+    Object,
+    Array,
     Scalar,
 }
 
-struct Member {
-    /// The key as it decodes.
-    key: Key,
-    /// From the key's opening quote up to the value.
-    key_span: Range<usize>,
-    value: Node,
-}
-
-/// A member's key: its bytes in the body when it holds no escape, or its decoded text.
-enum Key {
-    Raw(Range<usize>),
-    Decoded(String),
-}
-
-impl Member {
-    fn key<'s>(&'s self, src: &'s str) -> &'s str {
-        match &self.key {
-            // Ranges lie between a key's quotes (ASCII), so on character boundaries.
-            Key::Raw(r) => src.get(r.clone()).unwrap_or_default(),
-            Key::Decoded(k) => k,
-        }
-    }
-}
-
-/// The live item at index `i` of an array (items removed before it shift it).
-fn nth_live(items: &[Node], first_removed: usize, i: usize) -> Option<&Node> {
-    if i < first_removed {
-        return items.get(i).filter(|n| !n.removed);
-    }
-    items.iter().filter(|n| !n.removed).nth(i)
+struct Node {
+    /// The value's bytes.
+    start: u32,
+    end: u32,
+    kind: Kind,
+    removed: bool,
+    /// Some descendant was removed or replaced.
+    dirty: bool,
+    /// Replaced by a string (its literal is in `SpanDoc::replaced`).
+    is_replaced: bool,
+    parent: NodeId,
+    /// A container's children: `kids[first_kid..first_kid + len]`.
+    first_kid: u32,
+    len: u32,
+    /// An array's lowest position of a removed item (below it, index = position).
+    first_removed: u32,
+    /// A member's key, between its quotes, and its decoded text when it holds escapes (an
+    /// index into `decoded`).
+    key_start: u32,
+    key_end: u32,
+    key_decoded: u32,
+    /// The rules' name the key binds to (an index into `Names`), if any.
+    bound: u32,
 }
 
 impl SpanDoc {
-    /// Parse and check `src` (see `rewrite::parse_json` for what is refused and why).
-    pub(crate) fn parse(raw: &[u8], names: Names) -> Result<SpanDoc, RewriteError> {
-        let src = String::from_utf8(raw.to_vec()).map_err(|_| RewriteError::NotJson)?;
+    /// Parse and check `raw` (see `rewrite::parse_json` for what is refused and why).
+    pub(crate) fn parse(raw: &Bytes, names: Names) -> Result<SpanDoc, RewriteError> {
+        let text = std::str::from_utf8(raw).map_err(|_| RewriteError::NotJson)?;
+        if u32::try_from(raw.len()).is_err() {
+            return Err(RewriteError::TooLarge);
+        }
         let mut scanner = Scanner {
-            text: &src,
-            s: src.as_bytes(),
+            text,
+            s: raw,
             at: 0,
             names: &names,
             respelt: false,
+            nodes: Vec::new(),
+            kids: Vec::new(),
+            open: Vec::new(),
+            decoded: Vec::new(),
+            hashes: RandomState::new(),
         };
         scanner.ws();
-        let root = scanner.value(0)?;
+        scanner.value(NONE, NO_KEY, 0)?;
         scanner.ws();
         if scanner.at != scanner.s.len() {
             return Err(RewriteError::NotJson);
         }
-        let respelt = scanner.respelt;
+        let Scanner {
+            respelt,
+            nodes,
+            kids,
+            decoded,
+            ..
+        } = scanner;
         Ok(SpanDoc {
-            src,
-            root,
+            src: raw.clone(),
+            nodes,
+            kids,
+            decoded,
+            replaced: HashMap::new(),
             names,
             respelt,
         })
     }
 
-    /// Where `sel` matches, as normalized paths (names as received, current indexes).
-    pub(crate) fn located(&self, sel: &JsonSelector, path: &SimplePath) -> Vec<Vec<Step>> {
-        let mut found: Vec<(Vec<Step>, &Node)> = vec![(Vec::new(), &self.root)];
+    fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id as usize]
+    }
+
+    fn kids_of(&self, id: NodeId) -> &[NodeId] {
+        let n = self.node(id);
+        &self.kids[n.first_kid as usize..(n.first_kid + n.len) as usize]
+    }
+
+    /// The live children of a container.
+    fn live_kids(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.kids_of(id)
+            .iter()
+            .copied()
+            .filter(|k| !self.node(*k).removed)
+    }
+
+    /// A member's key as it decodes.
+    fn key(&self, id: NodeId) -> &str {
+        let n = self.node(id);
+        if n.key_decoded != NONE {
+            return &self.decoded[n.key_decoded as usize];
+        }
+        // The whole body is UTF-8 and a key's quotes are ASCII: this is never empty by error.
+        std::str::from_utf8(&self.src[n.key_start as usize..n.key_end as usize]).unwrap_or_default()
+    }
+
+    /// The live item at index `i` of an array (items removed before it shift it).
+    fn nth_live(&self, array: NodeId, i: usize) -> Option<NodeId> {
+        let kids = self.kids_of(array);
+        if i < self.node(array).first_removed as usize {
+            return kids.get(i).copied().filter(|k| !self.node(*k).removed);
+        }
+        self.live_kids(array).nth(i)
+    }
+
+    /// The nodes `sel` selects, in the order the tree engine finds them.
+    pub(crate) fn located(&self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
+        let mut found: Vec<NodeId> = vec![0];
         for segment in &path.segments {
             let mut next = Vec::new();
-            for (at, node) in &found {
-                self.select(segment, at, node, &mut next);
+            for node in &found {
+                self.select(segment, *node, &mut next);
             }
             found = next;
         }
-        match &sel.pattern {
-            None => found.into_iter().map(|(p, _)| p).collect(),
-            Some(pattern) => {
-                let mut out = Vec::new();
-                for (at, node) in found {
-                    if let Kind::Object(members) = &node.kind {
-                        for m in members.iter().filter(|m| !m.value.removed) {
-                            let key = m.key(&self.src);
-                            if glob(pattern, key) {
-                                let mut p = at.clone();
-                                p.push(Step::Name(key.to_string()));
-                                out.push(p);
-                            }
-                        }
-                    }
-                }
-                out
+        let Some(pattern) = &sel.pattern else {
+            return found;
+        };
+        let mut out = Vec::new();
+        for node in found {
+            if self.node(node).kind == Kind::Object {
+                out.extend(self.live_kids(node).filter(|m| glob(pattern, self.key(*m))));
             }
         }
+        out
     }
 
-    fn select<'n>(
-        &self,
-        segment: &SimpleSegment,
-        at: &[Step],
-        node: &'n Node,
-        out: &mut Vec<(Vec<Step>, &'n Node)>,
-    ) {
-        let push = |out: &mut Vec<(Vec<Step>, &'n Node)>, step: Step, child: &'n Node| {
-            let mut p = at.to_vec();
-            p.push(step);
-            out.push((p, child));
-        };
-        match (segment, &node.kind) {
-            (SimpleSegment::Names(wanted), Kind::Object(members)) => {
+    fn select(&self, segment: &SimpleSegment, node: NodeId, out: &mut Vec<NodeId>) {
+        match (segment, self.node(node).kind) {
+            (SimpleSegment::Names(wanted), Kind::Object) => {
                 for name in wanted {
-                    if let Some(m) = members
-                        .iter()
-                        .filter(|m| !m.value.removed)
-                        .find(|m| self.read_as(m.key(&self.src)) == name)
-                    {
-                        push(out, Step::Name(m.key(&self.src).to_string()), &m.value);
-                    }
+                    // A key binds to a name the rules spell, or is read as it is spelt.
+                    let bound = self.names.bind(name).unwrap_or(NONE);
+                    let hit = self.live_kids(node).find(|m| {
+                        let member = self.node(*m);
+                        member.bound == bound && (bound != NONE || self.key(*m) == name)
+                    });
+                    out.extend(hit);
                 }
             }
-            (SimpleSegment::Index(i), Kind::Array(items, first_removed)) => {
-                if let Some(item) = nth_live(items, *first_removed, *i) {
-                    push(out, Step::Index(*i), item);
-                }
-            }
-            (SimpleSegment::Wildcard, _) | (SimpleSegment::Filter(_), _) => {
-                let filter = match segment {
-                    SimpleSegment::Filter(f) => Some(f),
-                    _ => None,
-                };
-                for (step, child) in self.children(node) {
-                    if filter.is_none_or(|f| self.passes(f, child)) {
-                        push(out, step, child);
-                    }
-                }
+            (SimpleSegment::Index(i), Kind::Array) => out.extend(self.nth_live(node, *i)),
+            (SimpleSegment::Wildcard, _) => out.extend(self.live_kids(node)),
+            (SimpleSegment::Filter(f), _) => {
+                out.extend(self.live_kids(node).filter(|k| self.passes(f, *k)));
             }
             _ => {}
-        }
-    }
-
-    /// The children of a container that are still there, with their steps.
-    fn children<'n>(&self, node: &'n Node) -> Vec<(Step, &'n Node)> {
-        match &node.kind {
-            Kind::Object(members) => members
-                .iter()
-                .filter(|m| !m.value.removed)
-                .map(|m| (Step::Name(m.key(&self.src).to_string()), &m.value))
-                .collect(),
-            Kind::Array(items, _) => items
-                .iter()
-                .filter(|n| !n.removed)
-                .enumerate()
-                .map(|(i, n)| (Step::Index(i), n))
-                .collect(),
-            Kind::Scalar => Vec::new(),
         }
     }
 
@@ -201,7 +204,7 @@ impl SpanDoc {
     /// value (spelt the rules' way) and the filter runs on a one-item array holding it. A child
     /// serde_json cannot read (the scanner accepted it, so this should not happen) counts as
     /// selected: what a rule cannot look at is removed or replaced, never passed.
-    fn passes(&self, filter: &JsonPath, child: &Node) -> bool {
+    fn passes(&self, filter: &JsonPath, child: NodeId) -> bool {
         let Ok(value) = serde_json::from_slice::<Value>(&self.bytes_of(child)) else {
             return true;
         };
@@ -213,148 +216,195 @@ impl SpanDoc {
         !filter.query(&Value::Array(vec![value])).is_empty()
     }
 
-    fn read_as<'k>(&'k self, key: &'k str) -> &'k str {
-        if self.respelt {
-            self.names.read_as(key)
-        } else {
-            key
+    /// The normalized path of a node (names as received, current indexes).
+    pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step> {
+        let mut steps = Vec::new();
+        while let Some(parent) = Some(self.node(id).parent).filter(|p| *p != NONE) {
+            steps.push(match self.node(parent).kind {
+                Kind::Object => Step::Name(self.key(id).to_string()),
+                _ => Step::Index(self.live_kids(parent).take_while(|k| *k != id).count()),
+            });
+            id = parent;
+        }
+        steps.reverse();
+        steps
+    }
+
+    /// Remove a node (not the root); false when it is already gone.
+    pub(crate) fn remove(&mut self, id: NodeId) -> bool {
+        let parent = self.node(id).parent;
+        if parent == NONE || self.node(id).removed {
+            return false;
+        }
+        if self.node(parent).kind == Kind::Array {
+            let position = self.kids_of(parent).iter().position(|k| *k == id);
+            let p = &mut self.nodes[parent as usize];
+            if let Some(position) = position.and_then(|p| u32::try_from(p).ok()) {
+                p.first_removed = p.first_removed.min(position);
+            }
+        }
+        self.nodes[id as usize].removed = true;
+        self.mark_dirty(parent);
+        true
+    }
+
+    /// Replace a node's value with the string `text`; false when it already holds exactly
+    /// that string.
+    pub(crate) fn replace(&mut self, id: NodeId, text: &str) -> bool {
+        let current: Option<String> = match self.replaced.get(&id) {
+            Some(r) => serde_json::from_str(r).ok(),
+            None => serde_json::from_slice(self.span(id)).ok(),
+        };
+        if current.as_deref() == Some(text) {
+            return false;
+        }
+        let literal = serde_json::to_string(text).expect("a string always serializes");
+        self.replaced.insert(id, literal.into());
+        self.nodes[id as usize].is_replaced = true;
+        let parent = self.node(id).parent;
+        if parent != NONE {
+            self.mark_dirty(parent);
+        }
+        true
+    }
+
+    fn mark_dirty(&mut self, mut id: NodeId) {
+        while id != NONE && !self.nodes[id as usize].dirty {
+            self.nodes[id as usize].dirty = true;
+            id = self.nodes[id as usize].parent;
         }
     }
 
-    /// Remove the node at `path`; false when it is not there.
-    pub(crate) fn remove(&mut self, path: &[Step]) -> bool {
-        edit(&self.src, &mut self.root, path, |n| {
-            n.removed = true;
-            true
-        })
-    }
-
-    /// Replace the node at `path` with the string `text`; false when it is not there or
-    /// already holds exactly that string.
-    pub(crate) fn replace(&mut self, path: &[Step], text: &str) -> bool {
-        let literal = serde_json::to_string(text).expect("a string always serializes");
-        let src = &self.src;
-        edit(src, &mut self.root, path, |n| {
-            let current: Option<String> = match &n.replaced {
-                Some(r) => serde_json::from_str(r).ok(),
-                None => src
-                    .get(n.span.clone())
-                    .and_then(|t| serde_json::from_str(t).ok()),
-            };
-            if current.as_deref() == Some(text) {
-                return false;
-            }
-            n.replaced = Some(literal.clone());
-            true
-        })
+    fn span(&self, id: NodeId) -> &[u8] {
+        let n = self.node(id);
+        &self.src[n.start as usize..n.end as usize]
     }
 
     /// The body as it leaves: the original bytes, with removed members and items cut and
     /// replaced values spliced in. `None` when nothing changed.
     pub(crate) fn finish(&self) -> Option<Bytes> {
-        if !self.root.dirty && self.root.replaced.is_none() {
+        let root = self.node(0);
+        if !root.dirty && !root.is_replaced {
             return None;
         }
         let mut out = Vec::with_capacity(self.src.len());
-        self.emit(&self.root, &mut out);
+        self.emit(0, &mut out);
         Some(Bytes::from(out))
     }
 
-    fn bytes_of(&self, node: &Node) -> Cow<'_, [u8]> {
-        if !node.dirty && node.replaced.is_none() {
-            return Cow::Borrowed(&self.src.as_bytes()[node.span.clone()]);
+    fn bytes_of(&self, id: NodeId) -> Cow<'_, [u8]> {
+        let n = self.node(id);
+        if !n.dirty && !n.is_replaced {
+            return Cow::Borrowed(self.span(id));
         }
         let mut out = Vec::new();
-        self.emit(node, &mut out);
+        self.emit(id, &mut out);
         Cow::Owned(out)
     }
 
-    fn emit(&self, node: &Node, out: &mut Vec<u8>) {
-        if let Some(r) = &node.replaced {
-            out.extend_from_slice(r.as_bytes());
+    fn emit(&self, id: NodeId, out: &mut Vec<u8>) {
+        let n = self.node(id);
+        if n.is_replaced {
+            out.extend_from_slice(
+                self.replaced
+                    .get(&id)
+                    .map_or(&b"null"[..], |r| r.as_bytes()),
+            );
             return;
         }
-        if !node.dirty {
-            out.extend_from_slice(&self.src.as_bytes()[node.span.clone()]);
+        if !n.dirty {
+            out.extend_from_slice(self.span(id));
             return;
         }
-        match &node.kind {
-            Kind::Object(members) => {
-                out.push(b'{');
-                for (i, m) in members.iter().filter(|m| !m.value.removed).enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(&self.src.as_bytes()[m.key_span.clone()]);
-                    self.emit(&m.value, out);
-                }
-                out.push(b'}');
+        let (open, close) = match n.kind {
+            Kind::Object => (b'{', b'}'),
+            Kind::Array => (b'[', b']'),
+            Kind::Scalar => {
+                out.extend_from_slice(self.span(id));
+                return;
             }
-            Kind::Array(items, _) => {
-                out.push(b'[');
-                for (i, item) in items.iter().filter(|n| !n.removed).enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    self.emit(item, out);
+        };
+        out.push(open);
+        // Runs of adjacent untouched children are copied as received, with what lies between.
+        let mut run: Option<Range<usize>> = None;
+        let mut written = false;
+        let flush = |run: &mut Option<Range<usize>>, out: &mut Vec<u8>, written: &mut bool| {
+            if let Some(r) = run.take() {
+                if *written {
+                    out.push(b',');
                 }
-                out.push(b']');
+                out.extend_from_slice(&self.src[r]);
+                *written = true;
             }
-            Kind::Scalar => out.extend_from_slice(&self.src.as_bytes()[node.span.clone()]),
+        };
+        let mut adjacent = false;
+        for &k in self.kids_of(id) {
+            let kid = self.node(k);
+            if kid.removed {
+                adjacent = false;
+                continue;
+            }
+            // A member from its key's opening quote; an item from its value.
+            let from = match n.kind {
+                Kind::Object => kid.key_start as usize - 1,
+                _ => kid.start as usize,
+            };
+            if !kid.dirty && !kid.is_replaced {
+                match &mut run {
+                    Some(r) if adjacent => r.end = kid.end as usize,
+                    _ => {
+                        flush(&mut run, out, &mut written);
+                        run = Some(from..kid.end as usize);
+                    }
+                }
+                adjacent = true;
+                continue;
+            }
+            flush(&mut run, out, &mut written);
+            if written {
+                out.push(b',');
+            }
+            out.extend_from_slice(&self.src[from..kid.start as usize]);
+            self.emit(k, out);
+            written = true;
+            adjacent = false;
         }
+        flush(&mut run, out, &mut written);
+        out.push(close);
     }
 }
 
-/// Apply `f` to the node at `path` under `root`, marking its ancestors dirty when it changed
-/// something; false when the node is not there.
-fn edit(src: &str, root: &mut Node, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
-    fn walk(src: &str, node: &mut Node, path: &[Step], f: impl FnOnce(&mut Node) -> bool) -> bool {
-        let Some((first, rest)) = path.split_first() else {
-            return f(node);
-        };
-        let changed = match (&mut node.kind, first) {
-            (Kind::Object(members), Step::Name(name)) => members
-                .iter_mut()
-                .filter(|m| !m.value.removed)
-                .find(|m| m.key(src) == name)
-                .is_some_and(|m| walk(src, &mut m.value, rest, f)),
-            (Kind::Array(items, first_removed), Step::Index(i)) => {
-                let position = if *i < *first_removed && items.get(*i).is_some_and(|n| !n.removed) {
-                    Some(*i)
-                } else {
-                    items
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, n)| !n.removed)
-                        .nth(*i)
-                        .map(|(p, _)| p)
-                };
-                match position {
-                    Some(p) => {
-                        let changed = walk(src, &mut items[p], rest, f);
-                        if changed && items[p].removed {
-                            *first_removed = (*first_removed).min(p);
-                        }
-                        changed
-                    }
-                    None => false,
-                }
-            }
-            _ => false,
-        };
-        node.dirty |= changed;
-        changed
-    }
-    walk(src, root, path, f)
+/// A member's key, as the scanner read it.
+struct KeyOf {
+    start: u32,
+    end: u32,
+    decoded: u32,
+    bound: u32,
 }
 
-/// A strict RFC 8259 scanner over text already known to be UTF-8.
+const NO_KEY: KeyOf = KeyOf {
+    start: 0,
+    end: 0,
+    decoded: NONE,
+    bound: NONE,
+};
+
+/// Objects with more members than this check keys for duplicates by hash.
+const LINEAR_KEYS: usize = 8;
+
+/// A strict RFC 8259 scanner over text already known to be UTF-8, filling the node table.
 struct Scanner<'s> {
     text: &'s str,
     s: &'s [u8],
     at: usize,
     names: &'s Names,
     respelt: bool,
+    nodes: Vec<Node>,
+    kids: Vec<NodeId>,
+    /// The children read so far of the containers being read, innermost last.
+    open: Vec<NodeId>,
+    decoded: Vec<Box<str>>,
+    hashes: RandomState,
 }
 
 impl Scanner<'_> {
@@ -373,11 +423,39 @@ impl Scanner<'_> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Result<Node, RewriteError> {
-        let start = self.at;
+    /// `at` as a node offset (the body's length was checked to fit).
+    fn pos(&self) -> u32 {
+        u32::try_from(self.at).unwrap_or(NONE)
+    }
+
+    fn value(&mut self, parent: NodeId, key: KeyOf, depth: usize) -> Result<NodeId, RewriteError> {
+        let id = NodeId::try_from(self.nodes.len()).map_err(|_| RewriteError::TooLarge)?;
+        let start = self.pos();
+        self.nodes.push(Node {
+            start,
+            end: start,
+            kind: Kind::Scalar,
+            removed: false,
+            dirty: false,
+            is_replaced: false,
+            parent,
+            first_kid: 0,
+            len: 0,
+            first_removed: NONE,
+            key_start: key.start,
+            key_end: key.end,
+            key_decoded: key.decoded,
+            bound: key.bound,
+        });
         let kind = match self.s.get(self.at) {
-            Some(b'{') => self.object(depth + 1)?,
-            Some(b'[') => self.array(depth + 1)?,
+            Some(b'{') => {
+                self.object(id, depth + 1)?;
+                Kind::Object
+            }
+            Some(b'[') => {
+                self.array(id, depth + 1)?;
+                Kind::Array
+            }
             Some(b'"') => {
                 self.string()?;
                 Kind::Scalar
@@ -391,13 +469,11 @@ impl Scanner<'_> {
             Some(b'n') => self.literal(b"null")?,
             _ => return Err(RewriteError::NotJson),
         };
-        Ok(Node {
-            span: start..self.at,
-            kind,
-            removed: false,
-            replaced: None,
-            dirty: false,
-        })
+        let end = self.pos();
+        let node = &mut self.nodes[id as usize];
+        node.kind = kind;
+        node.end = end;
+        Ok(id)
     }
 
     fn literal(&mut self, word: &[u8]) -> Result<Kind, RewriteError> {
@@ -409,87 +485,136 @@ impl Scanner<'_> {
         }
     }
 
-    fn object(&mut self, depth: usize) -> Result<Kind, RewriteError> {
+    /// The children read since `mark` become the container's.
+    fn close(&mut self, id: NodeId, mark: usize) -> Result<(), RewriteError> {
+        let first = u32::try_from(self.kids.len()).map_err(|_| RewriteError::TooLarge)?;
+        self.kids.extend(self.open.drain(mark..));
+        let node = &mut self.nodes[id as usize];
+        node.first_kid = first;
+        node.len = u32::try_from(self.kids.len()).map_err(|_| RewriteError::TooLarge)? - first;
+        Ok(())
+    }
+
+    /// The key of a member already read.
+    fn key_text(&self, id: NodeId) -> &str {
+        let n = &self.nodes[id as usize];
+        if n.key_decoded != NONE {
+            return &self.decoded[n.key_decoded as usize];
+        }
+        self.text
+            .get(n.key_start as usize..n.key_end as usize)
+            .unwrap_or_default()
+    }
+
+    fn object(&mut self, id: NodeId, depth: usize) -> Result<(), RewriteError> {
         if depth > MAX_DEPTH {
             return Err(RewriteError::NotJson);
         }
         self.eat(b'{')?;
-        let mut members: Vec<Member> = Vec::new();
-        let mut bound: Vec<&str> = Vec::new();
+        let mark = self.open.len();
+        let mut seen: Option<HashSet<u64>> = None;
         self.ws();
         if self.s.get(self.at) == Some(&b'}') {
             self.at += 1;
-            return Ok(Kind::Object(members));
+            return self.close(id, mark);
         }
         loop {
             self.ws();
-            let key_start = self.at;
-            let key = match self.string()? {
-                None => Key::Raw(key_start + 1..self.at - 1),
-                Some(decoded) => Key::Decoded(decoded),
+            let quote = self.at;
+            let decoded = self.string()?;
+            let (start, end) = (quote + 1, self.at - 1);
+            let text: &str = match &decoded {
+                None => self.text.get(start..end).ok_or(RewriteError::NotJson)?,
+                Some(d) => d,
             };
-            let text = match &key {
-                Key::Raw(r) => self.text.get(r.clone()).ok_or(RewriteError::NotJson)?,
-                Key::Decoded(k) => k.as_str(),
+            let control = if text.is_ascii() {
+                text.bytes().any(|b| b < 0x20 || b == 0x7f)
+            } else {
+                text.chars().any(char::is_control)
             };
-            if text.chars().any(char::is_control) {
+            if control {
                 return Err(RewriteError::BadKey);
             }
-            if members.iter().any(|m| m.key(self.text) == text) {
-                return Err(RewriteError::DuplicateKey);
-            }
-            let names = self.names;
-            if let Some(spelling) = names.spelling_of(text) {
-                if bound.contains(&spelling) {
+            let members = &self.open[mark..];
+            let duplicate = |this: &Self| members.iter().any(|m| this.key_text(*m) == text);
+            if members.len() < LINEAR_KEYS {
+                if duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
                 }
-                bound.push(spelling);
-                if spelling != text {
-                    self.respelt = true;
+            } else {
+                let seen = seen.get_or_insert_with(|| {
+                    members
+                        .iter()
+                        .map(|m| self.hashes.hash_one(self.key_text(*m)))
+                        .collect()
+                });
+                if !seen.insert(self.hashes.hash_one(text)) && duplicate(self) {
+                    return Err(RewriteError::DuplicateKey);
                 }
             }
+            let bound = match self.names.bind(text) {
+                Some(b) => {
+                    if members.iter().any(|m| self.nodes[*m as usize].bound == b) {
+                        return Err(RewriteError::DuplicateKey);
+                    }
+                    if self.names.spelling(b) != text {
+                        self.respelt = true;
+                    }
+                    b
+                }
+                None => NONE,
+            };
+            let key_decoded = match decoded {
+                None => NONE,
+                Some(d) => {
+                    self.decoded.push(d.into());
+                    u32::try_from(self.decoded.len() - 1).map_err(|_| RewriteError::TooLarge)?
+                }
+            };
+            let key = KeyOf {
+                start: u32::try_from(start).map_err(|_| RewriteError::TooLarge)?,
+                end: u32::try_from(end).map_err(|_| RewriteError::TooLarge)?,
+                decoded: key_decoded,
+                bound,
+            };
             self.ws();
             self.eat(b':')?;
             self.ws();
-            let key_span = key_start..self.at;
-            let value = self.value(depth)?;
-            members.push(Member {
-                key,
-                key_span,
-                value,
-            });
+            let member = self.value(id, key, depth)?;
+            self.open.push(member);
             self.ws();
             match self.s.get(self.at) {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
-                    return Ok(Kind::Object(members));
+                    return self.close(id, mark);
                 }
                 _ => return Err(RewriteError::NotJson),
             }
         }
     }
 
-    fn array(&mut self, depth: usize) -> Result<Kind, RewriteError> {
+    fn array(&mut self, id: NodeId, depth: usize) -> Result<(), RewriteError> {
         if depth > MAX_DEPTH {
             return Err(RewriteError::NotJson);
         }
         self.eat(b'[')?;
-        let mut items = Vec::new();
+        let mark = self.open.len();
         self.ws();
         if self.s.get(self.at) == Some(&b']') {
             self.at += 1;
-            return Ok(Kind::Array(items, usize::MAX));
+            return self.close(id, mark);
         }
         loop {
             self.ws();
-            items.push(self.value(depth)?);
+            let item = self.value(id, NO_KEY, depth)?;
+            self.open.push(item);
             self.ws();
             match self.s.get(self.at) {
                 Some(b',') => self.at += 1,
                 Some(b']') => {
                     self.at += 1;
-                    return Ok(Kind::Array(items, usize::MAX));
+                    return self.close(id, mark);
                 }
                 _ => return Err(RewriteError::NotJson),
             }
@@ -503,16 +628,17 @@ impl Scanner<'_> {
         self.eat(b'"')?;
         let start = self.at;
         // Fast path: no escapes.
-        while let Some(&b) = self.s.get(self.at) {
-            match b {
-                b'"' => {
-                    self.at += 1;
-                    return Ok(None);
-                }
-                b'\\' => break,
-                0..=0x1f => return Err(RewriteError::NotJson),
-                _ => self.at += 1,
+        let rest = self.s.get(self.at..).unwrap_or_default();
+        match rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        {
+            Some(n) if rest[n] == b'"' => {
+                self.at += n + 1;
+                return Ok(None);
             }
+            Some(n) if rest[n] == b'\\' => self.at += n,
+            _ => return Err(RewriteError::NotJson),
         }
         let mut out: Vec<u8> = self.s[start..self.at].to_vec();
         loop {
