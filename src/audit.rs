@@ -1,6 +1,7 @@
 //! The audit log: one JSON line per decision, hash-chained (DESIGN §9). It is data, not logging:
-//! its own record type and writer thread, a bounded queue where senders wait, nothing dropped,
-//! never routed through `tracing`. A record names what was removed by selector; it never holds a
+//! its own record type, written by the task that made the decision (under one lock, one
+//! `write(2)` a record) before that task answers, nothing dropped, never routed through
+//! `tracing`. A record names what was removed by selector; it never holds a
 //! value, a query string, a header value or a body.
 //!
 //! `hash` is `sha256:` + hex SHA-256 over the record's JSON line without the `hash` member (the
@@ -11,14 +12,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AuditTarget, Rotation};
 
@@ -106,7 +106,7 @@ impl Entry {
 #[derive(Serialize)]
 struct Record<'a> {
     seq: u64,
-    time: String,
+    time: &'a str,
     node: &'a str,
     #[serde(flatten)]
     entry: &'a Entry,
@@ -133,17 +133,10 @@ pub enum AuditError {
     Closed,
 }
 
-struct Job {
-    entry: Entry,
-    /// New policy and consent hashes, carried by `policy_loaded` entries.
-    hashes: Option<(String, String)>,
-    done: oneshot::Sender<Result<(), AuditError>>,
-}
-
-/// A handle to the audit writer; cheap to clone.
+/// A handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Job>,
+    writer: Arc<Mutex<WriterState>>,
     healthy: Arc<AtomicBool>,
     head: Arc<Mutex<Head>>,
 }
@@ -158,15 +151,6 @@ pub struct Head {
     pub time: String,
 }
 
-/// The writer thread; join it after every [`AuditLog`] handle is dropped to flush the log.
-pub struct AuditWriter(std::thread::JoinHandle<()>);
-
-impl AuditWriter {
-    pub fn join(self) {
-        let _ = self.0.join();
-    }
-}
-
 const ZERO_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
 impl AuditLog {
@@ -178,7 +162,7 @@ impl AuditLog {
         policy_hash: String,
         consent_hash: String,
         seq_gauge: Gauge,
-    ) -> Result<(AuditLog, AuditWriter), AuditError> {
+    ) -> Result<AuditLog, AuditError> {
         let (sink, seq, prev, time) = match target {
             AuditTarget::Stdout => (
                 Sink::Stdout(io::stdout()),
@@ -220,7 +204,6 @@ impl AuditLog {
                 (sink, seq, prev, time)
             }
         };
-        let (tx, rx) = mpsc::channel(1024);
         let healthy = Arc::new(AtomicBool::new(true));
         seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
         let head = Arc::new(Mutex::new(Head {
@@ -236,19 +219,19 @@ impl AuditLog {
             prev,
             policy: policy_hash,
             consent: consent_hash,
-            healthy: healthy.clone(),
             head: head.clone(),
             seq_gauge,
+            buf: Vec::with_capacity(2048),
         };
-        let handle = std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || state.run(rx))
-            .map_err(AuditError::Write)?;
-        Ok((AuditLog { tx, healthy, head }, AuditWriter(handle)))
+        Ok(AuditLog {
+            writer: Arc::new(Mutex::new(state)),
+            healthy,
+            head,
+        })
     }
 
     /// Write one record; returns once it is written and flushed.
-    pub async fn write(&self, entry: Entry) -> Result<(), AuditError> {
+    pub async fn write(&self, entry: &Entry) -> Result<(), AuditError> {
         self.send(entry, None).await
     }
 
@@ -260,7 +243,7 @@ impl AuditLog {
         consent_hash: String,
     ) -> Result<(), AuditError> {
         self.send(
-            Entry::new(Decision::PolicyLoaded, reason),
+            &Entry::new(Decision::PolicyLoaded, reason),
             Some((policy_hash, consent_hash)),
         )
         .await
@@ -276,17 +259,21 @@ impl AuditLog {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, entry: Entry, hashes: Option<(String, String)>) -> Result<(), AuditError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job {
-                entry,
-                hashes,
-                done,
-            })
-            .await
-            .map_err(|_| AuditError::Closed)?;
-        wait.await.map_err(|_| AuditError::Closed)?
+    /// Append one record. The lock is held for one `write(2)` of one line (the page cache
+    /// takes it; a disk that stalls it stalls every decision, which is what fail closed asks).
+    /// Handing records to a writer thread cost two thread wake-ups a request, more than the
+    /// write itself.
+    async fn send(
+        &self,
+        entry: &Entry,
+        hashes: Option<(String, String)>,
+    ) -> Result<(), AuditError> {
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let written = writer.append(entry, hashes);
+        if written.is_err() {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+        written.map_err(AuditError::Write)
     }
 }
 
@@ -302,18 +289,18 @@ enum Sink {
 }
 
 impl Sink {
-    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+    /// Write whole lines; a file is rotated once it has reached its size.
+    fn write_all(&mut self, lines: &[u8]) -> io::Result<()> {
         match self {
-            Sink::Stdout(out) => out.write_all(line).and_then(|()| out.flush()),
+            Sink::Stdout(out) => out.write_all(lines).and_then(|()| out.flush()),
             Sink::File {
                 file,
                 path,
                 rotation,
                 size,
             } => {
-                file.write_all(line)?;
-                file.flush()?;
-                *size += line.len() as u64;
+                file.write_all(lines)?;
+                *size += lines.len() as u64;
                 match rotation {
                     Some(r) if *size >= r.max_bytes => {
                         // FILE.(k) -> FILE.(k+1), oldest dropped; FILE -> FILE.1; a new FILE.
@@ -369,49 +356,50 @@ struct WriterState {
     prev: String,
     policy: String,
     consent: String,
-    healthy: Arc<AtomicBool>,
     head: Arc<Mutex<Head>>,
     seq_gauge: Gauge,
+    /// The line being written, reused.
+    buf: Vec<u8>,
 }
 
 impl WriterState {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            if let Some((policy, consent)) = job.hashes {
-                self.policy = policy;
-                self.consent = consent;
-            }
-            let result = self.append(&job.entry);
-            if result.is_err() {
-                self.healthy.store(false, Ordering::Relaxed);
-            }
-            let _ = job.done.send(result);
+    /// Chain one record onto the log; on failure the chain state is left as it was.
+    fn append(&mut self, entry: &Entry, hashes: Option<(String, String)>) -> io::Result<()> {
+        if let Some((policy, consent)) = hashes {
+            self.policy = policy;
+            self.consent = consent;
         }
-    }
-
-    fn append(&mut self, entry: &Entry) -> Result<(), AuditError> {
-        let time = OffsetDateTime::now_utc();
-        let time = time
-            .replace_nanosecond(time.microsecond() * 1000)
-            .unwrap_or(time)
+        let now = OffsetDateTime::now_utc();
+        let time = now
+            .replace_nanosecond(now.microsecond() * 1000)
+            .unwrap_or(now)
             .format(&Rfc3339)
             .unwrap_or_default();
+        // A decision carries the hashes it was made under; a record without them (the proxy's
+        // own events) names those in force.
+        let (policy, consent) = match &entry.under {
+            Some((p, c)) => (&**p, &**c),
+            None => (self.policy.as_str(), self.consent.as_str()),
+        };
         let seq = self.seq + 1;
         let record = Record {
             seq,
-            time: time.clone(),
+            time: &time,
             node: &self.node,
             entry,
-            policy: &self.policy,
-            consent: &self.consent,
+            policy,
+            consent,
             prev: &self.prev,
         };
-        let body = serde_json::to_string(&record).map_err(|e| AuditError::Write(e.into()))?;
-        let hash = sha256(body.as_bytes());
-        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
-        self.sink
-            .write_line(line.as_bytes())
-            .map_err(AuditError::Write)?;
+        let buf = &mut self.buf;
+        buf.clear();
+        serde_json::to_writer(&mut *buf, &record)?;
+        let hash = sha256(buf);
+        buf.pop();
+        buf.extend_from_slice(b",\"hash\":\"");
+        buf.extend_from_slice(hash.as_bytes());
+        buf.extend_from_slice(b"\"}\n");
+        self.sink.write_all(buf)?;
         self.seq = seq;
         self.seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
         if let Ok(mut head) = self.head.lock() {
@@ -778,7 +766,7 @@ mod tests {
         verify_chain(path, &[]).map(|r| r.verdict)
     }
 
-    fn open(target: &AuditTarget) -> (AuditLog, AuditWriter) {
+    fn open(target: &AuditTarget) -> AuditLog {
         let (p, c) = ("sha256:p".to_string(), "sha256:c".to_string());
         AuditLog::open(target, "node-a", p, c, Gauge::default()).expect("opens")
     }
@@ -796,7 +784,7 @@ mod tests {
         let path = dir.path().join("a/audit.jsonl");
         let target = AuditTarget::File(path.clone(), None);
         for round in 0..2 {
-            let (log, writer) = open(&target);
+            let log = open(&target);
             log.policy_loaded(
                 format!("start {round}"),
                 "sha256:p".into(),
@@ -804,10 +792,9 @@ mod tests {
             )
             .await
             .expect("writes");
-            log.write(entry("one")).await.expect("writes");
-            log.write(entry("two")).await.expect("writes");
+            log.write(&entry("one")).await.expect("writes");
+            log.write(&entry("two")).await.expect("writes");
             drop(log);
-            writer.join();
         }
         assert_eq!(
             verify(&path).expect("reads"),
@@ -864,14 +851,13 @@ mod tests {
         };
         let target = AuditTarget::File(path.clone(), Some(rotation));
         for round in 0..2 {
-            let (log, writer) = open(&target);
+            let log = open(&target);
             for i in 0..20 {
-                log.write(entry(&format!("r{round} {i}")))
+                log.write(&entry(&format!("r{round} {i}")))
                     .await
                     .expect("writes");
             }
             drop(log);
-            writer.join();
         }
         let files = chain_files(&path);
         assert_eq!(files.len(), 4, "{files:?}");

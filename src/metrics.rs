@@ -12,20 +12,20 @@ use crate::audit::Entry;
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
 pub struct DecisionLabels {
-    pub listener: String,
+    pub listener: &'static str,
     pub feature: String,
-    pub decision: String,
+    pub decision: &'static str,
 }
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
 pub struct ListenerLabels {
-    pub listener: String,
+    pub listener: &'static str,
 }
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
 pub struct DirectionLabels {
     /// `in`: from clients; `out`: to upstreams.
-    pub direction: String,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
@@ -120,17 +120,15 @@ impl Metrics {
     /// Count one decision (and its body bytes) as it is audited.
     pub fn decision(&self, entry: &Entry) {
         let labels = DecisionLabels {
-            listener: entry.listener.unwrap_or("-").to_string(),
+            listener: entry.listener.unwrap_or("-"),
             feature: entry.feature.clone().unwrap_or_else(|| "-".into()),
-            decision: entry.decision.as_str().to_string(),
+            decision: entry.decision.as_str(),
         };
         self.decisions.get_or_create(&labels).inc();
         for (direction, bytes) in [("in", entry.bytes_in), ("out", entry.bytes_out)] {
             if let Some(n) = bytes {
                 self.body_bytes
-                    .get_or_create(&DirectionLabels {
-                        direction: direction.into(),
-                    })
+                    .get_or_create(&DirectionLabels { direction })
                     .inc_by(n);
             }
         }

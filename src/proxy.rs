@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::audit::{AuditError, AuditLog, AuditWriter, Decision, Entry};
+use crate::audit::{AuditError, AuditLog, Decision, Entry};
 use crate::ca::{CaError, CertificateAuthority, Origin};
 use crate::config::{Config, Limits};
 use crate::metrics::{ListenerLabels, Metrics, OutcomeLabels};
@@ -67,13 +67,12 @@ pub struct Started {
 pub struct Running {
     pub started: Started,
     proxy: Arc<Proxy>,
-    writer: AuditWriter,
 }
 
 impl Running {
     /// Stop accepting, let in-flight requests finish (up to `deadline`), flush the audit log.
     pub async fn shutdown(self, deadline: Duration) {
-        let Running { proxy, writer, .. } = self;
+        let Running { proxy, .. } = self;
         proxy.token.cancel();
         proxy.tracker.close();
         let finished = tokio::time::timeout(deadline, proxy.tracker.wait())
@@ -98,15 +97,7 @@ impl Running {
                 active.consent_hash.to_string(),
             )
             .await;
-        // Every record is flushed as it is written. The writer ends once the last audit handle
-        // is gone: wait for it only when no task (one stuck on an upstream past the deadline)
-        // still holds one, so a stuck request cannot hold the exit.
-        let idle = proxy.tracker.is_empty();
-        drop(active);
-        drop(proxy);
-        if idle {
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-        }
+        // Every record is in the file once `write` returned: nothing is left to flush.
     }
 
     /// Leave a fleet cleanly (SIGTERM): `/readyz` fails at once, so the balancer's health check
@@ -202,7 +193,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Metrics::default();
     let ca = ca.with_metrics(metrics.leaf.clone());
     let upstream = Upstream::new(&config.upstream, provider, config.limits.connect_timeout)?;
-    let (audit, writer) = AuditLog::open(
+    let audit = AuditLog::open(
         &config.audit,
         &config.node,
         config.policy_hash.clone(),
@@ -278,7 +269,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             ca_origin,
         },
         proxy,
-        writer,
     })
 }
 
@@ -314,9 +304,7 @@ pub(crate) async fn accept_each<F, Fut>(
         proxy
             .metrics
             .connections
-            .get_or_create(&ListenerLabels {
-                listener: name.into(),
-            })
+            .get_or_create(&ListenerLabels { listener: name })
             .inc();
         let span = tracing::info_span!("conn", client = %client, listener = name);
         let served = serve(proxy.clone(), client, tcp);
@@ -330,22 +318,12 @@ pub(crate) async fn accept_each<F, Fut>(
     }
 }
 
-/// When either side of a tunnel last delivered bytes.
-#[derive(Clone)]
-struct Activity {
-    epoch: std::time::Instant,
-    /// Milliseconds since `epoch` of the last read with data.
-    last: Arc<std::sync::atomic::AtomicU64>,
-}
+/// Whether either side of a tunnel delivered bytes since the idle check last looked: one
+/// relaxed store a read, no clock read on the byte path.
+#[derive(Clone, Default)]
+struct Activity(Arc<std::sync::atomic::AtomicBool>);
 
 impl Activity {
-    fn new() -> Self {
-        Activity {
-            epoch: std::time::Instant::now(),
-            last: Arc::default(),
-        }
-    }
-
     fn watch<T>(&self, inner: T) -> Watched<T> {
         Watched {
             inner,
@@ -353,9 +331,9 @@ impl Activity {
         }
     }
 
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
-        self.epoch.elapsed().saturating_sub(last)
+    /// Whether bytes moved since the last call.
+    fn moved(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -375,10 +353,9 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let now = this.activity.epoch.elapsed().as_millis() as u64;
             this.activity
-                .last
-                .store(now, std::sync::atomic::Ordering::Relaxed);
+                .0
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         polled
     }
@@ -407,6 +384,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+/// Each direction of a blind tunnel copies through a buffer this large (tokio's default is
+/// 8 KiB): fewer reads and writes a megabyte, 64 KiB a tunnel.
+const TUNNEL_BUFFER: usize = 32 * 1024;
 
 /// Bind a listener that the policy may leave out; returns it with its bound address.
 async fn bind_optional(
@@ -584,7 +565,7 @@ impl Proxy {
         entry.decision = Decision::Tunneled;
         entry.reason = "destination belongs to no feature".into();
         entry.status = Some(200);
-        if self.record(entry).await.is_err() {
+        if self.record(&entry).await.is_err() {
             return Refusal::AuditUnavailable.response(None);
         }
         let this = self.clone();
@@ -611,13 +592,20 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut policy = self.active.subscribe();
-        let activity = Activity::new();
+        let activity = Activity::default();
         let mut client = activity.watch(client);
         let mut upstream = activity.watch(upstream);
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        let copy = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            TUNNEL_BUFFER,
+            TUNNEL_BUFFER,
+        );
         tokio::pin!(copy);
         let idle = self.limits.tunnel_idle_timeout;
-        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        let every = (idle / 4).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut quiet = Duration::ZERO;
         loop {
             tokio::select! {
                 r = &mut copy => {
@@ -628,7 +616,8 @@ impl Proxy {
                 }
                 () = self.hard_stop.cancelled() => return,
                 _ = tick.tick() => {
-                    if activity.quiet_for() >= idle {
+                    quiet = if activity.moved() { Duration::ZERO } else { quiet + every };
+                    if quiet >= idle {
                         debug!("idle tunnel closed");
                         return;
                     }
@@ -644,7 +633,7 @@ impl Proxy {
                         entry.decision = Decision::Blocked;
                         entry.reason = "open tunnel closed: the new policy no longer tunnels this destination".into();
                         entry.feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
-                        let _ = self.record(entry).await;
+                        let _ = self.record(&entry).await;
                         return;
                     }
                 }
@@ -676,7 +665,7 @@ impl Proxy {
                 let mut entry =
                     self.entry(&self.current(), peer, Some(&target), &Method::CONNECT, None);
                 entry.reason = format!("cannot mint a leaf: {e}");
-                let _ = self.record(entry).await;
+                let _ = self.record(&entry).await;
                 return;
             }
         };
@@ -754,7 +743,7 @@ impl Proxy {
             entry.bytes_out = Some(0);
         }
         entry.status = status;
-        let _ = self.record(entry).await;
+        let _ = self.record(&entry).await;
     }
 
     /// Decide one request to `target` and answer it: refuse, or rewrite and forward.
@@ -948,7 +937,7 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
         };
         entry.status = Some(resp.status().as_u16());
-        if self.record(entry.clone()).await.is_err() {
+        if self.record(&entry).await.is_err() {
             return Refusal::AuditUnavailable.response(entry.feature.as_deref());
         }
         let (mut parts, body) = resp.into_parts();
@@ -958,8 +947,8 @@ impl Proxy {
     }
 
     /// Write an audit record and count the decision.
-    pub(crate) async fn record(&self, entry: Entry) -> Result<(), AuditError> {
-        self.metrics.decision(&entry);
+    pub(crate) async fn record(&self, entry: &Entry) -> Result<(), AuditError> {
+        self.metrics.decision(entry);
         let written = self.audit.write(entry).await;
         match &written {
             Ok(()) => self.metrics.audit_records.inc(),
@@ -990,7 +979,7 @@ impl Proxy {
             entry.feature = feature.map(str::to_string);
         }
         info!(decision = entry.decision.as_str(), reason = %entry.reason, "refused");
-        if self.record(entry).await.is_err() {
+        if self.record(&entry).await.is_err() {
             return Refusal::AuditUnavailable.response(feature);
         }
         refusal.response(feature)
@@ -1009,7 +998,7 @@ impl Proxy {
                 warn!(error = %e, "reload failed; the last good policy stays in force");
                 let reason =
                     format!("reload ({trigger}) failed, the last good policy stays in force: {e}");
-                let _ = self.record(Entry::new(Decision::Error, reason)).await;
+                let _ = self.record(&Entry::new(Decision::Error, reason)).await;
                 self.metrics
                     .reloads
                     .get_or_create(&OutcomeLabels {

@@ -62,7 +62,7 @@ async fn serve(proxy: Arc<Proxy>, client: SocketAddr, mut tcp: TcpStream) {
                 entry.feature = feature;
                 entry.decision = decision;
                 entry.reason = reason;
-                let _ = proxy.record(entry).await;
+                let _ = proxy.record(&entry).await;
             }
         };
     if !proxy.client_allowed(client) {
@@ -199,14 +199,14 @@ async fn tunnel(
             entry.decision = Decision::Error;
             entry.reason = "upstream refused or unreachable".into();
             proxy.metrics().upstream_errors.inc();
-            let _ = proxy.record(entry).await;
+            let _ = proxy.record(&entry).await;
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
     entry.decision = Decision::Tunneled;
     entry.reason = "destination belongs to no feature".into();
-    if proxy.record(entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
+    if proxy.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
         return;
     }
     proxy.relay(peer, target, client, upstream).await;
