@@ -1,5 +1,7 @@
 //! The interception CA: loads (or creates) the CA the clients trust, and mints a leaf certificate
 //! per intercepted host, cached with its rustls server config (bounded, renewed before expiry).
+//! Every leaf shares one signing key and one bounded TLS session cache, so a cached leaf costs
+//! its certificate and little else, and clients resume sessions whichever host they reach.
 //! The CA key is written 0600 and never logged.
 
 use std::fs::OpenOptions;
@@ -18,7 +20,8 @@ use rcgen::{
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::CertifiedKey;
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions};
+use rustls::sign::{CertifiedKey, SigningKey, SingleCertAndKey};
 use rustls::ServerConfig;
 use time::{Duration, OffsetDateTime};
 
@@ -27,6 +30,8 @@ use crate::metrics::LeafMetrics;
 /// How long a minted leaf is valid, and when it is replaced.
 const LEAF_VALIDITY: Duration = Duration::days(30);
 const LEAF_RENEW_BEFORE: Duration = Duration::days(7);
+/// TLS sessions kept for client resumption, across every leaf (a few hundred bytes each).
+const TLS_SESSIONS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -70,6 +75,10 @@ pub struct CertificateAuthority {
     ca_der: CertificateDer<'static>,
     /// One key for every leaf: leaves live in memory only, and minting stays cheap.
     leaf_key: KeyPair,
+    /// The same key, loaded once for rustls to sign handshakes with.
+    leaf_signer: Arc<dyn SigningKey>,
+    /// TLS sessions of every leaf, for resumption (rustls resumes only for the same SNI).
+    sessions: Arc<dyn StoresServerSessions>,
     provider: Arc<CryptoProvider>,
     cache: Mutex<LruCache<String, Leaf>>,
     metrics: LeafMetrics,
@@ -151,11 +160,20 @@ impl CertificateAuthority {
             host: String::new(),
             reason: e.to_string(),
         })?;
+        let leaf_signer = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+            .map_err(|e| CaError::Mint {
+                host: String::new(),
+                reason: e.to_string(),
+            })?;
         let cap = NonZeroUsize::new(cache_size).unwrap_or(NonZeroUsize::MIN);
         Ok(CertificateAuthority {
             issuer,
             ca_der,
             leaf_key,
+            leaf_signer,
+            sessions: ServerSessionMemoryCache::new(TLS_SESSIONS),
             provider,
             cache: Mutex::new(LruCache::new(cap)),
             metrics: LeafMetrics::default(),
@@ -222,13 +240,16 @@ impl CertificateAuthority {
         let cert = params
             .signed_by(&self.leaf_key, &self.issuer)
             .map_err(|e| fail(e.to_string()))?;
-        let key = PrivateKeyDer::Pkcs8(self.leaf_key.serialize_der().into());
+        let certified = CertifiedKey::new(
+            vec![cert.der().clone(), self.ca_der.clone()],
+            self.leaf_signer.clone(),
+        );
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| fail(e.to_string()))?
             .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key)
-            .map_err(|e| fail(e.to_string()))?;
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+        config.session_storage = self.sessions.clone();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
