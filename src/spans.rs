@@ -536,7 +536,14 @@ impl Scanner<'_> {
                 return Err(RewriteError::BadKey);
             }
             let members = &self.open[mark..];
-            let duplicate = |this: &Self| members.iter().any(|m| this.key_text(*m) == text);
+            // A raw key of another length is another key: most are told apart without a compare.
+            let duplicate = |this: &Self| {
+                members.iter().any(|m| {
+                    let n = &this.nodes[*m as usize];
+                    (n.key_decoded != NONE || (n.key_end - n.key_start) as usize == text.len())
+                        && this.key_text(*m) == text
+                })
+            };
             if members.len() < LINEAR_KEYS {
                 if duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
