@@ -1,14 +1,19 @@
 //! The upstream side: verified TLS (webpki or system roots plus `extra_ca`; there is no switch to
 //! turn verification off), `[upstream] resolve` overrides, a pooled HTTP client that speaks h2
 //! or HTTP/1.1 as the upstream negotiates, and plain TCP connections for tunnels.
+//!
+//! Idle connections are kept only for hosts asked for before, among the last [`POOLED_HOSTS`]
+//! hosts: a host seen once (a flood of new names, each asked for once) gets a connection that
+//! closes after its response, so memory does not grow with every new name.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +24,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use lru::LruCache;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -64,10 +70,17 @@ pub enum ConnectError {
     Name(String),
 }
 
+/// Hosts (`host:port`) remembered for pooling: a host asked for again while among these keeps
+/// idle connections (for 90 s); a host not among them gets a connection closed after use.
+pub const POOLED_HOSTS: usize = 1024;
+
 /// Pooled, verified connections to upstreams.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, OutBody>,
+    /// The same, keeping no idle connection: for hosts not asked for before.
+    once: Client<Connector, OutBody>,
+    seen: Arc<Mutex<LruCache<String, ()>>>,
     dialer: Dialer,
     tls: TlsConnector,
 }
@@ -127,9 +140,16 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector.clone());
+        let once = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_max_idle_per_host(0)
             .build(connector);
+        let hosts = NonZeroUsize::new(POOLED_HOSTS).unwrap_or(NonZeroUsize::MIN);
         Ok(Upstream {
             client,
+            once,
+            seen: Arc::new(Mutex::new(LruCache::new(hosts))),
             dialer,
             tls,
         })
@@ -140,7 +160,22 @@ impl Upstream {
         &self,
         req: http::Request<OutBody>,
     ) -> hyper_util::client::legacy::ResponseFuture {
-        self.client.request(req)
+        let authority = req.uri().authority().map_or("", |a| a.as_str());
+        if self.asked_before(authority) {
+            self.client.request(req)
+        } else {
+            self.once.request(req)
+        }
+    }
+
+    /// Whether `authority` was asked for before, among the last [`POOLED_HOSTS`] hosts.
+    fn asked_before(&self, authority: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.get(authority).is_some() {
+            return true;
+        }
+        seen.put(authority.to_string(), ());
+        false
     }
 
     /// An upstream pinned to one address (transparent mode: where the client was going), whose
