@@ -902,6 +902,46 @@ mod tests {
         assert_eq!(fold_indexes("query:uc"), "query:uc");
     }
 
+    /// A decision names the policy and consent it was made under, even when a reload was
+    /// recorded between the decision and its record; the proxy's own records name those in force.
+    #[tokio::test]
+    async fn records_carry_the_hashes_of_their_decision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = open(&AuditTarget::File(path.clone(), None));
+        log.policy_loaded("reload".into(), "sha256:new".into(), "sha256:c2".into())
+            .await
+            .expect("writes");
+        let mut decided = entry("decided before the reload");
+        decided.under = Some(("sha256:old".into(), "sha256:c1".into()));
+        log.write(&decided).await.expect("writes");
+        log.write(&entry("own record")).await.expect("writes");
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .expect("reads")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let hashes: Vec<(&str, &str)> = records
+            .iter()
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().expect("string");
+                (s("policy"), s("consent"))
+            })
+            .collect();
+        assert_eq!(
+            hashes,
+            [
+                ("sha256:new", "sha256:c2"),
+                ("sha256:old", "sha256:c1"),
+                ("sha256:new", "sha256:c2")
+            ]
+        );
+        assert!(matches!(
+            verify(&path).expect("reads"),
+            Verdict::Intact { records: 3, .. }
+        ));
+    }
+
     #[test]
     fn a_cut_record_refuses_to_continue_the_chain() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -295,3 +295,35 @@ async fn an_h2_refusal_of_a_request_with_a_body_is_a_clean_answer() {
     assert!(env.upstream.requests().is_empty());
     env.stop().await;
 }
+
+/// Upstream connections are kept idle only for a host asked for again: the first request to a
+/// host gets a connection that closes after its response (a flood of new names leaves nothing
+/// behind), the second opens one that the third reuses.
+#[tokio::test]
+async fn upstream_connections_are_pooled_from_a_hosts_second_request() {
+    let env = Env::start(Setup {
+        policy: "[consent]\ndiagnostics = \"granted\"\n",
+        upstream_alpn: &[b"http/1.1"],
+        ..Setup::default()
+    })
+    .await;
+    let mut conn = env.keep_alive(RUDDER).await;
+    for _ in 0..3 {
+        conn.ready().await.expect("ready");
+        let req = http::Request::post("/v1/batch")
+            .header("host", RUDDER)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"{\"batch\":[]}",
+            )))
+            .expect("request");
+        let resp = conn.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body");
+    }
+    assert_eq!(env.upstream.requests().len(), 3);
+    assert_eq!(env.upstream.connections.load(Ordering::SeqCst), 2);
+    env.stop().await;
+}
