@@ -1,6 +1,8 @@
 //! The shipped benchmark: consent-proxy against a direct connection, in one run, on loopback.
 //!
-//! `bench/run.sh [--secs N] [--runs N] [SCENARIO...]` builds this and the proxy and runs it. It
+//! `bench/run.sh [--secs N] [--runs N] [--rate R] [--every N] [SCENARIO...]` builds this and
+//! the proxy and runs it. `--rate R` paces the load at R requests a second in all (a soak below
+//! the peak); `--every N` prints req/s and the proxy's RSS every N seconds of each run. It
 //! starts a fake HTTPS upstream (this program, `upstream` subcommand, its own process), then for
 //! each scenario the proxy (restarted per scenario, so its peak RSS is that scenario's own) and
 //! a closed-loop load generator: N connections, each with one request in flight. It prints
@@ -112,14 +114,21 @@ fn main() -> Result<(), Error> {
     if args.first().map(String::as_str) == Some("upstream") {
         return upstream_main(&args[1..]);
     }
-    let mut secs = 10u64;
-    let mut runs = 1usize;
+    let mut opts = Options {
+        secs: Duration::from_secs(10),
+        runs: 1,
+        rate: None,
+        every: None,
+    };
     let mut wanted = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
+        let mut value = |what: &str| it.next().ok_or(format!("{a} {what}"));
         match a.as_str() {
-            "--secs" => secs = it.next().ok_or("--secs N")?.parse()?,
-            "--runs" => runs = it.next().ok_or("--runs N")?.parse()?,
+            "--secs" => opts.secs = Duration::from_secs(value("N")?.parse()?),
+            "--runs" => opts.runs = value("N")?.parse()?,
+            "--rate" => opts.rate = Some(value("R")?.parse()?),
+            "--every" => opts.every = Some(Duration::from_secs(value("N")?.parse()?)),
             name if SCENARIOS.iter().any(|s| s.name == name) => wanted.push(name.to_string()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -131,7 +140,16 @@ fn main() -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bench(&scenarios, Duration::from_secs(secs), runs))
+    rt.block_on(bench(&scenarios, &opts))
+}
+
+struct Options {
+    secs: Duration,
+    runs: usize,
+    /// Requests a second in all, paced; `None`: as fast as the replies come (closed loop).
+    rate: Option<f64>,
+    /// Print progress this often.
+    every: Option<Duration>,
 }
 
 /// One measured run: what the load generator saw, and what the proxy used.
@@ -145,7 +163,8 @@ struct Measured {
     peak_rss_mb: Option<f64>,
 }
 
-async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(), Error> {
+async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
+    let (secs, runs) = (opts.secs, opts.runs);
     let dir = tempdir()?;
     let pki = Pki::create(&dir)?;
     let (small, large) = (payload(3, 1024), payload(1077, 256 * 1024));
@@ -166,8 +185,16 @@ async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(
         proxy_bin.display()
     );
     println!(
-        "{:<18} {:>9} {:>9} {:>7} {:>8} {:>8} {:>6} {:>10} {:>8}",
-        "scenario", "direct", "proxy", "ratio", "p50 ms", "p99 ms", "+p99", "CPU us/req", "RSS MB"
+        "{:<18} {:>9} {:>9} {:>7} {:>8} {:>8} {:>6} {:>10} {:>14}",
+        "scenario",
+        "direct",
+        "proxy",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "+p99",
+        "CPU us/req",
+        "RSS MB (peak)"
     );
     let mut direct_cache: BTreeMap<(bool, usize, bool), Measured> = BTreeMap::new();
     let mut result = Ok(());
@@ -190,7 +217,7 @@ async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(
                     new_conn: s.new_conn,
                     upstream: upstream_addr,
                 };
-                let m = median(runs, || load.run(secs, None)).await?;
+                let m = median(runs, || load.run(opts, None)).await?;
                 direct_cache.insert(key, m.clone());
                 m
             }
@@ -216,8 +243,9 @@ async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(
             upstream: upstream_addr,
         };
         let pid = proxy.child.id();
-        let measured = median(runs, || load.run(secs, Some(pid))).await;
-        let peak = peak_rss_mb(pid);
+        let start_rss = rss_mb(pid, "VmRSS:");
+        let measured = median(runs, || load.run(opts, Some(pid))).await;
+        let peak = rss_mb(pid, "VmHWM:");
         proxy.stop();
         let mut m = match measured {
             Ok(m) => m,
@@ -227,8 +255,9 @@ async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(
             }
         };
         m.peak_rss_mb = peak;
+        let mb = |v: Option<f64>| v.map_or("-".into(), |r| format!("{r:.1}"));
         println!(
-            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.2} {:>8.2} {:>6.2} {:>10} {:>8}",
+            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.2} {:>8.2} {:>6.2} {:>10} {:>14}",
             s.name,
             direct.rps,
             m.rps,
@@ -237,7 +266,7 @@ async fn bench(scenarios: &[&Scenario], secs: Duration, runs: usize) -> Result<(
             m.p99_ms,
             m.p99_ms - direct.p99_ms,
             m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.0}")),
-            m.peak_rss_mb.map_or("-".into(), |r| format!("{r:.1}")),
+            format!("{} ({})", mb(start_rss), mb(m.peak_rss_mb)),
         );
         if m.errors > 0 || direct.errors > 0 {
             println!("  errors: proxy {}, direct {}", m.errors, direct.errors);
@@ -277,15 +306,20 @@ struct Load {
 
 impl Load {
     /// Warm up for a second (not for minted names: each must be new), then measure.
-    async fn run(&self, secs: Duration, pid: Option<u32>) -> Result<Measured, Error> {
+    async fn run(&self, opts: &Options, pid: Option<u32>) -> Result<Measured, Error> {
         let tls = Arc::new(client_config(&self.trust)?);
         let names = Arc::new(AtomicU64::new(0));
         if self.host != Host::Minted {
-            self.drive(&tls, &names, Duration::from_secs(1)).await?;
+            let warm_up = Options {
+                secs: Duration::from_secs(1),
+                every: None,
+                ..*opts
+            };
+            self.drive(&tls, &names, &warm_up, None).await?;
         }
         let cpu_before = pid.and_then(cpu_ticks);
         let started = Instant::now();
-        let (latencies, errors) = self.drive(&tls, &names, secs).await?;
+        let (latencies, errors) = self.drive(&tls, &names, opts, pid).await?;
         let wall = started.elapsed().as_secs_f64();
         let cpu_after = pid.and_then(cpu_ticks);
         let done = latencies.len();
@@ -316,11 +350,17 @@ impl Load {
         &self,
         tls: &Arc<rustls::ClientConfig>,
         names: &Arc<AtomicU64>,
-        secs: Duration,
+        opts: &Options,
+        pid: Option<u32>,
     ) -> Result<(Vec<u32>, u64), Error> {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        // Each connection sends one request per `pace`, the connections spread over it.
+        let pace = opts
+            .rate
+            .map(|r| Duration::from_secs_f64(self.conns as f64 / r.max(0.001)));
         let mut tasks = Vec::new();
-        for _ in 0..self.conns {
+        for i in 0..self.conns {
             let conn = Conn {
                 via: self.via,
                 host: self.host,
@@ -330,10 +370,28 @@ impl Load {
                 upstream: self.upstream,
                 names: names.clone(),
                 stop: stop.clone(),
+                done: done.clone(),
+                pace: pace.map(|p| (p, p.mul_f64(i as f64 / self.conns as f64))),
             };
             tasks.push(tokio::spawn(conn.run()));
         }
-        tokio::time::sleep(secs).await;
+        let started = Instant::now();
+        let every = opts.every.unwrap_or(opts.secs).min(opts.secs);
+        let mut last = (Duration::ZERO, 0);
+        while started.elapsed() < opts.secs {
+            tokio::time::sleep(every.min(opts.secs.saturating_sub(started.elapsed()))).await;
+            if opts.every.is_some() {
+                let (at, n) = (started.elapsed(), done.load(Ordering::Relaxed));
+                let rate = (n - last.1) as f64 / (at - last.0).as_secs_f64();
+                let rss = pid.and_then(|p| rss_mb(p, "VmRSS:"));
+                println!(
+                    "  {:>5.0} s {rate:>9.0} req/s  RSS {}",
+                    at.as_secs_f64(),
+                    rss.map_or("-".into(), |r| format!("{r:.1} MB"))
+                );
+                last = (at, n);
+            }
+        }
         stop.store(true, Ordering::Relaxed);
         let (mut latencies, mut errors) = (Vec::new(), 0);
         for t in tasks {
@@ -357,6 +415,10 @@ struct Conn {
     upstream: SocketAddr,
     names: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Requests completed, for progress lines.
+    done: Arc<AtomicU64>,
+    /// With a paced load: one request per this long, starting after the offset.
+    pace: Option<(Duration, Duration)>,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -367,7 +429,14 @@ impl Conn {
     async fn run(self) -> (Vec<u32>, u64) {
         let (mut latencies, mut errors) = (Vec::new(), 0u64);
         let mut sender: Option<(Sender, String)> = None;
+        let mut next = self
+            .pace
+            .map(|(_, offset)| tokio::time::Instant::now() + offset);
         while !self.stop.load(Ordering::Relaxed) {
+            if let (Some(at), Some((pace, _))) = (next.as_mut(), self.pace) {
+                tokio::time::sleep_until(*at).await;
+                *at += pace;
+            }
             let started = Instant::now();
             if sender.is_none() || self.new_conn {
                 match self.open().await {
@@ -384,7 +453,9 @@ impl Conn {
             };
             match post(send, host, &self.body).await {
                 Ok(()) => {
-                    latencies.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX))
+                    latencies
+                        .push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    self.done.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => {
                     errors += 1;
@@ -729,10 +800,10 @@ fn ticks_per_sec() -> f64 {
     100.0
 }
 
-/// `VmHWM` of a process, in MB.
-fn peak_rss_mb(pid: u32) -> Option<f64> {
+/// A memory line of a process's status (`VmRSS:` now, `VmHWM:` its peak), in MB.
+fn rss_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1000.0)
 }
