@@ -686,6 +686,8 @@ pub(crate) struct Names {
     /// The folded names that are ASCII (upper case), with their indexes: an ASCII key folds to
     /// its upper case, so it is compared with these alone, without hashing or allocating.
     ascii: Vec<(Box<[u8]>, u32)>,
+    /// Bit `n` set: some folded name is `n` bytes long (bit 63: 63 or more).
+    length_bits: u64,
 }
 
 impl Names {
@@ -711,12 +713,16 @@ impl Names {
         }
         names.lengths.sort_unstable();
         names.lengths.dedup();
+        names.length_bits = names.lengths.iter().fold(0, |b, n| b | 1 << (*n).min(63));
         names
     }
 
     /// The name `key` binds to (an index for [`Names::spelling`]), if the rules name it.
     pub(crate) fn bind(&self, key: &str) -> Option<u32> {
         if self.by_fold.is_empty() {
+            return None;
+        }
+        if self.length_bits & 1 << key.len().min(63) == 0 && key.is_ascii() {
             return None;
         }
         if key.is_ascii() {

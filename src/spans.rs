@@ -84,31 +84,36 @@ impl SpanDoc {
         if u32::try_from(raw.len()).is_err() {
             return Err(RewriteError::TooLarge);
         }
+        let (nodes, kids, open) = Scratch::take();
         let mut scanner = Scanner {
             text,
             s: raw,
             at: 0,
             names: &names,
             respelt: false,
-            nodes: Vec::new(),
-            kids: Vec::new(),
-            open: Vec::new(),
+            nodes,
+            kids,
+            open,
             decoded: Vec::new(),
             hashes: RandomState::new(),
         };
         scanner.ws();
-        scanner.value(NONE, NO_KEY, 0)?;
+        let read = scanner.value(NONE, NO_KEY, 0);
         scanner.ws();
-        if scanner.at != scanner.s.len() {
-            return Err(RewriteError::NotJson);
-        }
         let Scanner {
+            at,
             respelt,
             nodes,
             kids,
+            open,
             decoded,
             ..
         } = scanner;
+        if read.is_err() || at != raw.len() {
+            Scratch::give(nodes, kids, open);
+            return Err(read.err().unwrap_or(RewriteError::NotJson));
+        }
+        Scratch::give(Vec::new(), Vec::new(), open);
         Ok(SpanDoc {
             src: raw.clone(),
             nodes,
@@ -374,6 +379,59 @@ impl SpanDoc {
     }
 }
 
+impl Drop for SpanDoc {
+    fn drop(&mut self) {
+        let (nodes, kids) = (
+            std::mem::take(&mut self.nodes),
+            std::mem::take(&mut self.kids),
+        );
+        Scratch::give(nodes, kids, Vec::new());
+    }
+}
+
+/// The node tables of the last body a thread read, kept for its next one: a large body then
+/// costs no fresh allocation (nor the page faults of one), only while the tables are small
+/// enough to keep ([`KEPT_NODES`]).
+struct Scratch;
+
+/// Tables of up to this many nodes are kept between bodies (about 3 MB a thread).
+const KEPT_NODES: usize = 1 << 16;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<(Vec<Node>, Vec<NodeId>, Vec<NodeId>)> =
+        std::cell::RefCell::default();
+}
+
+impl Scratch {
+    fn take() -> (Vec<Node>, Vec<NodeId>, Vec<NodeId>) {
+        SCRATCH
+            .try_with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut *s)))
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
+    /// Keep what is not too large, empty; an empty vector leaves the kept one in place.
+    fn give(mut nodes: Vec<Node>, mut kids: Vec<NodeId>, mut open: Vec<NodeId>) {
+        let _ = SCRATCH.try_with(|s| {
+            if let Ok(mut kept) = s.try_borrow_mut() {
+                if nodes.capacity() > 0 && nodes.capacity() <= KEPT_NODES {
+                    nodes.clear();
+                    kept.0 = nodes;
+                }
+                if kids.capacity() > 0 && kids.capacity() <= KEPT_NODES {
+                    kids.clear();
+                    kept.1 = kids;
+                }
+                if open.capacity() > 0 && open.capacity() <= KEPT_NODES {
+                    open.clear();
+                    kept.2 = open;
+                }
+            }
+        });
+    }
+}
+
 /// A member's key, as the scanner read it.
 struct KeyOf {
     start: u32,
@@ -513,6 +571,8 @@ impl Scanner<'_> {
         self.eat(b'{')?;
         let mark = self.open.len();
         let mut seen: Option<HashSet<u64>> = None;
+        // A bit a key (by length and end bytes): a key whose bit is not set is new, uncompared.
+        let mut bloom = 0u64;
         self.ws();
         if self.s.get(self.at) == Some(&b'}') {
             self.at += 1;
@@ -545,9 +605,17 @@ impl Scanner<'_> {
                 })
             };
             if members.len() < LINEAR_KEYS {
-                if duplicate(self) {
+                let (first, last) = (text.bytes().next(), text.bytes().last());
+                let bit = 1u64
+                    << ((text.len() as u64)
+                        .wrapping_mul(31)
+                        .wrapping_add(u64::from(first.unwrap_or(0)))
+                        .wrapping_add(u64::from(last.unwrap_or(0)).wrapping_mul(7))
+                        % 64);
+                if bloom & bit != 0 && duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
                 }
+                bloom |= bit;
             } else {
                 let seen = seen.get_or_insert_with(|| {
                     members
