@@ -2,7 +2,8 @@
 //!
 //! `bench/run.sh [--secs N] [--runs N] [--rate R] [--every N] [SCENARIO...]` builds this and
 //! the proxy and runs it. `--rate R` paces the load at R requests a second in all (a soak below
-//! the peak); `--every N` prints req/s and the proxy's RSS every N seconds of each run. It
+//! the peak); `--every N` prints req/s and the proxy's RSS every N seconds of each run;
+//! `--proxy-only` skips the direct runs. It
 //! starts a fake HTTPS upstream (this program, `upstream` subcommand, its own process), then for
 //! each scenario the proxy (restarted per scenario, so its peak RSS is that scenario's own) and
 //! a closed-loop load generator: N connections, each with one request in flight. It prints
@@ -119,6 +120,7 @@ fn main() -> Result<(), Error> {
         runs: 1,
         rate: None,
         every: None,
+        proxy_only: false,
     };
     let mut wanted = Vec::new();
     let mut it = args.into_iter();
@@ -129,6 +131,7 @@ fn main() -> Result<(), Error> {
             "--runs" => opts.runs = value("N")?.parse()?,
             "--rate" => opts.rate = Some(value("R")?.parse()?),
             "--every" => opts.every = Some(Duration::from_secs(value("N")?.parse()?)),
+            "--proxy-only" => opts.proxy_only = true,
             name if SCENARIOS.iter().any(|s| s.name == name) => wanted.push(name.to_string()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -150,6 +153,8 @@ struct Options {
     rate: Option<f64>,
     /// Print progress this often.
     every: Option<Duration>,
+    /// Skip the direct runs (a soak of the proxy alone).
+    proxy_only: bool,
 }
 
 /// One measured run: what the load generator saw, and what the proxy used.
@@ -207,6 +212,7 @@ async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
         };
         let direct = match direct_cache.get(&key) {
             Some(m) => m.clone(),
+            None if opts.proxy_only => Measured::default(),
             None => {
                 let load = Load {
                     via: None,
@@ -256,15 +262,22 @@ async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
         };
         m.peak_rss_mb = peak;
         let mb = |v: Option<f64>| v.map_or("-".into(), |r| format!("{r:.1}"));
+        let direct_of = |f: &dyn Fn(&Measured) -> String| {
+            if opts.proxy_only {
+                "-".to_string()
+            } else {
+                f(&direct)
+            }
+        };
         println!(
-            "{:<18} {:>9.0} {:>9.0} {:>6.2}x {:>8.2} {:>8.2} {:>6.2} {:>10} {:>14}",
+            "{:<18} {:>9} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>6} {:>10} {:>14}",
             s.name,
-            direct.rps,
+            direct_of(&|d: &Measured| format!("{:.0}", d.rps)),
             m.rps,
-            m.rps / direct.rps.max(1.0),
+            direct_of(&|d: &Measured| format!("{:.2}x", m.rps / d.rps.max(1.0))),
             m.p50_ms,
             m.p99_ms,
-            m.p99_ms - direct.p99_ms,
+            direct_of(&|d: &Measured| format!("{:.2}", m.p99_ms - d.p99_ms)),
             m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.0}")),
             format!("{} ({})", mb(start_rss), mb(m.peak_rss_mb)),
         );
