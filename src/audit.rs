@@ -129,8 +129,6 @@ pub enum AuditError {
     NotAFile { path: PathBuf },
     #[error("cannot write the audit log")]
     Write(#[source] io::Error),
-    #[error("the audit log is closed")]
-    Closed,
 }
 
 /// A handle to the audit log; cheap to clone.
@@ -230,7 +228,7 @@ impl AuditLog {
         })
     }
 
-    /// Write one record; returns once it is written and flushed.
+    /// Write one record; returns once the kernel has it.
     pub async fn write(&self, entry: &Entry) -> Result<(), AuditError> {
         self.send(entry, None).await
     }
@@ -289,18 +287,18 @@ enum Sink {
 }
 
 impl Sink {
-    /// Write whole lines; a file is rotated once it has reached its size.
-    fn write_all(&mut self, lines: &[u8]) -> io::Result<()> {
+    /// Write one line; a file is rotated once it has reached its size.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         match self {
-            Sink::Stdout(out) => out.write_all(lines).and_then(|()| out.flush()),
+            Sink::Stdout(out) => out.write_all(line).and_then(|()| out.flush()),
             Sink::File {
                 file,
                 path,
                 rotation,
                 size,
             } => {
-                file.write_all(lines)?;
-                *size += lines.len() as u64;
+                file.write_all(line)?;
+                *size += line.len() as u64;
                 match rotation {
                     Some(r) if *size >= r.max_bytes => {
                         // FILE.(k) -> FILE.(k+1), oldest dropped; FILE -> FILE.1; a new FILE.
@@ -363,12 +361,9 @@ struct WriterState {
 }
 
 impl WriterState {
-    /// Chain one record onto the log; on failure the chain state is left as it was.
+    /// Chain one record onto the log; on failure the chain state (hashes in force included)
+    /// is left as it was. `hashes`: the policy and consent hashes in force from this record on.
     fn append(&mut self, entry: &Entry, hashes: Option<(String, String)>) -> io::Result<()> {
-        if let Some((policy, consent)) = hashes {
-            self.policy = policy;
-            self.consent = consent;
-        }
         let now = OffsetDateTime::now_utc();
         let time = now
             .replace_nanosecond(now.microsecond() * 1000)
@@ -377,9 +372,10 @@ impl WriterState {
             .unwrap_or_default();
         // A decision carries the hashes it was made under; a record without them (the proxy's
         // own events) names those in force.
-        let (policy, consent) = match &entry.under {
-            Some((p, c)) => (&**p, &**c),
-            None => (self.policy.as_str(), self.consent.as_str()),
+        let (policy, consent) = match (&entry.under, &hashes) {
+            (Some((p, c)), _) => (&**p, &**c),
+            (None, Some((p, c))) => (p.as_str(), c.as_str()),
+            (None, None) => (self.policy.as_str(), self.consent.as_str()),
         };
         let seq = self.seq + 1;
         let record = Record {
@@ -399,7 +395,11 @@ impl WriterState {
         buf.extend_from_slice(b",\"hash\":\"");
         buf.extend_from_slice(hash.as_bytes());
         buf.extend_from_slice(b"\"}\n");
-        self.sink.write_all(buf)?;
+        self.sink.write_line(buf)?;
+        if let Some((policy, consent)) = hashes {
+            self.policy = policy;
+            self.consent = consent;
+        }
         self.seq = seq;
         self.seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
         if let Ok(mut head) = self.head.lock() {

@@ -70,7 +70,7 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, let in-flight requests finish (up to `deadline`), flush the audit log.
+    /// Stop accepting, let in-flight requests finish (up to `deadline`), record the stop.
     pub async fn shutdown(self, deadline: Duration) {
         let Running { proxy, .. } = self;
         proxy.token.cancel();
