@@ -20,7 +20,7 @@ use serde_json_path::PathElement;
 
 use crate::codec;
 use crate::fold::{fold, glob};
-use crate::policy::{Action, JsonSelector, Rule, Selector};
+use crate::policy::{Action, JsonSelector, Rule, Selector, SimplePath};
 use crate::spans::{NodeId, SpanDoc};
 
 /// The parts of a request the rules may change.
@@ -336,80 +336,21 @@ enum Doc {
 impl Doc {
     /// Where `sel` matches, as normalized paths.
     fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
-        match (self, &sel.simple) {
-            (Doc::Spans(d), Some(simple)) => d
-                .located(sel, simple)
+        match self {
+            Doc::Spans(d) => d
+                .located(sel, simple_path(sel))
                 .into_iter()
                 .map(|id| d.path_of(id))
                 .collect(),
-            (Doc::Tree(d), _) => d.located(sel),
-            (Doc::Spans(_), None) => unreachable!("the span engine is used only for simple paths"),
+            Doc::Tree(d) => d.located(sel),
         }
     }
 
     /// Remove every member or item `sel` selects; what was removed, for the record.
     fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
-        let Doc::Spans(d) = self else {
-            return self.remove_by_path(sel);
-        };
-        let Some(simple) = &sel.simple else {
-            unreachable!("the span engine is used only for simple paths")
-        };
-        // Nodes, not paths: removing one never moves another.
-        let mut ids = d.located(sel, simple);
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.len() > MAX_PATHS {
-            let n = ids.into_iter().filter(|id| d.remove(*id)).count();
-            return summarize_count(sel, n);
-        }
-        // Paths as they were before any of these removals.
-        let paths: Vec<Vec<Step>> = ids.iter().map(|id| d.path_of(*id)).collect();
-        let mut removed: Vec<Vec<Step>> = ids
-            .into_iter()
-            .zip(paths)
-            .filter(|(id, _)| d.remove(*id))
-            .map(|(_, path)| path)
-            .collect();
-        removed.sort();
-        summarize(sel, &removed)
-    }
-
-    fn remove_by_path(&mut self, sel: &JsonSelector) -> Vec<String> {
-        let mut paths: Vec<Vec<Step>> = self
-            .located(sel)
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect();
-        // Deepest and highest index first, so earlier removals never shift a later path.
-        paths.sort();
-        paths.dedup();
-        paths.reverse();
-        let mut removed = Vec::new();
-        for path in paths {
-            if self.remove(&path) {
-                removed.push(path);
-            }
-        }
-        removed.reverse();
-        summarize(sel, &removed)
-    }
-
-    /// Remove the member or item at `path` (its parent must exist); false when not there.
-    fn remove(&mut self, path: &[Step]) -> bool {
-        let Doc::Tree(d) = self else {
-            unreachable!("the span engine removes by node")
-        };
-        let Some((last, parent)) = path.split_last() else {
-            return false;
-        };
-        match (node_mut(&mut d.value, parent), last) {
-            (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
-            (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
-                items.remove(*i);
-                true
-            }
-            _ => false,
+        match self {
+            Doc::Spans(d) => remove_nodes(d, sel),
+            Doc::Tree(d) => d.remove_all(sel),
         }
     }
 
@@ -418,11 +359,8 @@ impl Doc {
     fn replace_all(&mut self, sel: &JsonSelector, text: &str) -> Vec<String> {
         match self {
             Doc::Spans(d) => {
-                let Some(simple) = &sel.simple else {
-                    unreachable!("the span engine is used only for simple paths")
-                };
                 let changed: Vec<NodeId> = d
-                    .located(sel, simple)
+                    .located(sel, simple_path(sel))
                     .into_iter()
                     .filter(|id| d.replace(*id, text))
                     .collect();
@@ -432,18 +370,7 @@ impl Doc {
                 let paths: Vec<Vec<Step>> = changed.iter().map(|id| d.path_of(*id)).collect();
                 summarize(sel, &paths)
             }
-            Doc::Tree(d) => {
-                let mut changed = Vec::new();
-                for path in d.located(sel) {
-                    if let Some(node) =
-                        node_mut(&mut d.value, &path).filter(|n| n.as_str() != Some(text))
-                    {
-                        *node = Value::String(text.to_string());
-                        changed.push(path);
-                    }
-                }
-                summarize(sel, &changed)
-            }
+            Doc::Tree(d) => d.replace_all(sel, text),
         }
     }
 
@@ -680,14 +607,12 @@ pub(crate) struct Names {
     by_fold: HashMap<String, u32>,
     /// The rules' spelling of each name.
     spellings: Vec<String>,
-    /// The byte lengths of the folded names: an ASCII key of another length names none of
-    /// them (folding keeps an ASCII name's length), and most keys are told so without folding.
-    lengths: Vec<usize>,
     /// The folded names that are ASCII (upper case), with their indexes: an ASCII key folds to
     /// its upper case, so it is compared with these alone, without hashing or allocating.
     ascii: Vec<(Box<[u8]>, u32)>,
-    /// Bit `n` set: some folded name is `n` bytes long (bit 63: 63 or more).
-    length_bits: u64,
+    /// Bit `n` set: some folded name is `n` bytes long (bit 63: 63 or more). Folding keeps an
+    /// ASCII name's length, so most ASCII keys are told they name nothing by one test.
+    lengths: u64,
 }
 
 impl Names {
@@ -700,7 +625,7 @@ impl Names {
                         let folded = fold(name).into_owned();
                         if !names.by_fold.contains_key(&folded) {
                             let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
-                            names.lengths.push(folded.len());
+                            names.lengths |= 1 << folded.len().min(63);
                             if folded.is_ascii() {
                                 names.ascii.push((folded.as_bytes().into(), index));
                             }
@@ -711,9 +636,6 @@ impl Names {
                 }
             }
         }
-        names.lengths.sort_unstable();
-        names.lengths.dedup();
-        names.length_bits = names.lengths.iter().fold(0, |b, n| b | 1 << (*n).min(63));
         names
     }
 
@@ -722,11 +644,8 @@ impl Names {
         if self.by_fold.is_empty() {
             return None;
         }
-        if self.length_bits & 1 << key.len().min(63) == 0 && key.is_ascii() {
-            return None;
-        }
         if key.is_ascii() {
-            if !self.lengths.contains(&key.len()) {
+            if self.lengths & 1 << key.len().min(63) == 0 {
                 return None;
             }
             let key = key.as_bytes();
@@ -847,6 +766,52 @@ impl TreeDoc {
         members
     }
 
+    /// Remove every member or item `sel` selects; what was removed, for the record.
+    fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
+        let mut paths: Vec<Vec<Step>> = self
+            .located(sel)
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        // Deepest and highest index first, so earlier removals never shift a later path.
+        paths.sort();
+        paths.dedup();
+        paths.reverse();
+        let mut removed = Vec::new();
+        for path in paths {
+            let Some((last, parent)) = path.split_last() else {
+                continue;
+            };
+            let hit = match (node_mut(&mut self.value, parent), last) {
+                (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
+                (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+                    items.remove(*i);
+                    true
+                }
+                _ => false,
+            };
+            if hit {
+                removed.push(path);
+            }
+        }
+        removed.reverse();
+        summarize(sel, &removed)
+    }
+
+    /// Set every node `sel` selects to the string `text`; what changed, for the record.
+    fn replace_all(&mut self, sel: &JsonSelector, text: &str) -> Vec<String> {
+        let mut changed = Vec::new();
+        for path in self.located(sel) {
+            if let Some(node) =
+                node_mut(&mut self.value, &path).filter(|n| n.as_str() != Some(text))
+            {
+                *node = Value::String(text.to_string());
+                changed.push(path);
+            }
+        }
+        summarize(sel, &changed)
+    }
+
     /// A path found in the respelt copy, with each member named as received.
     fn as_received(&self, path: Vec<Step>) -> Option<Vec<Step>> {
         let mut at = &self.value;
@@ -867,8 +832,36 @@ impl TreeDoc {
     }
 }
 
-/// Remove every match of the selector; returns the removed locations, rendered (see
-/// [`summarize`]).
+/// The span engine's path of a selector (the engine is chosen only when every selector has one:
+/// [`spans_apply`]).
+fn simple_path(sel: &JsonSelector) -> &SimplePath {
+    match &sel.simple {
+        Some(simple) => simple,
+        None => unreachable!("the span engine is used only for simple paths"),
+    }
+}
+
+/// Remove the nodes `sel` selects: nodes, not paths, so removing one never moves another.
+fn remove_nodes(d: &mut SpanDoc, sel: &JsonSelector) -> Vec<String> {
+    let mut ids = d.located(sel, simple_path(sel));
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() > MAX_PATHS {
+        let n = ids.into_iter().filter(|id| d.remove(*id)).count();
+        return summarize_count(sel, n);
+    }
+    // Paths as they were before any of these removals.
+    let paths: Vec<Vec<Step>> = ids.iter().map(|id| d.path_of(*id)).collect();
+    let mut removed: Vec<Vec<Step>> = ids
+        .into_iter()
+        .zip(paths)
+        .filter(|(id, _)| d.remove(*id))
+        .map(|(_, path)| path)
+        .collect();
+    removed.sort();
+    summarize(sel, &removed)
+}
+
 /// At most this many normalized paths are recorded per selector; beyond, the selector and its
 /// count stand for them (an audit record must stay small when a filter matches a whole array).
 const MAX_PATHS: usize = 16;

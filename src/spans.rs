@@ -8,7 +8,7 @@
 //! Pure.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
@@ -38,8 +38,8 @@ pub(crate) struct SpanDoc {
     kids: Vec<NodeId>,
     /// Keys that hold escapes, decoded.
     decoded: Vec<Box<str>>,
-    /// Replacement string literals, by node.
-    replaced: HashMap<NodeId, Box<str>>,
+    /// Replacement string literals (indexed from `Node::replaced`).
+    replaced: Vec<Box<str>>,
     names: Names,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
@@ -60,8 +60,8 @@ struct Node {
     removed: bool,
     /// Some descendant was removed or replaced.
     dirty: bool,
-    /// Replaced by a string (its literal is in `SpanDoc::replaced`).
-    is_replaced: bool,
+    /// Replaced by a string: the index of its literal in `SpanDoc::replaced`, or `NONE`.
+    replaced: u32,
     parent: NodeId,
     /// A container's children: `kids[first_kid..first_kid + len]`.
     first_kid: u32,
@@ -119,7 +119,7 @@ impl SpanDoc {
             nodes,
             kids,
             decoded,
-            replaced: HashMap::new(),
+            replaced: Vec::new(),
             names,
             respelt,
         })
@@ -144,12 +144,8 @@ impl SpanDoc {
 
     /// A member's key as it decodes.
     fn key(&self, id: NodeId) -> &str {
-        let n = self.node(id);
-        if n.key_decoded != NONE {
-            return &self.decoded[n.key_decoded as usize];
-        }
         // The whole body is UTF-8 and a key's quotes are ASCII: this is never empty by error.
-        std::str::from_utf8(&self.src[n.key_start as usize..n.key_end as usize]).unwrap_or_default()
+        std::str::from_utf8(key_bytes(self.node(id), &self.src, &self.decoded)).unwrap_or_default()
     }
 
     /// The live item at index `i` of an array (items removed before it shift it).
@@ -224,7 +220,11 @@ impl SpanDoc {
     /// The normalized path of a node (names as received, current indexes).
     pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step> {
         let mut steps = Vec::new();
-        while let Some(parent) = Some(self.node(id).parent).filter(|p| *p != NONE) {
+        loop {
+            let parent = self.node(id).parent;
+            if parent == NONE {
+                break;
+            }
             steps.push(match self.node(parent).kind {
                 Kind::Object => Step::Name(self.key(id).to_string()),
                 _ => Step::Index(self.live_kids(parent).take_while(|k| *k != id).count()),
@@ -242,7 +242,8 @@ impl SpanDoc {
             return false;
         }
         if self.node(parent).kind == Kind::Array {
-            let position = self.kids_of(parent).iter().position(|k| *k == id);
+            // Children are in document order, which is the order of their ids.
+            let position = self.kids_of(parent).binary_search(&id).ok();
             let p = &mut self.nodes[parent as usize];
             if let Some(position) = position.and_then(|p| u32::try_from(p).ok()) {
                 p.first_removed = p.first_removed.min(position);
@@ -256,16 +257,18 @@ impl SpanDoc {
     /// Replace a node's value with the string `text`; false when it already holds exactly
     /// that string.
     pub(crate) fn replace(&mut self, id: NodeId, text: &str) -> bool {
-        let current: Option<String> = match self.replaced.get(&id) {
-            Some(r) => serde_json::from_str(r).ok(),
-            None => serde_json::from_slice(self.span(id)).ok(),
-        };
+        let current: Option<String> = serde_json::from_slice(self.value_bytes(id)).ok();
         if current.as_deref() == Some(text) {
             return false;
         }
-        let literal = serde_json::to_string(text).expect("a string always serializes");
-        self.replaced.insert(id, literal.into());
-        self.nodes[id as usize].is_replaced = true;
+        let literal = serde_json::to_string(text)
+            .expect("a string always serializes")
+            .into();
+        let Ok(index) = u32::try_from(self.replaced.len()) else {
+            return false;
+        };
+        self.replaced.push(literal);
+        self.nodes[id as usize].replaced = index;
         let parent = self.node(id).parent;
         if parent != NONE {
             self.mark_dirty(parent);
@@ -285,11 +288,19 @@ impl SpanDoc {
         &self.src[n.start as usize..n.end as usize]
     }
 
+    /// A node's bytes when nothing inside it changed: its replacement, or as received.
+    fn value_bytes(&self, id: NodeId) -> &[u8] {
+        match index(self.node(id).replaced).and_then(|i| self.replaced.get(i)) {
+            Some(literal) => literal.as_bytes(),
+            None => self.span(id),
+        }
+    }
+
     /// The body as it leaves: the original bytes, with removed members and items cut and
     /// replaced values spliced in. `None` when nothing changed.
     pub(crate) fn finish(&self) -> Option<Bytes> {
         let root = self.node(0);
-        if !root.dirty && !root.is_replaced {
+        if !root.dirty && root.replaced == NONE {
             return None;
         }
         let mut out = Vec::with_capacity(self.src.len());
@@ -299,8 +310,8 @@ impl SpanDoc {
 
     fn bytes_of(&self, id: NodeId) -> Cow<'_, [u8]> {
         let n = self.node(id);
-        if !n.dirty && !n.is_replaced {
-            return Cow::Borrowed(self.span(id));
+        if !n.dirty || n.replaced != NONE {
+            return Cow::Borrowed(self.value_bytes(id));
         }
         let mut out = Vec::new();
         self.emit(id, &mut out);
@@ -309,16 +320,8 @@ impl SpanDoc {
 
     fn emit(&self, id: NodeId, out: &mut Vec<u8>) {
         let n = self.node(id);
-        if n.is_replaced {
-            out.extend_from_slice(
-                self.replaced
-                    .get(&id)
-                    .map_or(&b"null"[..], |r| r.as_bytes()),
-            );
-            return;
-        }
-        if !n.dirty {
-            out.extend_from_slice(self.span(id));
+        if !n.dirty || n.replaced != NONE {
+            out.extend_from_slice(self.value_bytes(id));
             return;
         }
         let (open, close) = match n.kind {
@@ -354,7 +357,7 @@ impl SpanDoc {
                 Kind::Object => kid.key_start as usize - 1,
                 _ => kid.start as usize,
             };
-            if !kid.dirty && !kid.is_replaced {
+            if !kid.dirty && kid.replaced == NONE {
                 match &mut run {
                     Some(r) if adjacent => r.end = kid.end as usize,
                     _ => {
@@ -376,6 +379,22 @@ impl SpanDoc {
         }
         flush(&mut run, out, &mut written);
         out.push(close);
+    }
+}
+
+/// An index stored in a node (`NONE`: none).
+fn index(i: u32) -> Option<usize> {
+    (i != NONE).then_some(i as usize)
+}
+
+/// A member's key as it decodes: its bytes in the body, or its decoded text when it holds
+/// escapes.
+fn key_bytes<'a>(n: &Node, src: &'a [u8], decoded: &'a [Box<str>]) -> &'a [u8] {
+    match index(n.key_decoded).and_then(|i| decoded.get(i)) {
+        Some(key) => key.as_bytes(),
+        None => src
+            .get(n.key_start as usize..n.key_end as usize)
+            .unwrap_or_default(),
     }
 }
 
@@ -412,21 +431,18 @@ impl Scratch {
     }
 
     /// Keep what is not too large, empty; an empty vector leaves the kept one in place.
-    fn give(mut nodes: Vec<Node>, mut kids: Vec<NodeId>, mut open: Vec<NodeId>) {
+    fn give(nodes: Vec<Node>, kids: Vec<NodeId>, open: Vec<NodeId>) {
+        fn keep<T>(slot: &mut Vec<T>, mut v: Vec<T>) {
+            if v.capacity() > 0 && v.capacity() <= KEPT_NODES {
+                v.clear();
+                *slot = v;
+            }
+        }
         let _ = SCRATCH.try_with(|s| {
             if let Ok(mut kept) = s.try_borrow_mut() {
-                if nodes.capacity() > 0 && nodes.capacity() <= KEPT_NODES {
-                    nodes.clear();
-                    kept.0 = nodes;
-                }
-                if kids.capacity() > 0 && kids.capacity() <= KEPT_NODES {
-                    kids.clear();
-                    kept.1 = kids;
-                }
-                if open.capacity() > 0 && open.capacity() <= KEPT_NODES {
-                    open.clear();
-                    kept.2 = open;
-                }
+                keep(&mut kept.0, nodes);
+                keep(&mut kept.1, kids);
+                keep(&mut kept.2, open);
             }
         });
     }
@@ -495,7 +511,7 @@ impl Scanner<'_> {
             kind: Kind::Scalar,
             removed: false,
             dirty: false,
-            is_replaced: false,
+            replaced: NONE,
             parent,
             first_kid: 0,
             len: 0,
@@ -554,14 +570,8 @@ impl Scanner<'_> {
     }
 
     /// The key of a member already read.
-    fn key_text(&self, id: NodeId) -> &str {
-        let n = &self.nodes[id as usize];
-        if n.key_decoded != NONE {
-            return &self.decoded[n.key_decoded as usize];
-        }
-        self.text
-            .get(n.key_start as usize..n.key_end as usize)
-            .unwrap_or_default()
+    fn key_of(&self, id: NodeId) -> &[u8] {
+        key_bytes(&self.nodes[id as usize], self.s, &self.decoded)
     }
 
     fn object(&mut self, id: NodeId, depth: usize) -> Result<(), RewriteError> {
@@ -601,7 +611,7 @@ impl Scanner<'_> {
                 members.iter().any(|m| {
                     let n = &this.nodes[*m as usize];
                     (n.key_decoded != NONE || (n.key_end - n.key_start) as usize == text.len())
-                        && this.key_text(*m) == text
+                        && this.key_of(*m) == text.as_bytes()
                 })
             };
             if members.len() < LINEAR_KEYS {
@@ -620,10 +630,10 @@ impl Scanner<'_> {
                 let seen = seen.get_or_insert_with(|| {
                     members
                         .iter()
-                        .map(|m| self.hashes.hash_one(self.key_text(*m)))
+                        .map(|m| self.hashes.hash_one(self.key_of(*m)))
                         .collect()
                 });
-                if !seen.insert(self.hashes.hash_one(text)) && duplicate(self) {
+                if !seen.insert(self.hashes.hash_one(text.as_bytes())) && duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
                 }
             }
