@@ -15,16 +15,6 @@ roots = "webpki"
 extra_ca = ["${BENCH_UPSTREAM_CA}"]
 [audit]
 path = "$dir/audit.jsonl"
-[limits]
-max_body_bytes = 2097152
-[consent]
-bench = "granted"
-withhold = ["user_names"]
-[[feature]]
-name = "bench"
-hosts = ["upstream.test", "*.upstream.test"]
-  [[feature.rule]]
-  category = "user_names"
-  remove = ["json:\$.events[*].email", "json:\$.events[*].ip", "header:x-install-id"]
 TOML
+cat "$(dirname "$0")/feature.toml" >> "$dir/policy.toml"
 exec "${CONSENT_PROXY_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release/consent-proxy}" run --config "$dir/policy.toml"

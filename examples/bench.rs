@@ -35,6 +35,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// The consent and feature both benchmarks run; its hosts name these.
+const FEATURE: &str = include_str!("../bench/feature.toml");
+
 /// The host intercepted (a feature), the host tunnelled (no feature), the parent of minted names.
 const FEATURE_HOST: &str = "bench.test";
 const TUNNEL_HOST: &str = "tunnel.test";
@@ -588,18 +591,7 @@ extra_ca = ["{upstream_ca}"]
 [audit]
 path = "{audit}"
 node = "bench"
-[limits]
-max_body_bytes = 2097152
-[consent]
-bench = "granted"
-withhold = ["user_names"]
-[[feature]]
-name = "bench"
-hosts = ["{FEATURE_HOST}", "*.{MINT_PARENT}"]
-  [[feature.rule]]
-  category = "user_names"
-  remove = ["json:$.events[*].email", "json:$.events[*].ip", "header:x-install-id"]
-"#,
+{FEATURE}"#,
                 ca_cert = dir.join("proxy-ca.pem").display(),
                 ca_key = dir.join("proxy-ca.key").display(),
                 upstream_ca = pki.upstream_ca_path.display(),
