@@ -264,11 +264,15 @@ impl SpanDoc {
         let literal = serde_json::to_string(text)
             .expect("a string always serializes")
             .into();
-        let Ok(index) = u32::try_from(self.replaced.len()) else {
-            return false;
-        };
-        self.replaced.push(literal);
-        self.nodes[id as usize].replaced = index;
+        // At most one literal a node, so there are fewer literals than nodes (and node ids fit
+        // in a u32): the index always fits.
+        match index(self.node(id).replaced) {
+            Some(i) => self.replaced[i] = literal,
+            None => {
+                self.nodes[id as usize].replaced = self.replaced.len() as u32;
+                self.replaced.push(literal);
+            }
+        }
         let parent = self.node(id).parent;
         if parent != NONE {
             self.mark_dirty(parent);
