@@ -42,4 +42,5 @@ pub mod rewind;
 pub mod rewrite;
 mod spans;
 pub mod transparent;
+mod tunnel;
 pub mod upstream;

@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
@@ -34,6 +35,7 @@ use crate::policy::{normalize_host, ConnectVerdict, Mode, Policy, UnknownHosts};
 use crate::response::Refusal;
 use crate::rewrite::Message;
 use crate::transparent::FeatureAddrs;
+use crate::tunnel::{Activity, Ends};
 use crate::upstream::{
     self, ConnectError, OutBody, Pinned, PinnedError, Upstream, UpstreamSetupError,
 };
@@ -336,77 +338,6 @@ pub(crate) async fn accept_each<F, Fut>(
     }
 }
 
-/// Whether either side of a tunnel delivered bytes since the idle check last looked: one
-/// relaxed store a read, no clock read on the byte path.
-#[derive(Clone, Default)]
-struct Activity(Arc<std::sync::atomic::AtomicBool>);
-
-impl Activity {
-    fn watch<T>(&self, inner: T) -> Watched<T> {
-        Watched {
-            inner,
-            activity: self.clone(),
-        }
-    }
-
-    /// Whether bytes moved since the last call.
-    fn moved(&self) -> bool {
-        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// A stream that records its reads in an [`Activity`].
-struct Watched<T> {
-    inner: T,
-    activity: Activity,
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity
-                .0
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// Each direction of a blind tunnel copies through a buffer this large (tokio's default is
-/// 8 KiB): fewer reads and writes a megabyte, 64 KiB a tunnel.
-const TUNNEL_BUFFER: usize = 32 * 1024;
-
 /// Bind a listener that the policy may leave out; returns it with its bound address.
 async fn bind_optional(
     addr: Option<SocketAddr>,
@@ -591,34 +522,32 @@ impl Proxy {
             let Ok(upgraded) = hyper::upgrade::on(req).await else {
                 return;
             };
-            this.relay(peer, target, TokioIo::new(upgraded), upstream)
-                .await;
+            let ends = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    // What the client sent after its CONNECT, read with it, goes first.
+                    let mut upstream = upstream;
+                    if upstream.write_all(&parts.read_buf).await.is_err() {
+                        return;
+                    }
+                    Ends::Sockets(parts.io.into_inner(), upstream)
+                }
+                Err(upgraded) => Ends::Streams(TokioIo::new(upgraded), upstream),
+            };
+            this.relay(peer, target, ends).await;
         });
         empty(StatusCode::OK)
     }
 
-    /// Copy bytes both ways until either side closes, the proxy shuts down, or a new policy
+    /// Move bytes both ways until either side closes, the proxy shuts down, or a new policy
     /// makes the destination a feature host (then the tunnel is closed and audited: a feature
     /// must not keep flowing around the policy over an old tunnel).
-    pub(crate) async fn relay<IO>(
-        &self,
-        peer: Peer,
-        target: Target,
-        client: IO,
-        upstream: TcpStream,
-    ) where
+    pub(crate) async fn relay<IO>(&self, peer: Peer, target: Target, ends: Ends<IO>)
+    where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let mut policy = self.active.subscribe();
         let activity = Activity::default();
-        let mut client = activity.watch(client);
-        let mut upstream = activity.watch(upstream);
-        let copy = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            TUNNEL_BUFFER,
-            TUNNEL_BUFFER,
-        );
+        let copy = ends.pump(&activity);
         tokio::pin!(copy);
         let idle = self.limits.tunnel_idle_timeout;
         let every = (idle / 4).max(Duration::from_millis(100));

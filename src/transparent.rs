@@ -31,6 +31,7 @@ use crate::policy::{normalize_host, ConnectVerdict, HostPattern, Policy, Unknown
 use crate::proxy::{Peer, Proxy, Target};
 use crate::response::Refusal;
 use crate::rewind::Rewind;
+use crate::tunnel::Ends;
 
 /// The most bytes read while looking for a complete ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
@@ -209,7 +210,9 @@ async fn tunnel(
     if proxy.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
         return;
     }
-    proxy.relay(peer, target, client, upstream).await;
+    proxy
+        .relay::<TcpStream>(peer, target, Ends::Sockets(client, upstream))
+        .await;
 }
 
 /// Plain HTTP: each request is named by its `Host` header and decided on its own; all go to the

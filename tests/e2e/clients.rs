@@ -122,6 +122,56 @@ async fn unknown_hosts_are_tunnelled_byte_identical() {
     env.stop().await;
 }
 
+/// Bytes sent with the CONNECT (before its answer) reach the upstream first, and a client that
+/// closes its sending side still gets every byte back: the end passes through as a half-close.
+#[tokio::test]
+async fn tunnels_carry_bytes_sent_with_the_connect_and_pass_half_closes_on() {
+    let (echo, seen) = echo_server().await;
+    let env = Env::start(Setup {
+        tunnel_to: Some(echo),
+        ..Setup::default()
+    })
+    .await;
+    let payload: Vec<u8> = (0..=250u8).cycle().take(300_000).collect();
+    let tcp = tokio::net::TcpStream::connect(env.proxy)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = tcp.into_split();
+    let mut first =
+        format!("CONNECT {TUNNELLED}:443 HTTP/1.1\r\nHost: {TUNNELLED}:443\r\n\r\n").into_bytes();
+    first.extend_from_slice(&payload[..1000]);
+    let rest = payload[1000..].to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&first).await.expect("write");
+        w.write_all(&rest).await.expect("write");
+        w.shutdown().await.expect("half-close");
+        w
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .expect("the upstream's end reaches the client")
+        .expect("read");
+    let _w = writer.await.expect("writer");
+    let head = b"HTTP/1.1 200";
+    assert!(
+        back.starts_with(head),
+        "{:?}",
+        String::from_utf8_lossy(&back[..40])
+    );
+    let body_at = back
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of the answer's head")
+        + 4;
+    assert!(back[body_at..] == payload[..], "bytes back differ");
+    assert!(
+        *seen.lock().expect("lock") == payload,
+        "bytes at the upstream differ"
+    );
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
     let (echo, _) = echo_server().await;

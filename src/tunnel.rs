@@ -1,0 +1,192 @@
+//! The bytes of a blind tunnel, both ways. Between two TCP sockets they move with `splice(2)`
+//! through a pipe for each direction, so a tunnel's payload never enters user space (256 KiB
+//! uploads: 84 µs of CPU a request copied, 56 µs spliced); any other stream (a connection that arrived through a PROXY
+//! protocol header) is copied through buffers. Either way each direction ends as the client and
+//! upstream end it: an end of stream one way shuts that way down (half-close) and the other way
+//! goes on, as `tokio::io::copy_bidirectional` does.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use nix::fcntl::{OFlag, SpliceFFlags};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Each direction of a copied tunnel reads through a buffer this large (tokio's default is
+/// 8 KiB): fewer reads and writes a megabyte, 64 KiB a tunnel.
+const COPY_BUFFER: usize = 32 * 1024;
+
+/// At most this much moves with one `splice(2)`, and each pipe is asked to hold as much
+/// (the default is 64 KiB; measured on 256 KiB uploads: 74 µs a request with 64 KiB pipes,
+/// 56 µs with 256 KiB). Pipe pages are references to the sockets' buffers, not copies. Past
+/// the user's pipe quota (`fs.pipe-user-pages-soft`) the kernel refuses the size and the pipe
+/// stays small: slower, never wrong.
+const SPLICE_CHUNK: usize = 256 * 1024;
+
+/// The two ends of a tunnel.
+pub(crate) enum Ends<IO> {
+    /// Both are sockets: spliced.
+    Sockets(TcpStream, TcpStream),
+    /// The client is another stream: copied.
+    Streams(IO, TcpStream),
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Ends<IO> {
+    /// Move bytes both ways until both ways have ended or either fails; returns the bytes
+    /// moved client to upstream and upstream to client. Every delivery is noted in `activity`.
+    pub(crate) async fn pump(self, activity: &Activity) -> io::Result<(u64, u64)> {
+        match self {
+            Ends::Sockets(client, upstream) => match (pipe(), pipe()) {
+                (Ok(up), Ok(down)) => {
+                    tokio::try_join!(
+                        splice_one_way(&client, &upstream, &up, activity),
+                        splice_one_way(&upstream, &client, &down, activity),
+                    )
+                }
+                // Out of descriptors for pipes: the same tunnel, copied.
+                _ => copy(client, upstream, activity).await,
+            },
+            Ends::Streams(client, upstream) => copy(client, upstream, activity).await,
+        }
+    }
+}
+
+async fn copy<IO: AsyncRead + AsyncWrite + Unpin>(
+    client: IO,
+    upstream: TcpStream,
+    activity: &Activity,
+) -> io::Result<(u64, u64)> {
+    let mut client = activity.watch(client);
+    let mut upstream = activity.watch(upstream);
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+        .await
+}
+
+/// A pipe whose ends never block (readiness comes from the sockets; the pipe is always
+/// drained before the next read fills it), as large as the quota allows up to [`SPLICE_CHUNK`].
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (out, into) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let size = i32::try_from(SPLICE_CHUNK).unwrap_or(i32::MAX);
+    let _ = nix::fcntl::fcntl(&into, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size));
+    Ok((out, into))
+}
+
+/// One direction: socket → pipe → socket until `from` ends (then `to` is shut down for writing)
+/// or either fails. The pipe is emptied before `from` is read again, so a splice into it that
+/// would block means that `from` has nothing to read.
+async fn splice_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    (out, into): &(OwnedFd, OwnedFd),
+    activity: &Activity,
+) -> io::Result<u64> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut moved = 0u64;
+    loop {
+        let read = retry(from, Interest::READABLE, || {
+            nix::fcntl::splice(from, None, into, None, SPLICE_CHUNK, flags)
+        })
+        .await?;
+        if read == 0 {
+            // The peer closed its side: pass the end on, as a half-close.
+            nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write).or_else(
+                |e| match e {
+                    nix::errno::Errno::ENOTCONN => Ok(()),
+                    e => Err(e),
+                },
+            )?;
+            return Ok(moved);
+        }
+        activity.note();
+        let mut left = read;
+        while left > 0 {
+            left -= retry(to, Interest::WRITABLE, || {
+                nix::fcntl::splice(out, None, to, None, left, flags)
+            })
+            .await?;
+        }
+        moved += read as u64;
+    }
+}
+
+/// Run `op` on `socket` when it is ready for `interest`, again whenever it would block.
+async fn retry(
+    socket: &TcpStream,
+    interest: Interest,
+    mut op: impl FnMut() -> nix::Result<usize>,
+) -> io::Result<usize> {
+    loop {
+        socket.ready(interest).await?;
+        match socket.try_io(interest, || op().map_err(io::Error::from)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// Whether either side of a tunnel delivered bytes since the idle check last looked: one
+/// relaxed store a delivery, no clock read on the byte path.
+#[derive(Clone, Default)]
+pub(crate) struct Activity(Arc<AtomicBool>);
+
+impl Activity {
+    fn watch<T>(&self, inner: T) -> Watched<T> {
+        Watched {
+            inner,
+            activity: self.clone(),
+        }
+    }
+
+    fn note(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether bytes moved since the last call.
+    pub(crate) fn moved(&self) -> bool {
+        self.0.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// A stream that notes its reads in an [`Activity`].
+struct Watched<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.note();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
