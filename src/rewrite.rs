@@ -610,9 +610,9 @@ pub(crate) struct Names {
     /// The folded names that are ASCII (upper case), with their indexes: an ASCII key folds to
     /// its upper case, so it is compared with these alone, without hashing or allocating.
     ascii: Vec<(Box<[u8]>, u32)>,
-    /// Bit `n` set: some folded name is `n` bytes long (bit 63: 63 or more). Folding keeps an
-    /// ASCII name's length, so most ASCII keys are told they name nothing by one test.
-    lengths: u64,
+    /// The [`ascii_filter`] bits of the ASCII folded names: most ASCII keys are told they name
+    /// nothing by one test.
+    filter: u64,
 }
 
 impl Names {
@@ -625,8 +625,8 @@ impl Names {
                         let folded = fold(name).into_owned();
                         if !names.by_fold.contains_key(&folded) {
                             let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
-                            names.lengths |= 1 << folded.len().min(63);
                             if folded.is_ascii() {
+                                names.filter |= ascii_filter(folded.as_bytes());
                                 names.ascii.push((folded.as_bytes().into(), index));
                             }
                             names.by_fold.insert(folded, index);
@@ -645,17 +645,21 @@ impl Names {
             return None;
         }
         if key.is_ascii() {
-            if self.lengths & 1 << key.len().min(63) == 0 {
-                return None;
-            }
-            let key = key.as_bytes();
-            return self
-                .ascii
-                .iter()
-                .find(|(folded, _)| folded.len() == key.len() && folded.eq_ignore_ascii_case(key))
-                .map(|(_, index)| *index);
+            return self.bind_ascii(key.as_bytes());
         }
         self.by_fold.get(&*fold(key)).copied()
+    }
+
+    /// [`Names::bind`] for a key known to be ASCII: it folds to its upper case, so it is
+    /// compared with the ASCII names alone, without hashing or allocating.
+    pub(crate) fn bind_ascii(&self, key: &[u8]) -> Option<u32> {
+        if self.filter & ascii_filter(key) == 0 {
+            return None;
+        }
+        self.ascii
+            .iter()
+            .find(|(folded, _)| folded.len() == key.len() && folded.eq_ignore_ascii_case(key))
+            .map(|(_, index)| *index)
     }
 
     /// The rules' spelling of a name [`Names::bind`] returned.
@@ -687,6 +691,13 @@ impl Names {
             other => other.clone(),
         }
     }
+}
+
+/// One bit of 64 for an ASCII name, the same for every spelling of it that differs only in
+/// case: from its length and its last byte.
+fn ascii_filter(name: &[u8]) -> u64 {
+    let last = name.last().map_or(0, |b| usize::from(b | 0x20));
+    1 << ((name.len().wrapping_mul(7).wrapping_add(last)) % 64)
 }
 
 /// An object key, borrowed from the body unless it holds escapes.
@@ -872,7 +883,11 @@ fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
     } else {
         paths
             .iter()
-            .map(|p| format!("json:{}", render(p)))
+            .map(|p| {
+                let mut out = String::from("json:");
+                render_into(&mut out, p);
+                out
+            })
             .collect()
     }
 }
@@ -955,18 +970,24 @@ fn node_mut<'v>(mut node: &'v mut Value, path: &[Step]) -> Option<&'v mut Value>
 }
 
 /// RFC 9535 normalized path: `$['batch'][3]`.
-fn render(path: &[Step]) -> String {
-    let mut out = String::from("$");
+/// Append the normalized path (RFC 9535 §2.7) of `path` to `out`.
+fn render_into(out: &mut String, path: &[Step]) {
+    use std::fmt::Write;
+    out.push('$');
     for step in path {
         match step {
-            Step::Index(i) => out.push_str(&format!("[{i}]")),
+            Step::Index(i) => {
+                let _ = write!(out, "[{i}]");
+            }
             Step::Name(n) => {
                 out.push_str("['");
                 for c in n.chars() {
                     match c {
                         '\'' => out.push_str("\\'"),
                         '\\' => out.push_str("\\\\"),
-                        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                        c if (c as u32) < 0x20 => {
+                            let _ = write!(out, "\\u{:04x}", c as u32);
+                        }
                         c => out.push(c),
                     }
                 }
@@ -974,7 +995,6 @@ fn render(path: &[Step]) -> String {
             }
         }
     }
-    out
 }
 
 /// `a=1&b=2;c` pieces with their original bytes and separators. Names are compared as a lenient
@@ -1723,9 +1743,8 @@ mod tests {
 
     #[test]
     fn normalized_paths_escape_names() {
-        assert_eq!(
-            render(&[Step::Name("it's".into()), Step::Index(2)]),
-            "$['it\\'s'][2]"
-        );
+        let mut out = String::from("json:");
+        render_into(&mut out, &[Step::Name("it's\u{1}".into()), Step::Index(2)]);
+        assert_eq!(out, "json:$['it\\'s\\u0001'][2]");
     }
 }

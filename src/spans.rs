@@ -80,13 +80,12 @@ struct Node {
 impl SpanDoc {
     /// Parse and check `raw` (see `rewrite::parse_json` for what is refused and why).
     pub(crate) fn parse(raw: &Bytes, names: Names) -> Result<SpanDoc, RewriteError> {
-        let text = std::str::from_utf8(raw).map_err(|_| RewriteError::NotJson)?;
+        std::str::from_utf8(raw).map_err(|_| RewriteError::NotJson)?;
         if u32::try_from(raw.len()).is_err() {
             return Err(RewriteError::TooLarge);
         }
         let (nodes, kids, open) = Scratch::take();
         let mut scanner = Scanner {
-            text,
             s: raw,
             at: 0,
             names: &names,
@@ -161,9 +160,17 @@ impl SpanDoc {
     pub(crate) fn located(&self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
         let mut found: Vec<NodeId> = vec![0];
         for segment in &path.segments {
+            // What each name of the segment binds to, found once for every node it is read on.
+            let bound: Vec<u32> = match segment {
+                SimpleSegment::Names(wanted) => wanted
+                    .iter()
+                    .map(|name| self.names.bind(name).unwrap_or(NONE))
+                    .collect(),
+                _ => Vec::new(),
+            };
             let mut next = Vec::new();
             for node in &found {
-                self.select(segment, *node, &mut next);
+                self.select(segment, &bound, *node, &mut next);
             }
             found = next;
         }
@@ -179,12 +186,13 @@ impl SpanDoc {
         out
     }
 
-    fn select(&self, segment: &SimpleSegment, node: NodeId, out: &mut Vec<NodeId>) {
+    /// The children of `node` that `segment` selects; `bound`: what each of its names binds
+    /// to (for a segment of names).
+    fn select(&self, segment: &SimpleSegment, bound: &[u32], node: NodeId, out: &mut Vec<NodeId>) {
         match (segment, self.node(node).kind) {
             (SimpleSegment::Names(wanted), Kind::Object) => {
-                for name in wanted {
+                for (name, &bound) in wanted.iter().zip(bound) {
                     // A key binds to a name the rules spell, or is read as it is spelt.
-                    let bound = self.names.bind(name).unwrap_or(NONE);
                     let hit = self.live_kids(node).find(|m| {
                         let member = self.node(*m);
                         member.bound == bound && (bound != NONE || self.key(*m) == name)
@@ -472,7 +480,6 @@ const LINEAR_KEYS: usize = 8;
 
 /// A strict RFC 8259 scanner over text already known to be UTF-8, filling the node table.
 struct Scanner<'s> {
-    text: &'s str,
     s: &'s [u8],
     at: usize,
     names: &'s Names,
@@ -597,34 +604,45 @@ impl Scanner<'_> {
             let quote = self.at;
             let decoded = self.string()?;
             let (start, end) = (quote + 1, self.at - 1);
-            let text: &str = match &decoded {
-                None => self.text.get(start..end).ok_or(RewriteError::NotJson)?,
-                Some(d) => d,
+            let src = self.s;
+            let key: &[u8] = match &decoded {
+                None => src.get(start..end).unwrap_or_default(),
+                Some(d) => d.as_bytes(),
             };
-            let control = if text.is_ascii() {
-                text.bytes().any(|b| b < 0x20 || b == 0x7f)
+            // A key as received holds no byte below 0x20 (`string` refused it): below 0x7f
+            // throughout, it is ASCII and free of control characters, known in one pass. Any
+            // other key is read as text (`None`: a plain key).
+            let plain = decoded.is_none() && key.iter().all(|&b| b < 0x7f);
+            let text = if plain {
+                None
             } else {
-                text.chars().any(char::is_control)
+                let text = std::str::from_utf8(key).map_err(|_| RewriteError::NotJson)?;
+                let control = if text.is_ascii() {
+                    text.bytes().any(|b| b < 0x20 || b == 0x7f)
+                } else {
+                    text.chars().any(char::is_control)
+                };
+                if control {
+                    return Err(RewriteError::BadKey);
+                }
+                Some(text)
             };
-            if control {
-                return Err(RewriteError::BadKey);
-            }
             let members = &self.open[mark..];
             // A raw key of another length is another key: most are told apart without a compare.
             let duplicate = |this: &Self| {
                 members.iter().any(|m| {
                     let n = &this.nodes[*m as usize];
-                    (n.key_decoded != NONE || (n.key_end - n.key_start) as usize == text.len())
-                        && this.key_of(*m) == text.as_bytes()
+                    (n.key_decoded != NONE || (n.key_end - n.key_start) as usize == key.len())
+                        && this.key_of(*m) == key
                 })
             };
             if members.len() < LINEAR_KEYS {
-                let (first, last) = (text.bytes().next(), text.bytes().last());
+                let (first, last) = (key.first(), key.last());
                 let bit = 1u64
-                    << ((text.len() as u64)
+                    << ((key.len() as u64)
                         .wrapping_mul(31)
-                        .wrapping_add(u64::from(first.unwrap_or(0)))
-                        .wrapping_add(u64::from(last.unwrap_or(0)).wrapping_mul(7))
+                        .wrapping_add(u64::from(first.copied().unwrap_or(0)))
+                        .wrapping_add(u64::from(last.copied().unwrap_or(0)).wrapping_mul(7))
                         % 64);
                 if bloom & bit != 0 && duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
@@ -637,16 +655,20 @@ impl Scanner<'_> {
                         .map(|m| self.hashes.hash_one(self.key_of(*m)))
                         .collect()
                 });
-                if !seen.insert(self.hashes.hash_one(text.as_bytes())) && duplicate(self) {
+                if !seen.insert(self.hashes.hash_one(key)) && duplicate(self) {
                     return Err(RewriteError::DuplicateKey);
                 }
             }
-            let bound = match self.names.bind(text) {
+            let bound = match text {
+                None => self.names.bind_ascii(key),
+                Some(text) => self.names.bind(text),
+            };
+            let bound = match bound {
                 Some(b) => {
                     if members.iter().any(|m| self.nodes[*m as usize].bound == b) {
                         return Err(RewriteError::DuplicateKey);
                     }
-                    if self.names.spelling(b) != text {
+                    if self.names.spelling(b).as_bytes() != key {
                         self.respelt = true;
                     }
                     b
@@ -718,10 +740,7 @@ impl Scanner<'_> {
         let start = self.at;
         // Fast path: no escapes.
         let rest = self.s.get(self.at..).unwrap_or_default();
-        match rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        {
+        match string_stop(rest) {
             Some(n) if rest[n] == b'"' => {
                 self.at += n + 1;
                 return Ok(None);
@@ -834,5 +853,75 @@ impl Scanner<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The position of the first byte of `s` that ends a string's plain run: a quote, a backslash
+/// or a control character. Eight bytes are tested at once: in a word, the lowest byte flagged
+/// by each test is exact (a borrow only runs upwards from a byte that was flagged), so the
+/// lowest flag of all three is the first stop.
+fn string_stop(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const QUOTES: u64 = ONES * b'"' as u64;
+    const SLASHES: u64 = ONES * b'\\' as u64;
+    const SPACES: u64 = ONES * 0x20;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x;
+    let mut chunks = s.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let stops = (zero(w ^ QUOTES) | zero(w ^ SLASHES) | (w.wrapping_sub(SPACES) & !w)) & HIGH;
+        if stops != 0 {
+            return Some(at + (stops.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|n| at + n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time search finds what a byte-by-byte one finds, wherever the stop falls
+    /// in a word, with every byte value before it (high bytes included: a borrow or a high bit
+    /// must not make a stop of a byte that is none).
+    #[test]
+    fn string_stop_agrees_with_a_byte_search() {
+        let naive = |s: &[u8]| s.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        for filler in 0u8..=255 {
+            for len in 0..24 {
+                for stop in [None, Some(b'"'), Some(b'\\'), Some(0x00), Some(0x1f)] {
+                    for at in 0..=len {
+                        let mut s = vec![filler; len];
+                        if let (Some(b), true) = (stop, at < len) {
+                            s[at] = b;
+                        }
+                        assert_eq!(string_stop(&s), naive(&s), "{s:?}");
+                    }
+                }
+            }
+        }
+        // Mixed bytes, stops among them, from a fixed pseudo-random sequence.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let s: Vec<u8> = (0..(x % 40))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect();
+            assert_eq!(string_stop(&s), naive(&s), "{s:?}");
+            x = x.wrapping_add(1);
+        }
     }
 }
