@@ -735,28 +735,34 @@ impl Scanner<'_> {
     /// A string literal: `None` when its text is its bytes (no escape), else the decoded
     /// text. Raw control characters, bad escapes and lone surrogates are refused (as serde_json
     /// refuses them).
+    #[inline(always)]
     fn string(&mut self) -> Result<Option<String>, RewriteError> {
         self.eat(b'"')?;
-        let start = self.at;
-        // Fast path: no escapes.
+        // Fast path, inline: no escapes.
         let rest = self.s.get(self.at..).unwrap_or_default();
         match string_stop(rest) {
             Some(n) if rest[n] == b'"' => {
                 self.at += n + 1;
-                return Ok(None);
+                Ok(None)
             }
-            Some(n) if rest[n] == b'\\' => self.at += n,
-            _ => return Err(RewriteError::NotJson),
+            Some(n) if rest[n] == b'\\' => self.escaped(n).map(Some),
+            _ => Err(RewriteError::NotJson),
         }
+    }
+
+    /// The rest of a string whose first escape is `n` bytes past its opening quote (`at` is
+    /// just past the quote): decoded.
+    #[inline(never)]
+    fn escaped(&mut self, n: usize) -> Result<String, RewriteError> {
+        let start = self.at;
+        self.at += n;
         let mut out: Vec<u8> = self.s[start..self.at].to_vec();
         loop {
             match self.s.get(self.at) {
                 None => return Err(RewriteError::NotJson),
                 Some(b'"') => {
                     self.at += 1;
-                    return String::from_utf8(out)
-                        .map(Some)
-                        .map_err(|_| RewriteError::NotJson);
+                    return String::from_utf8(out).map_err(|_| RewriteError::NotJson);
                 }
                 Some(0..=0x1f) => return Err(RewriteError::NotJson),
                 Some(b'\\') => {
@@ -860,6 +866,7 @@ impl Scanner<'_> {
 /// or a control character. Eight bytes are tested at once: in a word, the lowest byte flagged
 /// by each test is exact (a borrow only runs upwards from a byte that was flagged), so the
 /// lowest flag of all three is the first stop.
+#[inline(always)]
 fn string_stop(s: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
