@@ -969,15 +969,37 @@ fn node_mut<'v>(mut node: &'v mut Value, path: &[Step]) -> Option<&'v mut Value>
     Some(node)
 }
 
-/// RFC 9535 normalized path: `$['batch'][3]`.
-/// Append the normalized path (RFC 9535 §2.7) of `path` to `out`.
+/// Append the RFC 9535 normalized path of `path` to `out`: `$['batch'][3]`. (Written by hand,
+/// not with `write!`: a request's audit record names up to 16 paths a selector.)
 fn render_into(out: &mut String, path: &[Step]) {
     use std::fmt::Write;
+    out.reserve(
+        1 + path
+            .iter()
+            .map(|s| match s {
+                Step::Index(_) => 6,
+                Step::Name(n) => n.len() + 4,
+            })
+            .sum::<usize>(),
+    );
     out.push('$');
     for step in path {
         match step {
             Step::Index(i) => {
-                let _ = write!(out, "[{i}]");
+                let mut digits = [0u8; 20];
+                let mut at = digits.len();
+                let mut n = *i;
+                loop {
+                    at -= 1;
+                    digits[at] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                out.push('[');
+                out.extend(digits[at..].iter().map(|&d| char::from(d)));
+                out.push(']');
             }
             Step::Name(n) => {
                 out.push_str("['");
@@ -1744,7 +1766,15 @@ mod tests {
     #[test]
     fn normalized_paths_escape_names() {
         let mut out = String::from("json:");
-        render_into(&mut out, &[Step::Name("it's\u{1}".into()), Step::Index(2)]);
-        assert_eq!(out, "json:$['it\\'s\\u0001'][2]");
+        render_into(
+            &mut out,
+            &[
+                Step::Name("it's\u{1}".into()),
+                Step::Index(2),
+                Step::Index(0),
+                Step::Index(1907),
+            ],
+        );
+        assert_eq!(out, "json:$['it\\'s\\u0001'][2][0][1907]");
     }
 }
