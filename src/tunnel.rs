@@ -7,14 +7,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use nix::fcntl::{OFlag, SpliceFFlags};
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
+use tokio_util::io::InspectReader;
 
 /// Each direction of a copied tunnel reads through a buffer this large (tokio's default is
 /// 8 KiB): fewer reads and writes a megabyte, 64 KiB a tunnel.
@@ -134,11 +133,10 @@ async fn retry(
 pub(crate) struct Activity(Arc<AtomicBool>);
 
 impl Activity {
-    fn watch<T>(&self, inner: T) -> Watched<T> {
-        Watched {
-            inner,
-            activity: self.clone(),
-        }
+    /// `inner`, noting each of its reads here; writes pass through.
+    fn watch<T: AsyncRead>(&self, inner: T) -> InspectReader<T, impl FnMut(&[u8])> {
+        let activity = self.clone();
+        InspectReader::new(inner, move |_: &[u8]| activity.note())
     }
 
     fn note(&self) {
@@ -148,45 +146,5 @@ impl Activity {
     /// Whether bytes moved since the last call.
     pub(crate) fn moved(&self) -> bool {
         self.0.swap(false, Ordering::Relaxed)
-    }
-}
-
-/// A stream that notes its reads in an [`Activity`].
-struct Watched<T> {
-    inner: T,
-    activity: Activity,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.note();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::cli::{bin, run};
-use crate::harness::{exchange, Env, Setup, RUDDER, SECURITY};
+use crate::harness::{echo_server, exchange, Env, Setup, RUDDER, SECURITY, TUNNELLED};
 
 const BALANCED: &str =
     "[clients]\nallow = [\"127.0.0.0/8\", \"192.0.2.0/24\"]\nbalancers = [\"127.0.0.2/32\"]";
@@ -34,6 +34,54 @@ fn v2_header(src: [u8; 4], sport: u16) -> Vec<u8> {
     h.extend_from_slice(&sport.to_be_bytes());
     h.extend_from_slice(&3128u16.to_be_bytes());
     h
+}
+
+/// Behind a balancer the client's stream is not a bare socket, so a tunnel copies instead of
+/// splicing: the bytes still arrive both ways, and the idle timeout still sees them.
+#[tokio::test]
+async fn a_tunnel_through_a_balancer_is_copied_and_closes_when_idle() {
+    let (echo, seen) = echo_server().await;
+    let policy = format!("{BALANCED}\n[limits]\ntunnel_idle_timeout_secs = 1");
+    let env = Env::start(Setup {
+        policy: &policy,
+        proxy_protocol: true,
+        tunnel_to: Some(echo),
+        ..Setup::default()
+    })
+    .await;
+    let mut tcp = connect_from(&env, "127.0.0.2").await;
+    let mut head = b"PROXY TCP4 192.0.2.13 127.0.0.1 9999 3128\r\n".to_vec();
+    head.extend_from_slice(connect_request(TUNNELLED).as_bytes());
+    let answer = exchange(&mut tcp, &head).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let (mut r, mut w) = tcp.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.expect("write");
+        w
+    });
+    let mut back = vec![0u8; payload.len()];
+    r.read_exact(&mut back).await.expect("echo");
+    let _w = writer.await.expect("writer");
+    assert!(back == payload, "bytes back differ");
+    assert!(
+        *seen.lock().expect("lock") == payload,
+        "bytes at the upstream differ"
+    );
+    // Then quiet: closed after the idle timeout.
+    let mut one = [0u8; 1];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), r.read(&mut one))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let record = env.audit().pop().expect("record");
+    assert_eq!(
+        (record["client"].as_str(), record["decision"].as_str()),
+        (Some("192.0.2.13:9999"), Some("tunneled"))
+    );
+    env.stop().await;
 }
 
 #[tokio::test]
