@@ -1510,6 +1510,9 @@ mod tests {
             (r#"{"mess\u0000age":"a"}"#, RewriteError::BadKey),
             (r#"{"a\u001fb":"a"}"#, RewriteError::BadKey),
             (r#"{"a\u007f":"a"}"#, RewriteError::BadKey),
+            // The same characters as received, unescaped: DEL, and C1's NEL.
+            ("{\"a\u{7f}\":\"a\"}", RewriteError::BadKey),
+            ("{\"mess\u{85}age\":\"a\"}", RewriteError::BadKey),
             (r#"{"\ud800message":"a"}"#, RewriteError::NotJson),
             ("{\"a\":1,}", RewriteError::NotJson),
             ("{\"a\":NaN}", RewriteError::NotJson),
