@@ -414,12 +414,13 @@ impl WriterState {
 
 /// `sha256:` + lowercase hex: how the audit log, the policy and the consent name their hashes.
 pub fn sha256(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
     for b in digest {
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
 }
@@ -761,6 +762,15 @@ fn fold_indexes(selector: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_are_named_in_lowercase_hex() {
+        // FIPS 180-2's "abc" example.
+        assert_eq!(
+            sha256(b"abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     fn verify(path: &Path) -> io::Result<Verdict> {
         verify_chain(path, &[]).map(|r| r.verdict)
