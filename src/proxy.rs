@@ -277,7 +277,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// aws-lc-rs with the SHA-256 suites first (rustls lists AES-256-GCM-SHA384 first): a TLS 1.3
 /// handshake runs a dozen HKDF steps, and SHA-256 has CPU instructions where SHA-384 often has
 /// none (measured: SHA-512 blocks were a tenth of a new connection's CPU). Both ends of the proxy
-/// use it; the client side picks by its own order ([`crate::ca`] sets `ignore_client_order`).
+/// use it; towards clients the proxy's order wins ([`crate::ca`] sets `ignore_client_order`).
 fn tls_provider() -> rustls::crypto::CryptoProvider {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.sort_by_key(|s| {

@@ -251,11 +251,10 @@ impl SpanDoc {
         }
         if self.node(parent).kind == Kind::Array {
             // Children are in document order, which is the order of their ids.
-            let position = self.kids_of(parent).binary_search(&id).ok();
+            // Not found (it cannot be) counts as the first: every index is then counted.
+            let position = self.kids_of(parent).binary_search(&id).unwrap_or(0);
             let p = &mut self.nodes[parent as usize];
-            if let Some(position) = position.and_then(|p| u32::try_from(p).ok()) {
-                p.first_removed = p.first_removed.min(position);
-            }
+            p.first_removed = p.first_removed.min(u32::try_from(position).unwrap_or(0));
         }
         self.nodes[id as usize].removed = true;
         self.mark_dirty(parent);
@@ -751,20 +750,20 @@ impl Scanner<'_> {
     }
 
     /// The rest of a string whose first escape is `n` bytes past its opening quote (`at` is
-    /// just past the quote): decoded.
+    /// just past the quote): decoded. Plain runs between escapes are found as the fast path
+    /// finds them ([`string_stop`]) and copied whole.
     #[inline(never)]
     fn escaped(&mut self, n: usize) -> Result<String, RewriteError> {
-        let start = self.at;
-        self.at += n;
-        let mut out: Vec<u8> = self.s[start..self.at].to_vec();
+        let mut out: Vec<u8> = Vec::new();
+        let mut run = n;
         loop {
+            out.extend_from_slice(&self.s[self.at..self.at + run]);
+            self.at += run;
             match self.s.get(self.at) {
-                None => return Err(RewriteError::NotJson),
                 Some(b'"') => {
                     self.at += 1;
                     return String::from_utf8(out).map_err(|_| RewriteError::NotJson);
                 }
-                Some(0..=0x1f) => return Err(RewriteError::NotJson),
                 Some(b'\\') => {
                     self.at += 1;
                     let c = match self.s.get(self.at) {
@@ -803,11 +802,11 @@ impl Scanner<'_> {
                     let mut buf = [0u8; 4];
                     out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
                 }
-                Some(&b) => {
-                    out.push(b);
-                    self.at += 1;
-                }
+                // A raw control character, or the end of the body inside the string.
+                _ => return Err(RewriteError::NotJson),
             }
+            let rest = self.s.get(self.at..).unwrap_or_default();
+            run = string_stop(rest).ok_or(RewriteError::NotJson)?;
         }
     }
 
@@ -896,6 +895,34 @@ fn string_stop(s: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Strings holding escapes are read as serde_json reads them: the same refusals (a raw
+    /// control character or the body's end after an escape, a lone surrogate) and the same
+    /// decoded text, with plain runs of any length between the escapes.
+    #[test]
+    fn escaped_strings_read_as_serde_json_reads_them() {
+        for body in [
+            r#"{"a\u0062c\"x\"\\\/\ud83d\ude00z":1}"#,
+            r#"{"v":["a\nb\t\u0001 c\r\f\b", "\u003c"]}"#,
+            r#"{"\u003cscript\u003e and a run longer than a word\/!":1}"#,
+            r#"{"\\":1,"x\\y":2}"#,
+            "{\"a\\nb\u{1}\":1}",
+            r#"{"a\nb"#,
+            r#"{"x\u00":1}"#,
+            r#"{"\udc00":1}"#,
+            r#"{"\ud800\u0041":1}"#,
+            r#"{"\q":1}"#,
+        ] {
+            let ours = SpanDoc::parse(&Bytes::from(body), Names::default());
+            let theirs = serde_json::from_str::<serde_json::Map<String, Value>>(body);
+            assert_eq!(ours.is_ok(), theirs.is_ok(), "{body}");
+            if let (Ok(doc), Ok(map)) = (ours, theirs) {
+                let keys: Vec<&str> = doc.live_kids(0).map(|m| doc.key(m)).collect();
+                let want: Vec<&str> = map.keys().map(String::as_str).collect();
+                assert_eq!(keys, want, "{body}");
+            }
+        }
+    }
 
     /// The word-at-a-time search finds what a byte-by-byte one finds, wherever the stop falls
     /// in a word, with every byte value before it (high bytes included: a borrow or a high bit
