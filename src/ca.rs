@@ -212,7 +212,8 @@ impl CertificateAuthority {
     }
 
     /// Leaves currently cached.
-    pub fn cached_leaves(&self) -> usize {
+    #[cfg(test)]
+    fn cached_leaves(&self) -> usize {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 

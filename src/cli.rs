@@ -10,7 +10,7 @@ use crate::audit;
 use crate::ca;
 use crate::config::{self, Config};
 use crate::explain;
-use crate::proxy;
+use crate::serve;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -484,7 +484,7 @@ fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>, args: RunArgs) -> E
     runtime.block_on(async move {
         let ca_cert = config.ca_cert.clone();
         let source = config.source.clone();
-        let running = match proxy::start(config).await {
+        let running = match serve::start(config).await {
             Ok(r) => r,
             Err(e) => return fail(&e),
         };

@@ -1,29 +1,30 @@
-//! `consent-proxy explain`: a dry run of one request against a policy, with no network. It runs
-//! the proxy's own plan ([`crate::plan`]: the CONNECT verdict, then the request's plan and the
-//! rules' outcome) and prints it, with the request as it would leave.
+//! `consent-proxy explain`: a dry run of one request against a policy, with no network. It calls
+//! the proxy's own plans ([`crate::decide::plan`]: [`plan_connect`], then [`plan_request`] and
+//! the rules' outcome) and only formats what they return, with the request as it would leave.
 
 use std::fmt::Write as _;
 
 use bytes::Bytes;
 use http::{HeaderMap, Uri};
 
-use crate::plan::{self, plan_request, RequestPlan};
-use crate::policy::{Action, ConnectVerdict, Policy, UnknownHosts};
-use crate::response::Refusal;
+use crate::decide::plan::{self, plan_connect, plan_request, ConnectPlan, RequestPlan};
+use crate::decide::policy::{normalize_host, Policy};
+use crate::decide::{Decision, Reason, Refusal};
+use crate::rewrite::selector::Action;
 use crate::rewrite::Message;
 
 /// The request to explain.
-pub struct Request {
-    pub method: String,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) uri: Uri,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 /// Explain `req` under `policy`; `max_body_bytes` as the proxy would enforce it.
-pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
+pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
     let mut out = String::new();
-    let host = crate::policy::normalize_host(req.uri.host().unwrap_or_default());
+    let host = normalize_host(req.uri.host().unwrap_or_default());
     let https = req.uri.scheme_str() != Some("http");
     let path = req.uri.path().to_string();
     let refused = |out: &mut String, refusal: Refusal, feature: Option<&str>, when: &str| {
@@ -37,29 +38,29 @@ pub fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> String {
         );
     };
     if https {
-        match policy.connect(&host) {
-            ConnectVerdict::Block { feature } => {
-                refused(
-                    &mut out,
-                    Refusal::ConsentDenied(feature.on_block),
-                    Some(&feature.name),
-                    ", at CONNECT before any TLS",
+        match plan_connect(policy, Some(&host)) {
+            ConnectPlan::Refuse { refusal, feature } => {
+                let when = match refusal {
+                    Refusal::ConsentDenied(_) => ", at CONNECT before any TLS",
+                    _ => ", at CONNECT",
+                };
+                refused(&mut out, refusal, feature.map(|f| f.name.as_str()), when);
+                return out;
+            }
+            ConnectPlan::Tunnel => {
+                let (decision, reason) = (Decision::Tunneled, Reason::NoFeature);
+                let _ = writeln!(
+                    out,
+                    "decision: {}\nfeature: (none)\nreason: {reason}",
+                    decision.as_str()
                 );
-                return out;
-            }
-            ConnectVerdict::Unknown(UnknownHosts::Deny) => {
-                refused(&mut out, Refusal::UnknownHost, None, ", at CONNECT");
-                return out;
-            }
-            ConnectVerdict::Unknown(UnknownHosts::Tunnel) => {
-                let _ = writeln!(out, "decision: tunneled\nfeature: (none)\nreason: destination belongs to no feature");
                 let _ = writeln!(
                     out,
                     "the connection is tunnelled without decryption; the request leaves as sent"
                 );
                 return out;
             }
-            ConnectVerdict::Intercept => {}
+            ConnectPlan::Intercept => {}
         }
     }
     let (feature, rules, withheld) = match plan_request(policy, &host, &path) {

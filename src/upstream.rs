@@ -178,13 +178,13 @@ impl Upstream {
         false
     }
 
-    /// An upstream pinned to one address (transparent mode: where the client was going), whose
-    /// certificate is verified against `name` (the SNI). `tls = false` for plain HTTP.
-    pub fn pinned(&self, addr: SocketAddr, name: &str, tls: bool) -> Pinned {
+    /// An upstream pinned to one address (transparent mode: where the client was going), spoken
+    /// to as `scheme`: for `Https`, its certificate is verified against `name` (the SNI).
+    pub fn pinned(&self, addr: SocketAddr, name: &str, scheme: Scheme) -> Pinned {
         Pinned {
             addr,
             name: name.to_string(),
-            tls: tls.then(|| self.tls.clone()),
+            tls: (scheme == Scheme::Https).then(|| self.tls.clone()),
             connect_timeout: self.dialer.connect_timeout,
             sender: tokio::sync::Mutex::new(None),
         }
@@ -211,7 +211,7 @@ struct Dialer {
 
 impl Dialer {
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
-        let key = format!("{}:{port}", crate::policy::normalize_host(host));
+        let key = format!("{}:{port}", crate::decide::policy::normalize_host(host));
         match self.resolve.get(&key) {
             Some(addr) => Ok(vec![*addr]),
             None => Ok(tokio::net::lookup_host((
@@ -344,6 +344,13 @@ impl Write for Conn {
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// How a pinned upstream is spoken to.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Scheme {
+    Http,
+    Https,
 }
 
 /// One upstream connection to a fixed address, made on the first request and remade when it

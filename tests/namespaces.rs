@@ -181,13 +181,11 @@ fn curl_args(ca: &Path, resolve: &str, extra: &[&str], url: &str) -> Vec<String>
 }
 
 /// Write `policy` into `dir` and start the proxy on it, in this process.
-async fn start_proxy(dir: &Path, policy: &str) -> consent_proxy::proxy::Running {
+async fn start_proxy(dir: &Path, policy: &str) -> consent_proxy::Running {
     let path = dir.join("policy.toml");
     std::fs::write(&path, policy).expect("write");
     let config = consent_proxy::config::load(Some(&path), None).expect("policy");
-    consent_proxy::proxy::start(config)
-        .await
-        .expect("proxy starts")
+    consent_proxy::start(config).await.expect("proxy starts")
 }
 
 fn audit(path: &Path) -> Vec<serde_json::Value> {

@@ -13,10 +13,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
-use consent_proxy::codec::{self, Coding};
 use consent_proxy::config::CATEGORIES;
-use consent_proxy::fold::fold;
-use consent_proxy::policy::{Action, Policy, Selector, Verdict};
+use consent_proxy::decide::policy::{Policy, Verdict};
+use consent_proxy::rewrite::codec::{self, Coding};
+use consent_proxy::rewrite::fold::fold;
+use consent_proxy::rewrite::selector::{Action, Selector};
 use consent_proxy::rewrite::{self, Message};
 
 
@@ -104,6 +105,7 @@ fuzz_target!(|input: Input| {
     let Verdict::Granted { rules, .. } = policy.decide(host, path) else {
         return;
     };
+    let rules: Vec<&Action> = rules.iter().map(|r| &r.action).collect();
     let mut headers = HeaderMap::new();
     for (k, v) in &input.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
@@ -163,7 +165,7 @@ fuzz_target!(|input: Input| {
     // No pair of what leaves is, as a lenient receiver reads it, a name a rule removes.
     let removed: Vec<String> = rules
         .iter()
-        .flat_map(|r| match &r.action {
+        .flat_map(|action| match action {
             Action::Remove(s) => s.iter().collect::<Vec<_>>(),
             _ => Vec::new(),
         })

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use consent_proxy::config;
-use consent_proxy::proxy::{self, Running};
+use consent_proxy::Running;
 
 pub const FIXTURES: &str = "../shared/fixtures/mattermost";
 
@@ -306,7 +306,7 @@ impl Env {
         let path = dir.path().join("policy.toml");
         std::fs::write(&path, text).expect("write");
         let config = config::load(Some(&path), None).expect("test policy is valid");
-        let running = proxy::start(config).await.expect("proxy starts");
+        let running = consent_proxy::start(config).await.expect("proxy starts");
         Env {
             proxy: running.started.proxy_addr,
             ca_pem: dir.path().join("ca/ca.pem"),

@@ -16,24 +16,24 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::proxy::Proxy;
+use super::shared::Shared;
+use crate::decide::plan::admit;
 
-pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = proxy.token().cancelled() => return,
+            () = shared.token.cancelled() => return,
         };
         let Ok((tcp, client)) = accepted else {
             continue;
         };
-        let p = proxy.clone();
-        let token = proxy.token().clone();
-        proxy.tracker().spawn(async move {
+        let s = shared.clone();
+        let token = shared.token.clone();
+        shared.tracker.spawn(async move {
             let service = service_fn(move |req| {
-                let allowed = p.client_allowed(client);
-                let answer = if allowed {
-                    route(&p, &req)
+                let answer = if admit(&s.clients, client.ip()).is_ok() {
+                    route(&s, &req)
                 } else {
                     text(StatusCode::FORBIDDEN, "client not allowed\n".into())
                 };
@@ -55,13 +55,13 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
     }
 }
 
-fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, proxy.metrics_text());
+            let mut resp = text(StatusCode::OK, shared.metrics_text());
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -70,7 +70,7 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/audit/head" => {
-            let head = serde_json::to_string(&proxy.audit_head()).unwrap_or_default();
+            let head = serde_json::to_string(&shared.audit.head()).unwrap_or_default();
             let mut resp = text(StatusCode::OK, head + "\n");
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -78,7 +78,7 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             resp
         }
-        "/readyz" => match proxy.not_ready() {
+        "/readyz" => match shared.not_ready() {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

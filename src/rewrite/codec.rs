@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 
-use crate::rewrite::RewriteError;
+use super::error::RewriteError;
 
 /// One content coding, as found on the body.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -66,8 +66,11 @@ pub fn decode(
                 bounded(flate2::bufread::MultiGzDecoder::new(&data[..]), max)?,
                 Coding::Gzip,
             ),
-            "deflate" if is_zlib(&data) => (inflate_all(&data, max, true)?, Coding::Zlib),
-            "deflate" => (inflate_all(&data, max, false)?, Coding::RawDeflate),
+            "deflate" if is_zlib(&data) => (inflate_all(&data, max, Coding::Zlib)?, Coding::Zlib),
+            "deflate" => (
+                inflate_all(&data, max, Coding::RawDeflate)?,
+                Coding::RawDeflate,
+            ),
             "br" => (
                 bounded(brotli::Decompressor::new(&data[..], 4096), max)?,
                 Coding::Brotli,
@@ -135,10 +138,10 @@ fn is_zlib(data: &[u8]) -> bool {
     }
 }
 
-/// Inflate one zlib or raw deflate stream that must span the whole input.
-fn inflate_all(data: &[u8], max: u64, zlib: bool) -> Result<Vec<u8>, RewriteError> {
+/// Inflate one stream of `coding` (zlib or raw deflate) that must span the whole input.
+fn inflate_all(data: &[u8], max: u64, coding: Coding) -> Result<Vec<u8>, RewriteError> {
     let rest = |r: &[u8]| r.is_empty();
-    if zlib {
+    if coding == Coding::Zlib {
         let mut d = flate2::bufread::ZlibDecoder::new(data);
         let out = bounded(&mut d, max)?;
         rest(d.into_inner()).then_some(out)

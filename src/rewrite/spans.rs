@@ -16,9 +16,10 @@ use bytes::Bytes;
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
-use crate::fold::glob;
-use crate::policy::{JsonSelector, SimplePath, SimpleSegment};
-use crate::rewrite::{Names, RewriteError, Step};
+use super::error::RewriteError;
+use super::fold::glob;
+use super::keys::{check_key, Names, Step};
+use super::selector::{JsonSelector, SimplePath, SimpleSegment};
 
 /// Containers nested deeper than this are refused, as serde_json refuses them.
 const MAX_DEPTH: usize = 128;
@@ -78,7 +79,7 @@ struct Node {
 }
 
 impl SpanDoc {
-    /// Parse and check `raw` (see `rewrite::parse_json` for what is refused and why).
+    /// Parse and check `raw` (see `tree::parse_json` for what is refused and why).
     pub(crate) fn parse(raw: &Bytes, names: Names) -> Result<SpanDoc, RewriteError> {
         std::str::from_utf8(raw).map_err(|_| RewriteError::NotJson)?;
         if u32::try_from(raw.len()).is_err() {
@@ -616,14 +617,7 @@ impl Scanner<'_> {
                 None
             } else {
                 let text = std::str::from_utf8(key).map_err(|_| RewriteError::NotJson)?;
-                let control = if text.is_ascii() {
-                    text.bytes().any(|b| b < 0x20 || b == 0x7f)
-                } else {
-                    text.chars().any(char::is_control)
-                };
-                if control {
-                    return Err(RewriteError::BadKey);
-                }
+                check_key(text)?;
                 Some(text)
             };
             let members = &self.open[mark..];
@@ -664,10 +658,8 @@ impl Scanner<'_> {
             };
             let bound = match bound {
                 Some(b) => {
-                    if members.iter().any(|m| self.nodes[*m as usize].bound == b) {
-                        return Err(RewriteError::DuplicateKey);
-                    }
-                    if self.names.spelling(b).as_bytes() != key {
+                    let taken = members.iter().any(|m| self.nodes[*m as usize].bound == b);
+                    if self.names.claim(b, key, taken)? {
                         self.respelt = true;
                     }
                     b
@@ -893,69 +885,4 @@ fn string_stop(s: &[u8]) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Strings holding escapes are read as serde_json reads them: the same refusals (a raw
-    /// control character or the body's end after an escape, a lone surrogate) and the same
-    /// decoded text, with plain runs of any length between the escapes.
-    #[test]
-    fn escaped_strings_read_as_serde_json_reads_them() {
-        for body in [
-            r#"{"a\u0062c\"x\"\\\/\ud83d\ude00z":1}"#,
-            r#"{"v":["a\nb\t\u0001 c\r\f\b", "\u003c"]}"#,
-            r#"{"\u003cscript\u003e and a run longer than a word\/!":1}"#,
-            r#"{"\\":1,"x\\y":2}"#,
-            "{\"a\\nb\u{1}\":1}",
-            r#"{"a\nb"#,
-            r#"{"x\u00":1}"#,
-            r#"{"\udc00":1}"#,
-            r#"{"\ud800\u0041":1}"#,
-            r#"{"\q":1}"#,
-        ] {
-            let ours = SpanDoc::parse(&Bytes::from(body), Names::default());
-            let theirs = serde_json::from_str::<serde_json::Map<String, Value>>(body);
-            assert_eq!(ours.is_ok(), theirs.is_ok(), "{body}");
-            if let (Ok(doc), Ok(map)) = (ours, theirs) {
-                let keys: Vec<&str> = doc.live_kids(0).map(|m| doc.key(m)).collect();
-                let want: Vec<&str> = map.keys().map(String::as_str).collect();
-                assert_eq!(keys, want, "{body}");
-            }
-        }
-    }
-
-    /// The word-at-a-time search finds what a byte-by-byte one finds, wherever the stop falls
-    /// in a word, with every byte value before it (high bytes included: a borrow or a high bit
-    /// must not make a stop of a byte that is none).
-    #[test]
-    fn string_stop_agrees_with_a_byte_search() {
-        let naive = |s: &[u8]| s.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
-        for filler in 0u8..=255 {
-            for len in 0..24 {
-                for stop in [None, Some(b'"'), Some(b'\\'), Some(0x00), Some(0x1f)] {
-                    for at in 0..=len {
-                        let mut s = vec![filler; len];
-                        if let (Some(b), true) = (stop, at < len) {
-                            s[at] = b;
-                        }
-                        assert_eq!(string_stop(&s), naive(&s), "{s:?}");
-                    }
-                }
-            }
-        }
-        // Mixed bytes, stops among them, from a fixed pseudo-random sequence.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..20_000 {
-            let s: Vec<u8> = (0..(x % 40))
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 24) as u8
-                })
-                .collect();
-            assert_eq!(string_stop(&s), naive(&s), "{s:?}");
-            x = x.wrapping_add(1);
-        }
-    }
-}
+mod tests;

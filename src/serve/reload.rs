@@ -3,40 +3,36 @@
 //! last good one in force. What changed is described for the `policy_loaded` audit record.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::policy::Policy;
-use crate::proxy::Proxy;
+use tracing::{info, warn};
 
-/// The files a running policy came from.
-#[derive(Clone, Debug)]
-pub struct Sources {
-    pub policy_file: Option<PathBuf>,
-    pub mattermost_override: Option<PathBuf>,
-    /// The Mattermost config in use now (it may change with the policy file).
-    pub mattermost: Option<PathBuf>,
-}
+use super::shared::{Active, Shared, Sources};
+use crate::audit::Entry;
+use crate::decide::policy::Policy;
+use crate::decide::Decision;
+use crate::metrics::OutcomeLabels;
 
 const POLL: Duration = Duration::from_millis(500);
 
 /// Watch the sources until shutdown; reload on change or SIGHUP. The files are read now, when
 /// the watcher is made, so a change right after start is not taken for the starting state.
-pub(crate) fn watch(proxy: Arc<Proxy>) -> impl std::future::Future<Output = ()> {
-    let sources = proxy.sources().clone();
+pub(super) fn watch(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
+    let sources = shared.sources.clone();
     let seen = (
         read(sources.policy_file.as_deref()),
         read(sources.mattermost.as_deref()),
     );
     let hangup = hangup_signal();
-    watch_from(proxy, sources, seen, hangup)
+    watch_from(shared, sources, seen, hangup)
 }
 
 type Seen = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 async fn watch_from(
-    proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
     sources: Sources,
     mut seen: Seen,
     mut hangup: Option<tokio::signal::unix::Signal>,
@@ -46,7 +42,7 @@ async fn watch_from(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
-            () = proxy.token().cancelled() => return,
+            () = shared.token.cancelled() => return,
             _ = tick.tick() => None,
             Some(()) = recv(&mut hangup) => Some("SIGHUP"),
         };
@@ -60,13 +56,69 @@ async fn watch_from(
             None if now.1 != seen.1 => "Mattermost config changed",
             None => continue,
         };
-        if let Some(path) = proxy.reload(trigger).await {
+        if let Some(path) = shared.reload(trigger).await {
             mattermost = Some(path);
         }
         seen = (
             read(sources.policy_file.as_deref()),
             read(mattermost.as_deref()),
         );
+    }
+}
+
+impl Shared {
+    /// Load the policy again; on success put it in force and audit what changed, on failure
+    /// keep the last good one and audit that. Returns the new config's Mattermost path.
+    async fn reload(&self, trigger: &str) -> Option<std::path::PathBuf> {
+        let loaded = crate::config::load(
+            self.sources.policy_file.as_deref(),
+            self.sources.mattermost_override.as_deref(),
+        );
+        let config = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reload failed; the last good policy stays in force");
+                let reason =
+                    format!("reload ({trigger}) failed, the last good policy stays in force: {e}");
+                let _ = self.record(&Entry::new(Decision::Error, reason)).await;
+                self.metrics
+                    .reloads
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "failed".into(),
+                    })
+                    .inc();
+                return None;
+            }
+        };
+        let mattermost = config.mattermost_config.clone();
+        let old = self.current();
+        if *old.policy_hash == *config.policy_hash && *old.consent_hash == *config.consent_hash {
+            return mattermost;
+        }
+        let change = describe_change(&old.policy, &config.policy);
+        let new = Active::new(config.policy, &config.policy_hash, &config.consent_hash);
+        let reason = format!("reloaded ({trigger}): {change}");
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: "ok".into(),
+            })
+            .inc();
+        info!(%reason, "policy reloaded");
+        let loaded = self
+            .audit
+            .policy_loaded(
+                reason,
+                new.policy_hash.to_string(),
+                new.consent_hash.to_string(),
+            )
+            .await;
+        match loaded {
+            Ok(()) => self.metrics.audit_records.inc(),
+            Err(_) => self.metrics.audit_failures.inc(),
+        };
+        self.active.send_replace(new);
+        mattermost
     }
 }
 

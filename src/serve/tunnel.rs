@@ -4,16 +4,26 @@
 //! that arrived through a PROXY protocol header) is copied through buffers. Either way each
 //! direction ends as the client and upstream end it: an end of stream one way shuts that way
 //! down (half-close) and the other way goes on, as `tokio::io::copy_bidirectional` does.
+//!
+//! A tunnel is planned again under each new policy ([`plan_connect`]) and closed, with a record,
+//! when the new policy would no longer tunnel its destination.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use http::Method;
 use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio_util::io::InspectReader;
+use tracing::debug;
+
+use super::shared::{Peer, Shared, Target};
+use crate::decide::plan::{plan_connect, ConnectPlan};
+use crate::decide::{Decision, Reason};
 
 /// Each direction of a copied tunnel reads through a buffer this large (tokio's default is
 /// 8 KiB): fewer reads and writes a megabyte, 64 KiB a tunnel.
@@ -27,7 +37,7 @@ const COPY_BUFFER: usize = 32 * 1024;
 const SPLICE_CHUNK: usize = 256 * 1024;
 
 /// The two ends of a tunnel.
-pub(crate) enum Ends<IO> {
+pub(super) enum Ends<IO> {
     /// Both are sockets: spliced.
     Sockets(TcpStream, TcpStream),
     /// The client is another stream: copied.
@@ -37,7 +47,7 @@ pub(crate) enum Ends<IO> {
 impl<IO: AsyncRead + AsyncWrite + Unpin> Ends<IO> {
     /// Move bytes both ways until both ways have ended or either fails; returns the bytes
     /// moved client to upstream and upstream to client. Every delivery is noted in `activity`.
-    pub(crate) async fn pump(self, activity: &Activity) -> io::Result<(u64, u64)> {
+    pub(super) async fn pump(self, activity: &Activity) -> io::Result<(u64, u64)> {
         match self {
             Ends::Sockets(client, upstream) => match (pipe(), pipe()) {
                 (Ok(up), Ok(down)) => {
@@ -134,7 +144,7 @@ async fn retry(
 /// Whether either side of a tunnel delivered bytes since the idle check last looked: one
 /// relaxed store a delivery, no clock read on the byte path.
 #[derive(Clone, Default)]
-pub(crate) struct Activity(Arc<AtomicBool>);
+pub(super) struct Activity(Arc<AtomicBool>);
 
 impl Activity {
     /// `inner`, noting each of its reads here; writes pass through.
@@ -148,7 +158,57 @@ impl Activity {
     }
 
     /// Whether bytes moved since the last call.
-    pub(crate) fn moved(&self) -> bool {
+    pub(super) fn moved(&self) -> bool {
         self.0.swap(false, Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    /// Move bytes both ways until either side closes, the proxy shuts down, or a new policy
+    /// would not tunnel the destination (then the tunnel is closed and audited: a feature must
+    /// not keep flowing around the policy over an old tunnel).
+    pub(super) async fn relay<IO>(&self, peer: Peer, target: Target, ends: Ends<IO>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut policy = self.active.subscribe();
+        let activity = Activity::default();
+        let copy = ends.pump(&activity);
+        tokio::pin!(copy);
+        let idle = self.limits.tunnel_idle_timeout;
+        let every = (idle / 4).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::select! {
+                r = &mut copy => {
+                    if let Ok((up, down)) = r {
+                        debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                    }
+                    return;
+                }
+                () = self.hard_stop.cancelled() => return,
+                _ = tick.tick() => {
+                    quiet = if activity.moved() { Duration::ZERO } else { quiet + every };
+                    if quiet >= idle {
+                        debug!("idle tunnel closed");
+                        return;
+                    }
+                }
+                changed = policy.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let active = policy.borrow_and_update().clone();
+                    if !matches!(plan_connect(&active.policy, Some(&target.host)), ConnectPlan::Tunnel) {
+                        let entry = self.entry(&active, peer, Some(&target), Some(&Method::CONNECT), None);
+                        let feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
+                        let reason = Reason::TunnelClosed.to_string();
+                        self.record_closed(entry, Decision::Blocked, reason, feature).await;
+                        return;
+                    }
+                }
+            }
+        }
     }
 }

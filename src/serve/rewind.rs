@@ -8,14 +8,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A stream that first yields bytes already read, then the inner stream.
-pub(crate) struct Rewind<T> {
+pub(super) struct Rewind<T> {
     prefix: Vec<u8>,
     pos: usize,
     inner: T,
 }
 
 impl<T> Rewind<T> {
-    pub(crate) fn new(prefix: Vec<u8>, inner: T) -> Self {
+    pub(super) fn new(prefix: Vec<u8>, inner: T) -> Self {
         Rewind {
             prefix,
             pos: 0,

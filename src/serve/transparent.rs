@@ -11,13 +11,12 @@
 //! but whose destination is an address of a feature host is refused, as is a connection to the
 //! proxy itself (a loop) or one that arrived without a redirect.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use http::{Method, Request};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,154 +25,122 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::audit::Decision;
-use crate::policy::{normalize_host, ConnectVerdict, HostPattern, Policy, UnknownHosts};
-use crate::proxy::{Peer, Proxy, Target};
-use crate::response::Refusal;
-use crate::rewind::Rewind;
-use crate::tunnel::Ends;
+use super::accept::{accept_each, until_cancelled};
+use super::rewind::Rewind;
+use super::shared::{Peer, Shared, Target, TargetForm};
+use super::tunnel::Ends;
+use crate::decide::plan::{admit, plan_connect, ConnectPlan};
+use crate::decide::policy::{canonical, normalize_host};
+use crate::decide::{Decision, Reason, Refusal};
+use crate::upstream::Scheme;
 
 /// The most bytes read while looking for a complete ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
-/// How long resolved feature-host addresses are trusted.
-const ADDR_TTL: Duration = Duration::from_secs(300);
-/// How many host names the address cache holds before it starts afresh.
-const ADDR_CACHE_MAX: usize = 4096;
 
 /// Accept redirected connections until shutdown.
-pub(crate) async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) {
-    crate::proxy::accept_each(proxy, listener, "transparent", serve).await
+pub(super) async fn accept(shared: Arc<Shared>, listener: TcpListener) {
+    accept_each(shared, listener, "transparent", serve).await
 }
 
-async fn serve(proxy: Arc<Proxy>, client: SocketAddr, mut tcp: TcpStream) {
+async fn serve(shared: Arc<Shared>, client: SocketAddr, mut tcp: TcpStream) {
     let original = original_dst(&tcp);
     let peer = Peer {
         client,
         listener: "transparent",
         original_dst: original,
     };
-    let refuse =
-        |reason: String, host: Option<String>, feature: Option<String>, decision: Decision| {
-            let proxy = proxy.clone();
-            async move {
-                let mut entry = proxy.entry(&proxy.current(), peer, None, &Method::CONNECT, None);
-                entry.method = None;
-                entry.host = host;
-                entry.port = original.map(|a| a.port());
-                entry.feature = feature;
-                entry.decision = decision;
-                entry.reason = reason;
-                let _ = proxy.record(&entry).await;
-            }
-        };
-    if !proxy.client_allowed(client) {
-        return refuse(
-            "client address not allowed".into(),
-            None,
-            None,
-            Decision::Denied,
-        )
-        .await;
+    // A connection is refused by closing it: recorded with the name it gave, if any.
+    let refuse = |decision: Decision, reason: String, host: Option<String>, feature| {
+        let shared = shared.clone();
+        async move {
+            let mut entry = shared.entry(&shared.current(), peer, None, None, None);
+            entry.host = host;
+            entry.port = original.map(|a| a.port());
+            shared.record_closed(entry, decision, reason, feature).await;
+        }
+    };
+    if let Err(refusal) = admit(&shared.clients, client.ip()) {
+        return refuse(refusal.decision(), refusal.reason(), None, None).await;
     }
     let Some(original) = original else {
         warn!("connection on the transparent listener without an original destination; refused");
-        return refuse(
-            "no original destination (not redirected)".into(),
-            None,
-            None,
-            Decision::Blocked,
-        )
-        .await;
+        let reason = "no original destination (not redirected)".to_string();
+        return refuse(Decision::Blocked, reason, None, None).await;
     };
     // A dual-stack listener reports IPv4 peers as v4-mapped; compare in one form.
     let local = tcp
         .local_addr()
         .ok()
-        .map(|a| SocketAddr::new(crate::proxy::canonical(a.ip()), a.port()));
-    if Some(original) == local || proxy.is_own_listener(original) {
+        .map(|a| SocketAddr::new(canonical(a.ip()), a.port()));
+    if Some(original) == local || shared.own.includes(original) {
         warn!(%original, "connection to the proxy itself on the transparent listener (a loop, or no redirect); refused");
         let reason = format!("loop: the original destination {original} is the proxy itself");
-        return refuse(reason, None, None, Decision::Blocked).await;
+        return refuse(Decision::Blocked, reason, None, None).await;
     }
 
-    let (prefix, first) = sniff(&mut tcp, proxy.limits().tls_handshake_timeout).await;
-    let active = proxy.current();
+    let (prefix, first) = sniff(&mut tcp, shared.limits.tls_handshake_timeout).await;
+    let active = shared.current();
     let policy = &active.policy;
     // A tunnel of TLS is recorded as https; another protocol's scheme is not known.
     let scheme = matches!(first, Sniffed::Tls { .. }).then_some("https");
-    // What falls through is a destination of no feature by name: decided by address, then
-    // by `unknown_hosts`.
-    let (host, unknown, named) = match first {
-        Sniffed::Tls { sni: Some(name) } => {
-            let host = normalize_host(&name);
-            match policy.connect(&host) {
-                ConnectVerdict::Block { feature } => {
-                    let reason = Refusal::ConsentDenied(feature.on_block).reason();
-                    return refuse(
-                        reason,
-                        Some(host),
-                        Some(feature.name.clone()),
-                        Decision::Blocked,
-                    )
-                    .await;
-                }
-                ConnectVerdict::Intercept => {
-                    let pinned = Arc::new(proxy.upstream().pinned(original, &host, true));
-                    let target = Target {
-                        scheme: "https",
-                        host,
-                        port: original.port(),
-                        pinned: Some(pinned),
-                        absolute_form: false,
-                    };
-                    return proxy
-                        .clone()
-                        .intercept(peer, target, Rewind::new(prefix, tcp))
-                        .await;
-                }
-                ConnectVerdict::Unknown(unknown) => {
-                    (host, unknown, "SNI names a host of no feature, but")
-                }
-            }
-        }
+    let (name, named) = match first {
+        Sniffed::Tls { sni: Some(name) } => (
+            Some(normalize_host(&name)),
+            "SNI names a host of no feature, but",
+        ),
         Sniffed::Http => {
-            return serve_http(proxy.clone(), peer, original, Rewind::new(prefix, tcp)).await
+            return serve_http(shared.clone(), peer, original, Rewind::new(prefix, tcp)).await
         }
         Sniffed::Partial => {
             let reason =
                 "incomplete or malformed TLS ClientHello within the handshake timeout".to_string();
-            return refuse(reason, None, None, Decision::Blocked).await;
+            return refuse(Decision::Blocked, reason, None, None).await;
         }
-        Sniffed::Tls { sni: None } | Sniffed::Other => (
-            original.ip().to_string(),
-            policy.unknown_hosts,
-            "no name to decide by, and",
-        ),
+        Sniffed::Tls { sni: None } | Sniffed::Other => (None, "no name to decide by, and"),
     };
-    if let Some(feature) = proxy.feature_at(policy, original).await {
+    let plan = plan_connect(policy, name.as_deref());
+    let host = name.unwrap_or_else(|| original.ip().to_string());
+    match plan {
+        ConnectPlan::Intercept => {
+            let pinned = Arc::new(shared.upstream.pinned(original, &host, Scheme::Https));
+            let target = Target {
+                scheme: "https",
+                host,
+                port: original.port(),
+                pinned: Some(pinned),
+                form: TargetForm::Origin,
+            };
+            return shared
+                .clone()
+                .intercept(peer, target, Rewind::new(prefix, tcp))
+                .await;
+        }
+        // Refused by name: no address can change that.
+        ConnectPlan::Refuse { refusal, feature } if !matches!(refusal, Refusal::UnknownHost) => {
+            let feature = feature.map(|f| f.name.clone());
+            return refuse(refusal.decision(), refusal.reason(), Some(host), feature).await;
+        }
+        // A destination of no feature by name: decided by address first, then by the plan.
+        ConnectPlan::Refuse { .. } | ConnectPlan::Tunnel => {}
+    }
+    if let Some(feature) = shared.feature_at(policy, original).await {
         let reason = format!(
             "{named} {} is an address of a {feature} host",
             original.ip()
         );
-        return refuse(reason, Some(host), Some(feature), Decision::Blocked).await;
+        return refuse(Decision::Blocked, reason, Some(host), Some(feature)).await;
     }
-    match unknown {
-        UnknownHosts::Deny => {
-            refuse(
-                Refusal::UnknownHost.reason(),
-                Some(host),
-                None,
-                Decision::Blocked,
-            )
-            .await
+    match plan {
+        ConnectPlan::Refuse { refusal, .. } => {
+            refuse(refusal.decision(), refusal.reason(), Some(host), None).await
         }
-        UnknownHosts::Tunnel => tunnel(&proxy, peer, scheme, host, original, prefix, tcp).await,
+        _ => tunnel(&shared, peer, scheme, host, original, prefix, tcp).await,
     }
 }
 
 /// Tunnel to the original destination: replay what was read while sniffing, then copy.
 async fn tunnel(
-    proxy: &Proxy,
+    shared: &Shared,
     peer: Peer,
     scheme: Option<&'static str>,
     host: String,
@@ -181,51 +148,50 @@ async fn tunnel(
     prefix: Vec<u8>,
     client: TcpStream,
 ) {
-    let active = proxy.current();
+    let active = shared.current();
     let target = Target {
         scheme: "https",
         host,
         port: original.port(),
         pinned: None,
-        absolute_form: false,
+        form: TargetForm::Origin,
     };
-    let mut entry = proxy.entry(&active, peer, Some(&target), &Method::CONNECT, None);
-    entry.method = None;
+    let mut entry = shared.entry(&active, peer, Some(&target), None, None);
     entry.scheme = scheme;
     let connected =
-        tokio::time::timeout(proxy.limits().connect_timeout, TcpStream::connect(original)).await;
+        tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(original)).await;
     let mut upstream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(_)) | Err(_) => {
-            entry.decision = Decision::Error;
-            entry.reason = "upstream refused or unreachable".into();
-            proxy.metrics().upstream_errors.inc();
-            let _ = proxy.record(&entry).await;
-            return;
+            shared.metrics.upstream_errors.inc();
+            let reason = "upstream refused or unreachable".to_string();
+            return shared
+                .record_closed(entry, Decision::Error, reason, None)
+                .await;
         }
     };
     let _ = upstream.set_nodelay(true);
     entry.decision = Decision::Tunneled;
-    entry.reason = "destination belongs to no feature".into();
-    if proxy.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
+    entry.reason = Reason::NoFeature.to_string();
+    if shared.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
         return;
     }
-    proxy
+    shared
         .relay::<TcpStream>(peer, target, Ends::Sockets(client, upstream))
         .await;
 }
 
 /// Plain HTTP: each request is named by its `Host` header and decided on its own; all go to the
 /// original destination.
-async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rewind<TcpStream>) {
-    let pinned = Arc::new(
-        proxy
-            .upstream()
-            .pinned(original, &original.ip().to_string(), false),
-    );
-    let p = proxy.clone();
+async fn serve_http(shared: Arc<Shared>, peer: Peer, original: SocketAddr, io: Rewind<TcpStream>) {
+    let pinned = Arc::new(shared.upstream.pinned(
+        original,
+        &original.ip().to_string(),
+        Scheme::Http,
+    ));
+    let s = shared.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let (proxy, pinned) = (p.clone(), pinned.clone());
+        let (shared, pinned) = (s.clone(), pinned.clone());
         async move {
             let host = req
                 .headers()
@@ -234,15 +200,15 @@ async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rew
                 .and_then(|h| h.parse::<http::uri::Authority>().ok())
                 .map(|a| normalize_host(a.host()));
             let Some(host) = host else {
-                let entry = proxy.entry(
-                    &proxy.current(),
+                let entry = shared.entry(
+                    &shared.current(),
                     peer,
                     None,
-                    req.method(),
+                    Some(req.method()),
                     Some(req.uri().path()),
                 );
                 let refusal = Refusal::Malformed("plain HTTP request without a Host header");
-                return Ok::<_, Infallible>(proxy.refuse(entry, refusal, None).await);
+                return Ok::<_, Infallible>(shared.refuse(entry, refusal, None).await);
             };
             // `request` refuses a name of no feature at a feature host's address.
             let target = Target {
@@ -250,20 +216,19 @@ async fn serve_http(proxy: Arc<Proxy>, peer: Peer, original: SocketAddr, io: Rew
                 host,
                 port: original.port(),
                 pinned: Some(pinned),
-                absolute_form: false,
+                form: TargetForm::Origin,
             };
-            Ok(proxy.request(peer, target, req).await)
+            Ok(shared.request(peer, target, req).await)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(proxy.limits().header_read_timeout)
+        .header_read_timeout(shared.limits.header_read_timeout)
         .serve_connection(TokioIo::new(io), service);
-    let result =
-        crate::proxy::until_cancelled(conn, proxy.token(), |c| c.graceful_shutdown()).await;
+    let result = until_cancelled(conn, &shared.token, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         debug!(error = %e, "transparent HTTP connection ended");
-        proxy.record_malformed(peer, None, &e).await;
+        shared.record_malformed(peer, None, &e).await;
     }
 }
 
@@ -361,85 +326,6 @@ fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
             0,
             0,
         )))
-    }
-}
-
-/// Addresses of feature hosts (`[upstream] resolve`, then DNS on port 443), resolved on demand
-/// and cached (bounded, with a lifetime), to see whether a destination belongs to a feature
-/// whatever name the client gives.
-#[derive(Default)]
-pub(crate) struct FeatureAddrs {
-    cache: Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>,
-}
-
-impl FeatureAddrs {
-    /// The feature one of whose (exact) hosts is served at `dest`. Hosts not cached (or stale)
-    /// are looked up together, so one slow resolver costs one timeout, not one per host.
-    pub(crate) async fn feature_at(
-        &self,
-        policy: &Policy,
-        overrides: &HashMap<String, SocketAddr>,
-        dest: SocketAddr,
-    ) -> Option<String> {
-        let hosts: Vec<(&str, &str)> = policy
-            .features
-            .iter()
-            .flat_map(|f| f.hosts.iter().map(move |h| (f.name.as_str(), h)))
-            .filter_map(|(feature, h)| match h {
-                HostPattern::Exact(host) => Some((feature, host.as_str())),
-                HostPattern::Subdomain(_) => None,
-            })
-            .collect();
-        let stale: Vec<String> = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            hosts
-                .iter()
-                .filter(|(_, host)| {
-                    cache
-                        .get(*host)
-                        .is_none_or(|(_, at)| at.elapsed() >= ADDR_TTL)
-                })
-                .map(|(_, host)| host.to_string())
-                .collect()
-        };
-        let mut lookups = tokio::task::JoinSet::new();
-        for host in stale {
-            lookups.spawn(async move {
-                // A failed or slow lookup finds nothing; the next check tries again after the TTL.
-                let lookup = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::net::lookup_host((host.clone(), 443)),
-                )
-                .await;
-                let found: Vec<SocketAddr> = match lookup {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    _ => Vec::new(),
-                };
-                (host, found)
-            });
-        }
-        while let Some(Ok((host, mut found))) = lookups.join_next().await {
-            found.extend(
-                [443, 80]
-                    .iter()
-                    .filter_map(|port| overrides.get(&format!("{host}:{port}"))),
-            );
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= ADDR_CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(host, (found, Instant::now()));
-        }
-        let canonical = SocketAddr::new(crate::proxy::canonical(dest.ip()), dest.port());
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        hosts
-            .iter()
-            .find(|(_, host)| {
-                cache
-                    .get(*host)
-                    .is_some_and(|(addrs, _)| addrs.contains(&canonical))
-            })
-            .map(|(feature, _)| feature.to_string())
     }
 }
 

@@ -15,7 +15,8 @@ use ppp::{HeaderResult, PartialResult};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::rewind::Rewind;
+use super::rewind::Rewind;
+use crate::decide::policy::canonical;
 
 /// The v2 signature; v1 headers open with `PROXY `.
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -38,13 +39,13 @@ pub enum Refused {
 /// Read what a connection opens with: for a balancer, its PROXY header (the client is the
 /// address it carries); for anyone else, a check that it sends no such header. Returns the
 /// client and the stream with every byte after the header still to be read.
-pub(crate) async fn accept(
+pub(super) async fn accept(
     mut tcp: TcpStream,
     from: SocketAddr,
     balancers: &[IpNet],
     within: Duration,
 ) -> Result<(SocketAddr, Rewind<TcpStream>), Refused> {
-    let ip = crate::proxy::canonical(from.ip());
+    let ip = canonical(from.ip());
     let from_balancer = balancers.iter().any(|net| net.contains(&ip));
     let mut buf = Vec::with_capacity(256);
     let read = async {

@@ -1,0 +1,168 @@
+//! The record: what one decision says (DESIGN §9), its hash, and the files a chain lives in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::decide::Decision;
+
+/// What a caller knows about one decision. Fields that do not apply stay `None` (`null`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry {
+    pub client: Option<String>,
+    pub listener: Option<&'static str>,
+    pub method: Option<String>,
+    pub scheme: Option<&'static str>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Transparent mode: the address the client was going to (`SO_ORIGINAL_DST`).
+    pub original_dst: Option<String>,
+    /// The path without its query string.
+    pub path: Option<String>,
+    pub feature: Option<String>,
+    pub decision: Decision,
+    pub reason: String,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+    pub status: Option<u16>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    /// The policy and consent hashes the decision was made under; `None`: those in force.
+    #[serde(skip)]
+    pub under: Option<(Arc<str>, Arc<str>)>,
+}
+
+impl Entry {
+    pub fn new(decision: Decision, reason: impl Into<String>) -> Self {
+        Entry {
+            client: None,
+            listener: None,
+            method: None,
+            scheme: None,
+            host: None,
+            port: None,
+            original_dst: None,
+            path: None,
+            feature: None,
+            decision,
+            reason: reason.into(),
+            removed: Vec::new(),
+            replaced: Vec::new(),
+            status: None,
+            bytes_in: None,
+            bytes_out: None,
+            under: None,
+        }
+    }
+}
+
+/// A record as the writer lays it out: the entry between the chain's members (`hash` is
+/// appended after, over these bytes).
+#[derive(Serialize)]
+pub(super) struct Line<'a> {
+    pub(super) seq: u64,
+    pub(super) time: &'a str,
+    pub(super) node: &'a str,
+    #[serde(flatten)]
+    pub(super) entry: &'a Entry,
+    pub(super) policy: &'a str,
+    pub(super) consent: &'a str,
+    pub(super) prev: &'a str,
+}
+
+/// A record read back from a log (DESIGN §9), typed: what integration tests and tools assert
+/// on. Members that do not apply to a decision are `None`.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
+pub struct Record {
+    pub seq: u64,
+    pub time: String,
+    pub node: String,
+    pub client: Option<String>,
+    pub listener: Option<String>,
+    pub method: Option<String>,
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub original_dst: Option<String>,
+    pub path: Option<String>,
+    pub feature: Option<String>,
+    pub decision: Decision,
+    pub reason: String,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+    pub status: Option<u16>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub policy: String,
+    pub consent: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// Every record of the log at `path` (this file only, not its rotated files), in order. A line
+/// that is not a record is an error naming its number; `audit verify` checks the chain.
+pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                let why = format!(
+                    "{}: line {} is not an audit record: {e}",
+                    path.display(),
+                    i + 1
+                );
+                std::io::Error::new(std::io::ErrorKind::InvalidData, why)
+            })
+        })
+        .collect()
+}
+
+/// The newest record of a chain: what `GET /audit/head` serves, so a monitoring system holds an
+/// independent witness of how long each replica's chain was (`audit verify --witness`).
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct Head {
+    pub node: String,
+    pub seq: u64,
+    pub hash: String,
+    pub time: String,
+}
+
+pub(super) const ZERO_HASH: &str =
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// `sha256:` + lowercase hex: how the audit log, the policy and the consent name their hashes.
+pub fn sha256(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// `FILE.k`, the k-th newest rotated file.
+pub(super) fn rotated_name(path: &Path, k: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{k}"));
+    PathBuf::from(name)
+}
+
+/// The files of a log, oldest first: `FILE.n` … `FILE.1`, `FILE`.
+pub fn chain_files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|k| rotated_name(path, k))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    if path.exists() || files.is_empty() {
+        files.push(path.to_path_buf());
+    }
+    files
+}

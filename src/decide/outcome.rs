@@ -1,0 +1,166 @@
+//! What a decision is: the closed vocabulary of decisions ([`Decision`]) and reasons
+//! ([`Reason`]), and why the proxy answers a request itself ([`Refusal`]). Each text the audit
+//! log and the responses use is spelt here, once. Pure: no I/O types.
+
+use std::fmt;
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::policy::OnBlock;
+use crate::rewrite::RewriteError;
+
+/// The closed vocabulary of decisions.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allowed,
+    Stripped,
+    Blocked,
+    Tunneled,
+    Denied,
+    Error,
+    WouldBlock,
+    WouldStrip,
+    PolicyLoaded,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Stripped => "stripped",
+            Decision::Blocked => "blocked",
+            Decision::Tunneled => "tunneled",
+            Decision::Denied => "denied",
+            Decision::Error => "error",
+            Decision::WouldBlock => "would_block",
+            Decision::WouldStrip => "would_strip",
+            Decision::PolicyLoaded => "policy_loaded",
+        }
+    }
+}
+
+/// Why a request or connection was let through (a refusal says its own: [`Refusal::reason`]).
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Reason {
+    ConsentGranted,
+    /// Report mode: the feature's consent is denied, and the request left all the same.
+    ConsentDenied,
+    /// The destination belongs to no feature (`unknown_hosts = "tunnel"`).
+    NoFeature,
+    /// The rules of these withheld categories changed the request (none: the feature's
+    /// unconditional rules did).
+    Withheld(Vec<String>),
+    /// A tunnel open when a new policy came into force, closed because the new policy would not
+    /// tunnel its destination.
+    TunnelClosed,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::ConsentGranted => f.write_str("consent granted"),
+            Reason::ConsentDenied => f.write_str("consent denied"),
+            Reason::NoFeature => f.write_str("destination belongs to no feature"),
+            Reason::Withheld(c) if c.is_empty() => f.write_str("the feature's unconditional rules"),
+            Reason::Withheld(c) => write!(f, "withheld: {}", c.join(", ")),
+            Reason::TunnelClosed => {
+                f.write_str("open tunnel closed: the new policy no longer tunnels this destination")
+            }
+        }
+    }
+}
+
+/// Why the proxy answers a request itself instead of forwarding it.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The client address is not in `[clients] allow`.
+    ClientNotAllowed,
+    /// The request is malformed or its names disagree.
+    Malformed(&'static str),
+    /// The destination is one of the proxy's own listeners.
+    Loop,
+    /// A name of no feature whose destination is a feature host's address.
+    FeatureAddress,
+    /// The feature's consent is denied.
+    ConsentDenied(OnBlock),
+    /// The destination belongs to no feature and `unknown_hosts = "deny"`.
+    UnknownHost,
+    /// A rule must read a body larger than `max_body_bytes`.
+    BodyTooLarge,
+    /// A rule must read a body it cannot.
+    Unreadable(RewriteError),
+    /// The audit log cannot be written: inspected traffic stops.
+    AuditUnavailable,
+    /// The upstream could not be reached or did not verify.
+    UpstreamFailed(String),
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::ClientNotAllowed | Refusal::UnknownHost => StatusCode::FORBIDDEN,
+            Refusal::ConsentDenied(OnBlock::Reject) => StatusCode::FORBIDDEN,
+            Refusal::ConsentDenied(OnBlock::Sink) => StatusCode::OK,
+            Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => {
+                StatusCode::BAD_REQUEST
+            }
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Unreadable(RewriteError::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Unreadable(RewriteError::AmbiguousQuery) => StatusCode::BAD_REQUEST,
+            Refusal::Unreadable(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn decision(&self) -> Decision {
+        match self {
+            Refusal::ClientNotAllowed => Decision::Denied,
+            Refusal::AuditUnavailable | Refusal::UpstreamFailed(_) | Refusal::UpstreamTimeout => {
+                Decision::Error
+            }
+            _ => Decision::Blocked,
+        }
+    }
+
+    /// The reason, as the audit log and the response body state it.
+    pub fn reason(&self) -> String {
+        match self {
+            Refusal::ClientNotAllowed => "client address not allowed".into(),
+            Refusal::Malformed(why) => (*why).into(),
+            Refusal::Loop => "the destination is one of the proxy's own listeners (a loop)".into(),
+            Refusal::FeatureAddress => {
+                "the name belongs to no feature, but the destination is a feature host's address"
+                    .into()
+            }
+            Refusal::ConsentDenied(_) => Reason::ConsentDenied.to_string(),
+            Refusal::UnknownHost => format!("{} and unknown_hosts = deny", Reason::NoFeature),
+            Refusal::BodyTooLarge => "body over max_body_bytes".into(),
+            Refusal::Unreadable(e) => e.to_string(),
+            Refusal::AuditUnavailable => "audit log cannot be written".into(),
+            Refusal::UpstreamFailed(why) => why.clone(),
+            Refusal::UpstreamTimeout => "upstream timed out".into(),
+        }
+    }
+
+    /// The `error` member of the response body.
+    pub fn error(&self) -> &'static str {
+        match self {
+            Refusal::ClientNotAllowed => "client not allowed",
+            Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => "bad request",
+            Refusal::ConsentDenied(_) | Refusal::UnknownHost => "blocked by consent policy",
+            Refusal::BodyTooLarge => "request body too large to inspect",
+            Refusal::Unreadable(RewriteError::AmbiguousQuery) => "bad request",
+            Refusal::Unreadable(RewriteError::TooLarge) => "request body too large to inspect",
+            Refusal::Unreadable(_) => "request body cannot be inspected",
+            Refusal::AuditUnavailable => "audit log unavailable",
+            Refusal::UpstreamFailed(_) => "upstream unavailable",
+            Refusal::UpstreamTimeout => "upstream timed out",
+        }
+    }
+}

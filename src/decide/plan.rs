@@ -1,0 +1,163 @@
+//! The plans, one function a phase (STYLE "One decision path"): [`admit`] a client,
+//! [`plan_connect`] a connection before any request is read, [`plan_request`] a request by its
+//! destination, then [`rewrite`] it with the rules that apply. Every listener, the relay after a
+//! reload and `explain` call these and nothing else to decide, so a decision is made in one
+//! place whichever way the traffic came.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::outcome::{Decision, Reason, Refusal};
+use super::policy::{
+    canonical, ConnectVerdict, Feature, Mode, Policy, Rule, UnknownHosts, Verdict,
+};
+use crate::rewrite::selector::Action;
+use crate::rewrite::{self, Edits, Message};
+
+/// The access check (`[clients] allow`), before anything else a client sends is read.
+pub fn admit(allowed: &[IpNet], client: IpAddr) -> Result<(), Refusal> {
+    let ip = canonical(client);
+    if allowed.iter().any(|net| net.contains(&ip)) {
+        Ok(())
+    } else {
+        Err(Refusal::ClientNotAllowed)
+    }
+}
+
+/// What to do with a connection before any request on it is read.
+#[derive(Debug)]
+pub enum ConnectPlan<'p> {
+    /// Answer (or close) now, before any TLS: nothing the client could send would be allowed.
+    Refuse {
+        refusal: Refusal,
+        feature: Option<&'p Feature>,
+    },
+    /// The destination belongs to no feature: pass the bytes through unread.
+    Tunnel,
+    /// The destination is a feature host: terminate TLS and plan each request.
+    Intercept,
+}
+
+/// Plan a connection to `host`: a CONNECT, a TLS ClientHello's SNI, a tunnel still open when a
+/// new policy comes into force, or `explain`'s `https` URL. `None`: the connection names no host
+/// (transparent mode without SNI), so it can only be a destination of no feature.
+pub fn plan_connect<'p>(policy: &'p Policy, host: Option<&str>) -> ConnectPlan<'p> {
+    let verdict = match host {
+        Some(host) => policy.connect(host),
+        None => ConnectVerdict::Unknown(policy.unknown_hosts),
+    };
+    match verdict {
+        ConnectVerdict::Intercept => ConnectPlan::Intercept,
+        ConnectVerdict::Block { feature } => ConnectPlan::Refuse {
+            refusal: Refusal::ConsentDenied(feature.on_block),
+            feature: Some(feature),
+        },
+        ConnectVerdict::Unknown(UnknownHosts::Deny) => ConnectPlan::Refuse {
+            refusal: Refusal::UnknownHost,
+            feature: None,
+        },
+        ConnectVerdict::Unknown(UnknownHosts::Tunnel) => ConnectPlan::Tunnel,
+    }
+}
+
+/// What to do with one request, decided from its destination before its body is read.
+#[derive(Debug)]
+pub enum RequestPlan<'p> {
+    /// Answer the request here, with this refusal.
+    Refuse {
+        refusal: Refusal,
+        feature: Option<&'p Feature>,
+    },
+    /// Forward it as it came, and record this decision.
+    Forward {
+        decision: Decision,
+        reason: Reason,
+        feature: Option<&'p Feature>,
+    },
+    /// Consent is granted with rules to apply: see [`rewrite`].
+    Rewrite {
+        feature: &'p Feature,
+        rules: Vec<&'p Rule>,
+        withheld: Vec<&'p str>,
+    },
+}
+
+/// Plan a request to `host` at `path` under `policy` (DESIGN §5, steps 3 and 4).
+pub fn plan_request<'p>(policy: &'p Policy, host: &str, path: &str) -> RequestPlan<'p> {
+    let report = policy.mode == Mode::Report;
+    match policy.decide(host, path) {
+        Verdict::Unknown(UnknownHosts::Deny) => RequestPlan::Refuse {
+            refusal: Refusal::UnknownHost,
+            feature: None,
+        },
+        Verdict::Unknown(UnknownHosts::Tunnel) => RequestPlan::Forward {
+            decision: Decision::Tunneled,
+            reason: Reason::NoFeature,
+            feature: None,
+        },
+        Verdict::Denied { feature } if report => RequestPlan::Forward {
+            decision: Decision::WouldBlock,
+            reason: Reason::ConsentDenied,
+            feature: Some(feature),
+        },
+        Verdict::Denied { feature } => RequestPlan::Refuse {
+            refusal: Refusal::ConsentDenied(feature.on_block),
+            feature: Some(feature),
+        },
+        Verdict::Granted { feature, rules, .. } if rules.is_empty() => RequestPlan::Forward {
+            decision: Decision::Allowed,
+            reason: Reason::ConsentGranted,
+            feature: Some(feature),
+        },
+        Verdict::Granted {
+            feature,
+            rules,
+            withheld,
+        } => RequestPlan::Rewrite {
+            feature,
+            rules,
+            withheld,
+        },
+    }
+}
+
+/// What the rules did to a request.
+#[derive(Debug)]
+pub struct Rewritten {
+    pub decision: Decision,
+    pub reason: Reason,
+    pub edits: Edits,
+    /// Whether the request leaves as rewritten (`stripped`); otherwise it leaves as it came
+    /// (nothing changed, or report mode).
+    pub rewritten: bool,
+}
+
+/// Apply `rules` to `msg` (a body the rules read is the whole body, already within
+/// `max_body_bytes` as received). A request the rules cannot read is refused.
+pub fn rewrite(
+    mode: Mode,
+    rules: &[&Rule],
+    withheld: &[&str],
+    msg: &mut Message,
+    max_body_bytes: u64,
+) -> Result<Rewritten, Refusal> {
+    let actions: Vec<&Action> = rules.iter().map(|r| &r.action).collect();
+    let edits = rewrite::apply(&actions, msg, max_body_bytes).map_err(Refusal::Unreadable)?;
+    let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
+    let withheld = || Reason::Withheld(withheld.iter().map(|c| c.to_string()).collect());
+    let (decision, reason) = match (changed, mode) {
+        (false, _) => (Decision::Allowed, Reason::ConsentGranted),
+        (true, Mode::Enforce) => (Decision::Stripped, withheld()),
+        (true, Mode::Report) => (Decision::WouldStrip, withheld()),
+    };
+    Ok(Rewritten {
+        decision,
+        reason,
+        edits,
+        rewritten: changed && mode == Mode::Enforce,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,24 @@
+//! Why the rules cannot read a request: the request is then refused, never guessed at.
+
+/// A part of the request a rule must read but cannot: the request is refused, never guessed at.
+#[derive(Debug, Eq, PartialEq, thiserror::Error)]
+pub enum RewriteError {
+    #[error("body has a content encoding that cannot be inspected")]
+    Encoded,
+    #[error("body does not decode as its Content-Encoding says")]
+    BadEncoding,
+    #[error("body over max_body_bytes once decoded")]
+    TooLarge,
+    #[error("body is not valid JSON")]
+    NotJson,
+    #[error("JSON body has a duplicate object key")]
+    DuplicateKey,
+    #[error("JSON body has an object key with a control character")]
+    BadKey,
+    #[error("body is not application/x-www-form-urlencoded")]
+    NotForm,
+    #[error("form body cannot be read unambiguously")]
+    AmbiguousForm,
+    #[error("query string cannot be read unambiguously")]
+    AmbiguousQuery,
+}

@@ -1,0 +1,363 @@
+//! The tree engine: a JSON body read into a `serde_json::Value`, for selectors beyond the span
+//! engine's subset and for allowlists. Re-serialized compactly with member order and number
+//! text kept (string escapes may then be normalized). Pure.
+
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json_path::PathElement;
+
+use super::error::RewriteError;
+use super::fold::glob;
+use super::keys::{check_key, summarize, Names, Step};
+use super::selector::JsonSelector;
+
+/// A JSON body read into a tree, with the names its rules look for.
+pub(super) struct TreeDoc {
+    value: Value,
+    names: Names,
+    /// Some member is spelt otherwise than the rules spell the name it binds to
+    /// (`Channel_Name` for `channel_name`): queries then run on a copy spelt the rules' way.
+    respelt: bool,
+}
+
+/// Parse a JSON body, refusing what receivers could read differently from the rules: duplicate
+/// object keys (parsers disagree on which one wins, so a rule could remove one copy while the
+/// upstream reads the other), two members that bind to one name a rule names (`message` and
+/// `Message`), and keys with control characters. Returns the document and whether some member
+/// is spelt otherwise than the rules spell it.
+pub(super) fn parse_json(raw: &[u8], names: Names) -> Result<TreeDoc, RewriteError> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let respelt = Cell::new(false);
+    let refused = Cell::new(None);
+    let check = Check {
+        names: &names,
+        respelt: &respelt,
+        refused: &refused,
+    };
+    if check.deserialize(&mut de).and_then(|()| de.end()).is_err() {
+        return Err(refused.take().unwrap_or(RewriteError::NotJson));
+    }
+    let value = serde_json::from_slice(raw).map_err(|_| RewriteError::NotJson)?;
+    Ok(TreeDoc {
+        value,
+        names,
+        respelt: respelt.get(),
+    })
+}
+
+/// A pass over a JSON document that checks every object's keys (see [`parse_json`]); what it
+/// refuses is left in `refused` (serde's own errors carry only text).
+#[derive(Clone, Copy)]
+struct Check<'a> {
+    names: &'a Names,
+    respelt: &'a Cell<bool>,
+    refused: &'a Cell<Option<RewriteError>>,
+}
+
+impl Check<'_> {
+    fn refuse<E: de::Error>(&self, why: RewriteError) -> E {
+        let text = why.to_string();
+        self.refused.set(Some(why));
+        E::custom(text)
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for Check<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Check<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Most objects are small: a linear scan over borrowed keys beats hashing owned ones.
+        let mut seen: Vec<Key<'de>> = Vec::new();
+        let mut hashed: HashSet<Key<'de>> = HashSet::new();
+        let mut bound: Vec<u32> = Vec::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            check_key(&key.0).map_err(|e| self.refuse(e))?;
+            if let Some(index) = self.names.bind(&key.0) {
+                let respelt = self
+                    .names
+                    .claim(index, key.0.as_bytes(), bound.contains(&index))
+                    .map_err(|e| self.refuse(e))?;
+                bound.push(index);
+                if respelt {
+                    self.respelt.set(true);
+                }
+            }
+            let duplicate = if hashed.is_empty() && seen.len() < 16 {
+                let dup = seen.contains(&key);
+                seen.push(key);
+                if seen.len() == 16 {
+                    hashed.extend(seen.drain(..));
+                }
+                dup
+            } else {
+                !hashed.insert(key)
+            };
+            if duplicate {
+                return Err(self.refuse(RewriteError::DuplicateKey));
+            }
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the body unless it holds escapes.
+#[derive(Eq, Hash, PartialEq)]
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key(std::borrow::Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+        Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+    }
+}
+
+impl TreeDoc {
+    /// The document as it leaves: compact, member order and number text as received.
+    pub(super) fn serialize(&self) -> bytes::Bytes {
+        bytes::Bytes::from(
+            serde_json::to_vec(&self.value).expect("a serde_json::Value always serializes"),
+        )
+    }
+
+    /// Remove everything neither kept nor on the way to something kept; returns the count.
+    pub(super) fn prune(&mut self, kept: &BTreeSet<Vec<Step>>) -> usize {
+        prune(&mut self.value, &mut Vec::new(), kept)
+    }
+
+    /// Where `sel` matches, as normalized paths into the document as received.
+    pub(super) fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
+        let respelt = self.respelt.then(|| self.names.respell(&self.value));
+        let queried = respelt.as_ref().unwrap_or(&self.value);
+        let found: Vec<Vec<Step>> = sel
+            .path
+            .query_located(queried)
+            .locations()
+            .map(|loc| {
+                loc.iter()
+                    .map(|el| match el {
+                        PathElement::Name(n) => Step::Name(n.to_string()),
+                        PathElement::Index(i) => Step::Index(*i),
+                    })
+                    .collect()
+            })
+            .collect();
+        let paths: Vec<Vec<Step>> = if self.respelt {
+            found
+                .into_iter()
+                .filter_map(|p| self.as_received(p))
+                .collect()
+        } else {
+            found
+        };
+        let Some(pattern) = &sel.pattern else {
+            return paths;
+        };
+        let mut members = Vec::new();
+        for path in paths {
+            if let Some(Value::Object(map)) = node(&self.value, &path) {
+                for key in map.keys().filter(|k| glob(pattern, k)) {
+                    let mut p = path.clone();
+                    p.push(Step::Name(key.clone()));
+                    members.push(p);
+                }
+            }
+        }
+        members
+    }
+
+    /// Remove every member or item `sel` selects; what was removed, for the record.
+    pub(super) fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
+        let mut paths: Vec<Vec<Step>> = self
+            .located(sel)
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        // Deepest and highest index first, so earlier removals never shift a later path.
+        paths.sort();
+        paths.dedup();
+        paths.reverse();
+        let mut removed = Vec::new();
+        for path in paths {
+            let Some((last, parent)) = path.split_last() else {
+                continue;
+            };
+            let hit = match (node_mut(&mut self.value, parent), last) {
+                (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
+                (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
+                    items.remove(*i);
+                    true
+                }
+                _ => false,
+            };
+            if hit {
+                removed.push(path);
+            }
+        }
+        removed.reverse();
+        summarize(sel, &removed)
+    }
+
+    /// Set every node `sel` selects to the string `text`; what changed, for the record.
+    pub(super) fn replace_all(&mut self, sel: &JsonSelector, text: &str) -> Vec<String> {
+        let mut changed = Vec::new();
+        for path in self.located(sel) {
+            if let Some(node) =
+                node_mut(&mut self.value, &path).filter(|n| n.as_str() != Some(text))
+            {
+                *node = Value::String(text.to_string());
+                changed.push(path);
+            }
+        }
+        summarize(sel, &changed)
+    }
+
+    /// A path found in the respelt copy, with each member named as received.
+    fn as_received(&self, path: Vec<Step>) -> Option<Vec<Step>> {
+        let mut at = &self.value;
+        let mut out = Vec::with_capacity(path.len());
+        for step in path {
+            let (next, step) = match (at, step) {
+                (Value::Object(map), Step::Name(n)) => map
+                    .iter()
+                    .find(|(k, _)| self.names.read_as(k) == n)
+                    .map(|(k, v)| (v, Step::Name(k.clone())))?,
+                (Value::Array(items), Step::Index(i)) => (items.get(i)?, Step::Index(i)),
+                _ => return None,
+            };
+            at = next;
+            out.push(step);
+        }
+        Some(out)
+    }
+}
+
+/// Remove everything that is neither kept nor on the way to something kept; returns the count.
+fn prune(node: &mut Value, at: &mut Vec<Step>, kept: &BTreeSet<Vec<Step>>) -> usize {
+    let verdict = |at: &Vec<Step>| -> Option<bool> {
+        if kept.contains(at) {
+            Some(true)
+        } else if kept.iter().any(|k| k.starts_with(at)) {
+            None
+        } else {
+            Some(false)
+        }
+    };
+    let mut removed = 0;
+    match node {
+        Value::Object(map) => {
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for key in keys {
+                at.push(Step::Name(key.clone()));
+                match verdict(at) {
+                    Some(true) => {}
+                    Some(false) => {
+                        map.shift_remove(&key);
+                        removed += 1;
+                    }
+                    None => {
+                        if let Some(child) = map.get_mut(&key) {
+                            removed += prune(child, at, kept);
+                        }
+                    }
+                }
+                at.pop();
+            }
+        }
+        Value::Array(items) => {
+            for i in (0..items.len()).rev() {
+                at.push(Step::Index(i));
+                match verdict(at) {
+                    Some(true) => {}
+                    Some(false) => {
+                        items.remove(i);
+                        removed += 1;
+                    }
+                    None => removed += prune(&mut items[i], at, kept),
+                }
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+    removed
+}
+
+fn node<'v>(mut node: &'v Value, path: &[Step]) -> Option<&'v Value> {
+    for step in path {
+        node = match (node, step) {
+            (Value::Object(map), Step::Name(n)) => map.get(n)?,
+            (Value::Array(items), Step::Index(i)) => items.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
+fn node_mut<'v>(mut node: &'v mut Value, path: &[Step]) -> Option<&'v mut Value> {
+    for step in path {
+        node = match (node, step) {
+            (Value::Object(map), Step::Name(n)) => map.get_mut(n)?,
+            (Value::Array(items), Step::Index(i)) => items.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}

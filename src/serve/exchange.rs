@@ -1,0 +1,532 @@
+//! The exchange: one request decided ([`plan_request`]), its body read only when a rule must
+//! read it, rewritten ([`plan::rewrite`]), sent to the upstream over verified TLS, recorded once
+//! the response head is in, and the response streamed back. What RFC 9112 leaves a receiver free
+//! to read another way is refused here, strictly, before any decision.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HOST};
+use http::request::Parts;
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tracing::warn;
+
+use super::respond::response;
+use super::shared::{Peer, Shared, Target, TargetForm};
+use crate::audit::Entry;
+use crate::decide::plan::{self, plan_request, RequestPlan};
+use crate::decide::policy::{normalize_host, Mode};
+use crate::decide::{Decision, Refusal};
+use crate::rewrite::Message;
+use crate::upstream::{self, ConnectError, OutBody, PinnedError};
+
+impl Shared {
+    /// Decide one request to `target` and answer it: refuse, or rewrite and forward.
+    pub(super) async fn request(
+        &self,
+        peer: Peer,
+        target: Target,
+        req: Request<Incoming>,
+    ) -> Response<OutBody> {
+        let (parts, body) = req.into_parts();
+        let active = self.current();
+        let mut entry = self.entry(
+            &active,
+            peer,
+            Some(&target),
+            Some(&parts.method),
+            Some(parts.uri.path()),
+        );
+        if let Err(why) = strict_http1(&parts, &target).and_then(|()| names_agree(&parts, &target))
+        {
+            return self
+                .refuse_draining(entry, body, Refusal::Malformed(why), None)
+                .await;
+        }
+        // Nothing leaves unaudited: once a record could not be written, every request stops here.
+        if !self.audit.is_healthy() {
+            return self
+                .refuse_draining(entry, body, Refusal::AuditUnavailable, None)
+                .await;
+        }
+        let (feature, rules, withheld) =
+            match plan_request(&active.policy, &target.host, parts.uri.path()) {
+                RequestPlan::Refuse { refusal, feature } => {
+                    let name = feature.map(|f| f.name.as_str());
+                    return self.refuse_draining(entry, body, refusal, name).await;
+                }
+                RequestPlan::Forward {
+                    decision,
+                    reason,
+                    feature,
+                } => {
+                    // A name of no feature must not reach a feature host's address.
+                    if decision == Decision::Tunneled {
+                        if let Some(dest) = target.destination() {
+                            if let Some(f) = self.feature_at(&active.policy, dest).await {
+                                let refusal = Refusal::FeatureAddress;
+                                return self.refuse_draining(entry, body, refusal, Some(&f)).await;
+                            }
+                        }
+                    }
+                    entry.feature = feature.map(|f| f.name.clone());
+                    entry.decision = decision;
+                    entry.reason = reason.to_string();
+                    return self.forward(entry, &target, parts, streamed(body)).await;
+                }
+                RequestPlan::Rewrite {
+                    feature,
+                    rules,
+                    withheld,
+                } => (feature, rules, withheld),
+            };
+        entry.feature = Some(feature.name.clone());
+        let reads_body = rules.iter().any(|r| r.reads_body());
+        let (raw, body) = if reads_body {
+            match self.read_body(&parts.headers, body).await {
+                Ok(bytes) => (bytes, None),
+                Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
+            }
+        } else {
+            (Bytes::new(), Some(body))
+        };
+        if reads_body {
+            entry.bytes_in = Some(raw.len() as u64);
+        }
+        let mode = active.policy.mode;
+        let mut parts = parts;
+        // Report mode forwards the request as it came: only then is a copy of the headers kept.
+        let original = (mode == Mode::Report).then(|| parts.headers.clone());
+        let mut msg = Message {
+            query: parts.uri.query().map(str::to_string),
+            headers: std::mem::take(&mut parts.headers),
+            body: raw.clone(),
+        };
+        let limit = self.limits.max_body_bytes;
+        let outcome = match plan::rewrite(mode, &rules, &withheld, &mut msg, limit) {
+            Ok(outcome) => outcome,
+            Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
+        };
+        entry.decision = outcome.decision;
+        entry.reason = outcome.reason.to_string();
+        entry.removed = outcome.edits.removed;
+        entry.replaced = outcome.edits.replaced;
+        if !outcome.rewritten {
+            parts.headers = original.unwrap_or(msg.headers);
+            let out = body.map(without_trailers).unwrap_or_else(|| full(raw));
+            return self.forward(entry, &target, parts, out).await;
+        }
+        parts.uri = with_query(&parts.uri, msg.query.as_deref());
+        parts.headers = msg.headers;
+        let out = body.map(without_trailers).unwrap_or_else(|| full(msg.body));
+        self.forward(entry, &target, parts, out).await
+    }
+
+    /// Refuse a request whose body has not been read: read and count it first (see
+    /// [`Shared::drain`]).
+    pub(super) async fn refuse_draining(
+        &self,
+        mut entry: Entry,
+        body: Incoming,
+        refusal: Refusal,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        entry.bytes_in = Some(self.drain(body).await);
+        self.refuse(entry, refusal, feature).await
+    }
+
+    /// Read and discard a refused request's body (up to `max_body_bytes`, for a few seconds)
+    /// before answering: an h2 stream whose body is dropped unread is reset, and clients then
+    /// report a stream error instead of the refusal.
+    async fn drain(&self, body: Incoming) -> u64 {
+        let read = Arc::new(AtomicU64::new(0));
+        let max = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let counted = Counted::new(body, read.clone());
+        let _ = tokio::time::timeout(Duration::from_secs(5), Limited::new(counted, max).collect())
+            .await;
+        read.load(Ordering::Relaxed)
+    }
+
+    /// Read a body a rule must inspect, within `max_body_bytes`.
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
+        let max = self.limits.max_body_bytes;
+        if declared_length(headers).is_some_and(|n| n > max) {
+            return Err(Refusal::BodyTooLarge);
+        }
+        match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::BodyTooLarge),
+            Err(_) => Err(Refusal::Malformed("request body truncated or malformed")),
+        }
+    }
+
+    /// Send the request upstream; audit once the response head is in; stream the body back.
+    async fn forward(
+        &self,
+        mut entry: Entry,
+        target: &Target,
+        parts: Parts,
+        body: OutBody,
+    ) -> Response<OutBody> {
+        // What passed is counted as the upstream reads it: a streamed body is known only so.
+        let sent_bytes = Arc::new(AtomicU64::new(0));
+        let body = Counted::new(body, sent_bytes.clone()).boxed();
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = upstream_uri(target, &parts.uri);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = parts.headers;
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut().remove(HOST);
+        let sent = async {
+            match &target.pinned {
+                Some(pinned) => pinned.request(req).await.map_err(|e| match e {
+                    PinnedError::Connect(c) => connect_refusal(&c),
+                    PinnedError::Request(_) => {
+                        Refusal::UpstreamFailed("upstream connection failed".into())
+                    }
+                }),
+                None => {
+                    self.upstream.request(req).await.map_err(|e| {
+                        match upstream::connect_error(&e) {
+                            Some(c) => connect_refusal(c),
+                            None => Refusal::UpstreamFailed("upstream connection failed".into()),
+                        }
+                    })
+                }
+            }
+        };
+        let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
+        let passed = sent_bytes.load(Ordering::Relaxed);
+        entry.bytes_out = Some(passed);
+        entry.bytes_in.get_or_insert(passed);
+        let resp = match result {
+            Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
+            Ok(Err(refusal)) => {
+                warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
+                return self.refuse(entry, refusal, None).await;
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        entry.status = Some(resp.status().as_u16());
+        if self.record(&entry).await.is_err() {
+            return response(&Refusal::AuditUnavailable, entry.feature.as_deref());
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        Response::from_parts(parts, body.map_err(Into::into).boxed())
+    }
+}
+
+/// The body length a request declares in `Content-Length`, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+pub(super) fn connect_refusal(e: &ConnectError) -> Refusal {
+    match e {
+        ConnectError::Timeout => Refusal::UpstreamTimeout,
+        other => Refusal::UpstreamFailed(other.to_string()),
+    }
+}
+
+/// RFC 9112 read strictly, where hyper is lenient and a receiver might read the request
+/// differently from the proxy: a `Host` (more than one is [`names_agree`]'s to refuse); the
+/// request-target in the one form the listener takes (origin-form, or `*` for OPTIONS, inside
+/// an intercepted connection; absolute-form for a plain-HTTP proxy request); `chunked` as the
+/// only transfer coding, not in HTTP/1.0. hyper itself refuses `Content-Length`s that disagree;
+/// with both `Transfer-Encoding` and `Content-Length` it follows RFC 9112 §6.3 (chunked wins,
+/// the connection closes after the response), and the body leaves re-framed, so no receiver
+/// reads it otherwise. HTTP/2 requests are framed by h2 and checked by [`names_agree`] alone.
+fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
+    if parts.version >= Version::HTTP_2 {
+        return Ok(());
+    }
+    if !parts.headers.contains_key(HOST) {
+        return Err("HTTP/1 request without a Host header");
+    }
+    let uri = &parts.uri;
+    let origin_form = uri.scheme().is_none()
+        && uri.authority().is_none()
+        && (uri.path().starts_with('/') || (uri.path() == "*" && parts.method == Method::OPTIONS));
+    let absolute_form = uri.scheme().is_some() && uri.authority().is_some();
+    match target.form {
+        TargetForm::Absolute if !absolute_form => {
+            return Err("a plain-HTTP proxy request must have an absolute-form target");
+        }
+        TargetForm::Origin if !origin_form => return Err("request target is not origin-form"),
+        _ => {}
+    }
+    let codings: Vec<_> = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if !codings.is_empty() {
+        if parts.version == Version::HTTP_10 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if codings.len() > 1 || !codings[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("Transfer-Encoding other than chunked");
+        }
+    }
+    Ok(())
+}
+
+/// A request's own names (URI authority, `Host`) must name the CONNECT target.
+fn names_agree(parts: &Parts, target: &Target) -> Result<(), &'static str> {
+    let default_port = if target.scheme == "https" { 443 } else { 80 };
+    let matches = |host: &str, port: Option<u16>| {
+        normalize_host(host) == target.host && port.unwrap_or(default_port) == target.port
+    };
+    if let Some(a) = parts.uri.authority() {
+        if !matches(a.host(), a.port_u16()) {
+            return Err("request authority does not match the CONNECT target");
+        }
+    }
+    let hosts: Vec<_> = parts.headers.get_all(HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err("more than one Host header");
+    }
+    if let Some(h) = hosts.first() {
+        let parsed = h
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok());
+        match parsed {
+            Some(a) if matches(a.host(), a.port_u16()) => {}
+            _ => return Err("Host header does not match the CONNECT target"),
+        }
+    }
+    Ok(())
+}
+
+fn upstream_uri(target: &Target, uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let host = if target.host.contains(':') && !target.host.starts_with('[') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    format!("{}://{}:{}{}", target.scheme, host, target.port, pq)
+        .parse()
+        .unwrap_or_else(|_| uri.clone())
+}
+
+fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
+    let path = uri.path();
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// Remove connection-scoped headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Headers for one hop only (RFC 9110 §7.6.1, and the proxy's own), never forwarded; typed, so
+/// removing them parses no name.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A body that counts the data it yields into a shared counter.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                use bytes::Buf;
+                this.count
+                    .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn streamed(body: Incoming) -> OutBody {
+    body.map_err(Into::into).boxed()
+}
+
+/// A body of a request the rules looked at, streamed without its trailers: the rules read the
+/// headers, and trailers are headers a client could send after them (a read body is collected,
+/// which drops them too).
+fn without_trailers(body: Incoming) -> OutBody {
+    NoTrailers(body).map_err(Into::into).boxed()
+}
+
+struct NoTrailers<B>(B);
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for NoTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        match std::pin::Pin::new(&mut self.get_mut().0).poll_frame(cx) {
+            // Trailers come last: the body ends there.
+            std::task::Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                std::task::Poll::Ready(None)
+            }
+            polled => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+fn full(bytes: Bytes) -> OutBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+
+    #[test]
+    fn names_must_agree_with_the_target() {
+        let target = Target {
+            scheme: "https",
+            host: "push.example".into(),
+            port: 443,
+            pinned: None,
+            form: TargetForm::Origin,
+        };
+        for (uri, host, ok) in [
+            ("/x", Some("push.example"), true),
+            ("/x", Some("PUSH.example:443"), true),
+            ("/x", None, true),
+            ("/x", Some("evil.example"), false),
+            ("/x", Some("push.example:8443"), false),
+            ("https://push.example/x", None, true),
+            ("https://evil.example/x", Some("push.example"), false),
+        ] {
+            let mut b = Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(HOST, h);
+            }
+            let (parts, ()) = b.body(()).expect("request").into_parts();
+            assert_eq!(names_agree(&parts, &target).is_ok(), ok, "{uri} {host:?}");
+        }
+    }
+
+    /// A test body: these frames, in order.
+    struct Frames(Vec<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            let frames = &mut self.get_mut().0;
+            std::task::Poll::Ready((!frames.is_empty()).then(|| Ok(frames.remove(0))))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_of_an_inspected_body_do_not_leave() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-install-id", "secret".parse().expect("value"));
+        let frames = || {
+            Frames(vec![
+                hyper::body::Frame::data(Bytes::from_static(b"body")),
+                hyper::body::Frame::trailers(trailers.clone()),
+            ])
+        };
+        let passed = NoTrailers(frames()).collect().await.expect("collects");
+        assert!(passed.trailers().is_none());
+        assert_eq!(passed.to_bytes(), "body");
+        let as_sent = frames().collect().await.expect("collects");
+        assert!(
+            as_sent.trailers().is_some(),
+            "the test body carries trailers"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret-hop".parse().expect("value"));
+        h.insert("x-secret-hop", "1".parse().expect("value"));
+        h.insert("keep-alive", "5".parse().expect("value"));
+        h.insert("accept", "*/*".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+}

@@ -1,0 +1,96 @@
+//! Interception: the client's TLS is terminated with a leaf minted for the host it named, then
+//! each request on the connection (HTTP/1.1 or h2, as the client negotiated) goes to the
+//! exchange ([`Shared::request`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::Method;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::{debug, warn};
+
+use super::accept::until_cancelled;
+use super::shared::{Peer, Shared, Target};
+use crate::decide::policy::normalize_host;
+use crate::decide::Decision;
+
+const CONNECT: Method = Method::CONNECT;
+
+impl Shared {
+    /// Terminate the client's TLS with a leaf for the CONNECT host, then decide each request.
+    pub(super) async fn intercept<IO>(self: Arc<Self>, peer: Peer, target: Target, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let limit = self.limits.tls_handshake_timeout;
+        let start = match handshake_step(tokio::time::timeout(limit, acceptor).await, "hello") {
+            Ok(start) => start,
+            Err(why) => return self.handshake_failed(peer, &target, why).await,
+        };
+        if let Some(sni) = start.client_hello().server_name() {
+            if normalize_host(sni) != target.host {
+                let why = "TLS SNI does not match the CONNECT target".to_string();
+                return self.handshake_failed(peer, &target, why).await;
+            }
+        }
+        let config = match self.ca.server_config(&target.host) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot mint a leaf");
+                let entry = self.entry(&self.current(), peer, Some(&target), Some(&CONNECT), None);
+                let reason = format!("cannot mint a leaf: {e}");
+                return self
+                    .record_closed(entry, Decision::Error, reason, None)
+                    .await;
+            }
+        };
+        let handshake = tokio::time::timeout(limit, start.into_stream(config)).await;
+        let tls = match handshake_step(handshake, "handshake") {
+            Ok(tls) => tls,
+            Err(why) => return self.handshake_failed(peer, &target, why).await,
+        };
+        let this = self.clone();
+        let for_service = target.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            let target = for_service.clone();
+            async move { Ok::<_, Infallible>(this.request(peer, target, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        let result = until_cancelled(conn, &self.token, |c| c.graceful_shutdown()).await;
+        if let Err(e) = result {
+            debug!(error = %e, "intercepted connection ended");
+            if let Some(e) = e.downcast_ref::<hyper::Error>() {
+                self.record_malformed(peer, Some(&target), e).await;
+            }
+        }
+    }
+}
+
+/// One step of a client's TLS handshake, bounded in time: the result, or why it failed.
+fn handshake_step<T, E: std::fmt::Display>(
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    step: &str,
+) -> Result<T, String> {
+    match result {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(format!("client TLS {step} failed: {e}")),
+        Err(_) => Err(format!("client TLS {step} timed out")),
+    }
+}
+
+impl Shared {
+    async fn handshake_failed(&self, peer: Peer, target: &Target, why: String) {
+        self.record_handshake(peer, Some(target), Some(&CONNECT), why)
+            .await;
+    }
+}

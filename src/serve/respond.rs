@@ -1,0 +1,171 @@
+//! The one place where what was decided becomes an audit record and, where the client gets one,
+//! a response (DESIGN §8, §9): [`Shared::refuse`] for refusals, [`Shared::record_closed`] for
+//! connections closed without an answer of ours, [`Shared::record`] for everything else. Every
+//! response the proxy makes on its own carries `x-consent-proxy`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use tracing::info;
+
+use super::shared::{Active, Peer, Shared, Target};
+use crate::audit::{AuditError, Entry};
+use crate::decide::{Decision, Refusal};
+use crate::upstream::OutBody;
+
+impl Shared {
+    /// A record of a decision about to be made, with what is known of the connection and the
+    /// request; the decision itself is set where it is made.
+    pub(super) fn entry(
+        &self,
+        active: &Active,
+        peer: Peer,
+        target: Option<&Target>,
+        method: Option<&Method>,
+        path: Option<&str>,
+    ) -> Entry {
+        let mut e = Entry::new(Decision::Error, "");
+        e.under = Some((active.policy_hash.clone(), active.consent_hash.clone()));
+        e.client = Some(peer.client.to_string());
+        e.original_dst = peer.original_dst.map(|a| a.to_string());
+        e.listener = Some(peer.listener);
+        e.method = method.map(Method::to_string);
+        if let Some(t) = target {
+            e.scheme = Some(t.scheme);
+            e.host = Some(t.host.clone());
+            e.port = Some(t.port);
+        }
+        e.path = path.map(str::to_string);
+        e
+    }
+
+    /// Write an audit record and count the decision.
+    pub(super) async fn record(&self, entry: &Entry) -> Result<(), AuditError> {
+        self.metrics.decision(entry);
+        let written = self.audit.write(entry).await;
+        match &written {
+            Ok(()) => self.metrics.audit_records.inc(),
+            Err(_) => self.metrics.audit_failures.inc(),
+        };
+        written
+    }
+
+    /// Audit a refusal and answer it.
+    pub(super) async fn refuse(
+        &self,
+        mut entry: Entry,
+        refusal: Refusal,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        if matches!(
+            refusal,
+            Refusal::UpstreamFailed(_) | Refusal::UpstreamTimeout
+        ) {
+            self.metrics.upstream_errors.inc();
+        }
+        entry.decision = refusal.decision();
+        entry.reason = refusal.reason();
+        entry.bytes_in.get_or_insert(0);
+        entry.bytes_out.get_or_insert(0);
+        entry.status = Some(refusal.status().as_u16());
+        if entry.feature.is_none() {
+            entry.feature = feature.map(str::to_string);
+        }
+        info!(decision = entry.decision.as_str(), reason = %entry.reason, "refused");
+        if self.record(&entry).await.is_err() {
+            return response(&Refusal::AuditUnavailable, feature);
+        }
+        response(&refusal, feature)
+    }
+
+    /// Record a connection that is closed (or was never answered) without a response of ours:
+    /// `decision` for `reason`. Its bytes and status are not known (`null`) unless set.
+    pub(super) async fn record_closed(
+        &self,
+        mut entry: Entry,
+        decision: Decision,
+        reason: String,
+        feature: Option<String>,
+    ) {
+        entry.decision = decision;
+        entry.reason = reason;
+        if entry.feature.is_none() {
+            entry.feature = feature;
+        }
+        let _ = self.record(&entry).await;
+    }
+
+    /// A request hyper could not parse was answered by hyper itself (400, or 431 for a head
+    /// over the limit) before it reached us; it still gets its record. Other ways a connection
+    /// ends (closed, timed out, reset) are not decisions.
+    pub(super) async fn record_malformed(
+        &self,
+        peer: Peer,
+        target: Option<&Target>,
+        e: &hyper::Error,
+    ) {
+        if !e.is_parse() && !e.is_parse_too_large() {
+            return;
+        }
+        let status = if e.is_parse_too_large() { 431 } else { 400 };
+        let mut entry = self.entry(&self.current(), peer, target, None, None);
+        // hyper answered: no body passed.
+        entry.bytes_in = Some(0);
+        entry.bytes_out = Some(0);
+        entry.status = Some(status);
+        let reason = format!("malformed request: {e}");
+        self.record_closed(entry, Decision::Blocked, reason, None)
+            .await;
+    }
+
+    /// A client's TLS handshake with the minted leaf did not complete, or named another host:
+    /// recorded, since the client meant to reach a feature host (a client that does not trust
+    /// the CA shows here). Also a connection a balancer's PROXY header did not vouch for.
+    pub(super) async fn record_handshake(
+        &self,
+        peer: Peer,
+        target: Option<&Target>,
+        method: Option<&Method>,
+        why: String,
+    ) {
+        let entry = self.entry(&self.current(), peer, target, method, None);
+        self.record_closed(entry, Decision::Blocked, why, None)
+            .await;
+    }
+}
+
+/// The response to a refusal: JSON `{"error", "feature", "reason"}`, or `{}` for a sink.
+pub(super) fn response(refusal: &Refusal, feature: Option<&str>) -> Response<OutBody> {
+    let body = match refusal {
+        Refusal::ConsentDenied(crate::decide::policy::OnBlock::Sink) => "{}".to_string(),
+        _ => serde_json::json!({
+            "error": refusal.error(),
+            "feature": feature,
+            "reason": refusal.reason(),
+        })
+        .to_string(),
+    };
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = refusal.status();
+    let headers = resp.headers_mut();
+    headers.insert(
+        "x-consent-proxy",
+        HeaderValue::from_static(refusal.decision().as_str()),
+    );
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// An empty response of ours (the `200` that opens a tunnel).
+pub(super) fn empty(status: StatusCode) -> Response<OutBody> {
+    let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}

@@ -1,0 +1,175 @@
+//! The state every connection shares ([`Shared`]: the policy in force, the CA, the upstream
+//! client, the audit log, limits, shutdown), and the words a listener passes on: [`Peer`] (where
+//! a connection came from) and [`Target`] (where a request goes). It imports no listener:
+//! listeners depend on it, never the reverse.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::addrs::{FeatureAddrs, Listening};
+use crate::audit::AuditLog;
+use crate::ca::CertificateAuthority;
+use crate::config::Limits;
+use crate::decide::policy::Policy;
+use crate::metrics::Metrics;
+use crate::upstream::{Pinned, Upstream};
+
+/// The policy in force with its hashes; replaced whole on reload.
+pub struct Active {
+    pub policy: Policy,
+    pub policy_hash: Arc<str>,
+    pub consent_hash: Arc<str>,
+}
+
+impl Active {
+    pub(super) fn new(policy: Policy, policy_hash: &str, consent_hash: &str) -> Arc<Active> {
+        Arc::new(Active {
+            policy,
+            policy_hash: policy_hash.into(),
+            consent_hash: consent_hash.into(),
+        })
+    }
+}
+
+/// The files a running policy came from, to load it again.
+#[derive(Clone, Debug)]
+pub(super) struct Sources {
+    pub(super) policy_file: Option<PathBuf>,
+    pub(super) mattermost_override: Option<PathBuf>,
+    /// The Mattermost config in use now (it may change with the policy file).
+    pub(super) mattermost: Option<PathBuf>,
+}
+
+/// Shared state of every connection. Its fields are the listeners' to read; only `start` builds
+/// it and only `reload` replaces the policy in force.
+pub(super) struct Shared {
+    /// The policy in force: read once per decision; tunnels watch it to close on a change.
+    pub(super) active: watch::Sender<Arc<Active>>,
+    /// `[clients] allow`.
+    pub(super) clients: Vec<IpNet>,
+    pub(super) ca: CertificateAuthority,
+    pub(super) upstream: Upstream,
+    pub(super) audit: AuditLog,
+    pub(super) limits: Limits,
+    /// Stop accepting and close connections once their requests are answered.
+    pub(super) token: CancellationToken,
+    /// Close what is still open (tunnels) when the shutdown deadline passes.
+    pub(super) hard_stop: CancellationToken,
+    pub(super) tracker: TaskTracker,
+    /// SIGTERM was received: `/readyz` fails while the listeners drain.
+    pub(super) draining: AtomicBool,
+    /// `[listen] proxy_protocol` and `[clients] balancers`.
+    pub(super) proxy_protocol: bool,
+    pub(super) balancers: Vec<IpNet>,
+    /// Where the policy came from, to reload it.
+    pub(super) sources: Sources,
+    pub(super) metrics: Metrics,
+    pub(super) registry: prometheus_client::registry::Registry,
+    /// The proxy's own listening addresses: a connection to one of them is a loop.
+    pub(super) own: Listening,
+    /// `[upstream] resolve`, also consulted for the addresses of feature hosts.
+    pub(super) resolve: HashMap<String, SocketAddr>,
+    /// Where feature hosts are served: a name of no feature going there is refused.
+    pub(super) feature_addrs: FeatureAddrs,
+}
+
+/// Which listener a connection came in on, and from where.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Peer {
+    pub(super) client: SocketAddr,
+    pub(super) listener: &'static str,
+    /// Transparent mode: where the client was going (`SO_ORIGINAL_DST`).
+    pub(super) original_dst: Option<SocketAddr>,
+}
+
+/// The form a request's target must have on the connection it came on (RFC 9112 §3.2).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(super) enum TargetForm {
+    /// Inside an intercepted connection, or plain HTTP redirected transparently: `/path`.
+    Origin,
+    /// A plain-HTTP request to the explicit listener: `http://host/path`.
+    Absolute,
+}
+
+/// Where a request goes.
+#[derive(Clone)]
+pub(super) struct Target {
+    pub(super) scheme: &'static str,
+    pub(super) host: String,
+    pub(super) port: u16,
+    /// Transparent mode: the one upstream connection, to the original destination.
+    pub(super) pinned: Option<Arc<Pinned>>,
+    pub(super) form: TargetForm,
+}
+
+impl Target {
+    /// Where a request to a host of no feature goes, when that is known before connecting: the
+    /// original destination in transparent mode, or an IP literal.
+    pub(super) fn destination(&self) -> Option<SocketAddr> {
+        match &self.pinned {
+            Some(pinned) => Some(pinned.addr()),
+            None => self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, self.port)),
+        }
+    }
+}
+
+impl Shared {
+    /// The policy in force now.
+    pub(super) fn current(&self) -> Arc<Active> {
+        self.active.borrow().clone()
+    }
+
+    /// The feature whose (exact) host is served at `dest`, whatever name a client gave.
+    pub(super) async fn feature_at(&self, policy: &Policy, dest: SocketAddr) -> Option<String> {
+        self.feature_addrs
+            .feature_at(policy, &self.resolve, dest)
+            .await
+    }
+
+    /// Whether a CONNECT or absolute-form target names one of the proxy's own listeners under
+    /// any name or address (a loop that would cost a connection per hop). Only a target on one
+    /// of the listening ports is looked up.
+    pub(super) async fn loops_back(&self, target: &Target) -> bool {
+        if !self.own.on_port(target.port) {
+            return false;
+        }
+        let host = target.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
+            Err(_) => self
+                .upstream
+                .resolve(host, target.port)
+                .await
+                .unwrap_or_default(),
+        };
+        addrs.into_iter().any(|a| self.own.includes(a))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(super) fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.registry)
+    }
+
+    /// Why the proxy is not ready, if it is not: the audit log must be writable. (Listening,
+    /// the CA and a policy are given once it runs.)
+    pub(super) fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining (shutting down)");
+        }
+        (!self.audit.is_healthy()).then_some("audit log cannot be written")
+    }
+}
