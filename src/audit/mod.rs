@@ -8,8 +8,8 @@
 //! line is `{…,"prev":"sha256:…"}` and `hash` is appended last); `prev` is the previous
 //! record's `hash`, and `sha256:` + 64 zeros for the first record of a log.
 //!
-//! The rooms: [`record`] (the record, its hash, a chain's files), [`writer`], [`verify`],
-//! [`summary`].
+//! The rooms: `record` (the record, its hash, a chain's files), `writer`, `verify`,
+//! `summary`.
 
 mod record;
 mod summary;

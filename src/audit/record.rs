@@ -56,6 +56,13 @@ impl Entry {
             under: None,
         }
     }
+
+    /// Set what was decided and why: the two are set together, once, where the decision is
+    /// made (a plan's result, a refusal, or a connection closed).
+    pub fn decide(&mut self, decision: Decision, reason: impl std::fmt::Display) {
+        self.decision = decision;
+        self.reason = reason.to_string();
+    }
 }
 
 /// A record as the writer lays it out: the entry between the chain's members (`hash` is

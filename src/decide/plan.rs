@@ -1,6 +1,6 @@
 //! The plans, one function a phase (STYLE "One decision path"): [`admit`] a client,
 //! [`plan_connect`] a connection before any request is read, [`plan_request`] a request by its
-//! destination, then [`rewrite`] it with the rules that apply. Every listener, the relay after a
+//! destination, then [`rewrite()`] it with the rules that apply. Every listener, the relay after a
 //! reload and `explain` call these and nothing else to decide, so a decision is made in one
 //! place whichever way the traffic came.
 
@@ -75,7 +75,7 @@ pub enum RequestPlan<'p> {
         reason: Reason,
         feature: Option<&'p Feature>,
     },
-    /// Consent is granted with rules to apply: see [`rewrite`].
+    /// Consent is granted with rules to apply: see [`rewrite()`].
     Rewrite {
         feature: &'p Feature,
         rules: Vec<&'p Rule>,

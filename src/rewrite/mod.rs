@@ -4,13 +4,13 @@
 //! Byte fidelity: query and form parameters that no rule touches keep their exact bytes; a JSON
 //! body no rule changes is passed on as received. JSON selectors in the span engine's subset
 //! (every selector of the Mattermost pack) are applied by cutting and splicing the received bytes
-//! ([`spans`]): every byte no rule touched leaves as it came, Go's `\u003c` escapes included.
-//! Other selectors and JSON allowlists use a `serde_json::Value` tree ([`tree`]). Which engine
-//! reads a request's body is chosen once, from its rules ([`Engine`]).
+//! (`spans`): every byte no rule touched leaves as it came, Go's `\u003c` escapes included.
+//! Other selectors and JSON allowlists use a `serde_json::Value` tree (`tree`). Which engine
+//! reads a request's body is chosen once, from its rules (`Engine`).
 //!
 //! The rooms, in the order a body meets them: [`selector`] (what a rule points at), [`codec`]
-//! (content codings), [`params`] (query and form), [`keys`] (member names as receivers bind
-//! them, shared by both engines), [`spans`] and [`tree`] (the JSON engines), [`fold`] (Go's case
+//! (content codings), `params` (query and form), `keys` (member names as receivers bind
+//! them, shared by both engines), `spans` and `tree` (the JSON engines), [`fold`] (Go's case
 //! folding).
 
 pub mod codec;

@@ -74,8 +74,7 @@ impl Shared {
                         }
                     }
                     entry.feature = feature.map(|f| f.name.clone());
-                    entry.decision = decision;
-                    entry.reason = reason.to_string();
+                    entry.decide(decision, reason);
                     return self.forward(entry, &target, parts, streamed(body)).await;
                 }
                 RequestPlan::Rewrite {
@@ -111,8 +110,7 @@ impl Shared {
             Ok(outcome) => outcome,
             Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
         };
-        entry.decision = outcome.decision;
-        entry.reason = outcome.reason.to_string();
+        entry.decide(outcome.decision, outcome.reason);
         entry.removed = outcome.edits.removed;
         entry.replaced = outcome.edits.replaced;
         if !outcome.rewritten {

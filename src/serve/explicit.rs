@@ -181,8 +181,7 @@ impl Shared {
                     .await;
             }
         }
-        entry.decision = Decision::Tunneled;
-        entry.reason = Reason::NoFeature.to_string();
+        entry.decide(Decision::Tunneled, Reason::NoFeature);
         entry.status = Some(200);
         if self.record(&entry).await.is_err() {
             return response(&Refusal::AuditUnavailable, None);

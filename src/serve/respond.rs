@@ -63,8 +63,7 @@ impl Shared {
         ) {
             self.metrics.upstream_errors.inc();
         }
-        entry.decision = refusal.decision();
-        entry.reason = refusal.reason();
+        entry.decide(refusal.decision(), refusal.reason());
         entry.bytes_in.get_or_insert(0);
         entry.bytes_out.get_or_insert(0);
         entry.status = Some(refusal.status().as_u16());
@@ -87,8 +86,7 @@ impl Shared {
         reason: String,
         feature: Option<String>,
     ) {
-        entry.decision = decision;
-        entry.reason = reason;
+        entry.decide(decision, reason);
         if entry.feature.is_none() {
             entry.feature = feature;
         }

@@ -171,8 +171,7 @@ async fn tunnel(
         }
     };
     let _ = upstream.set_nodelay(true);
-    entry.decision = Decision::Tunneled;
-    entry.reason = Reason::NoFeature.to_string();
+    entry.decide(Decision::Tunneled, Reason::NoFeature);
     if shared.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
         return;
     }

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use consent_proxy::decide::Decision;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{
@@ -206,7 +207,12 @@ async fn unknown_hosts_are_refused_when_denied() {
     let out = env.curl(&[&format!("https://{TUNNELLED}/")]).await;
     assert_eq!(out.connect, 403, "{out:?}");
     assert!(seen.lock().expect("lock").is_empty());
-    assert_eq!(env.audit()[0]["decision"], "blocked");
+    let record = &env.records()[0];
+    assert_eq!(record.decision, Decision::Blocked);
+    assert_eq!(
+        record.reason,
+        "destination belongs to no feature and unknown_hosts = deny"
+    );
     env.stop().await;
 }
 
@@ -221,9 +227,10 @@ async fn clients_outside_the_allow_list_are_denied() {
         .curl(&[&format!("https://{SECURITY}/security?id=x")])
         .await;
     assert_eq!(out.connect, 403, "{out:?}");
-    let audit = env.audit();
-    assert_eq!(audit[0]["decision"], "denied");
-    assert_eq!(audit[0]["status"], 403);
+    let record = &env.records()[0];
+    assert_eq!(record.decision, Decision::Denied);
+    assert_eq!(record.status, Some(403));
+    assert_eq!(record.reason, "client address not allowed");
     assert_eq!(env.upstream.connections.load(Ordering::SeqCst), 0);
     env.stop().await;
 }
@@ -244,7 +251,12 @@ async fn plain_http_absolute_form_is_decided_too() {
     assert_eq!(out.code, 403, "{out:?}");
     let body: serde_json::Value = serde_json::from_str(&out.body).expect("JSON body");
     assert_eq!(body["feature"], "diagnostics");
-    assert_eq!(env.audit()[0]["scheme"], "http");
+    let record = &env.records()[0];
+    assert_eq!(record.scheme.as_deref(), Some("http"));
+    assert_eq!(
+        (record.decision, record.feature.as_deref()),
+        (Decision::Blocked, Some("diagnostics"))
+    );
     env.stop().await;
 }
 

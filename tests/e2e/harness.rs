@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use consent_proxy::config;
+use consent_proxy::decide::Decision;
 use consent_proxy::Running;
 
 pub const FIXTURES: &str = "../shared/fixtures/mattermost";
@@ -388,6 +389,15 @@ impl Env {
 
     pub fn audit_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl")).expect("audit log")
+    }
+
+    /// Audit records after the start-up `policy_loaded` one, read back typed by the library.
+    pub fn records(&self) -> Vec<consent_proxy::audit::Record> {
+        consent_proxy::audit::read(&self.dir.path().join("audit.jsonl"))
+            .expect("every line is an audit record")
+            .into_iter()
+            .filter(|r| r.decision != Decision::PolicyLoaded)
+            .collect()
     }
 
     /// Audit records after the start-up `policy_loaded` one.
