@@ -105,7 +105,6 @@ fuzz_target!(|input: Input| {
     let Verdict::Granted { rules, .. } = policy.decide(host, path) else {
         return;
     };
-    let rules: Vec<&Action> = rules.iter().map(|r| &r.action).collect();
     let mut headers = HeaderMap::new();
     for (k, v) in &input.headers {
         if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
@@ -165,7 +164,7 @@ fuzz_target!(|input: Input| {
     // No pair of what leaves is, as a lenient receiver reads it, a name a rule removes.
     let removed: Vec<String> = rules
         .iter()
-        .flat_map(|action| match action {
+        .flat_map(|r| match &r.action {
             Action::Remove(s) => s.iter().collect::<Vec<_>>(),
             _ => Vec::new(),
         })

@@ -59,9 +59,9 @@ impl Entry {
 
     /// Set what was decided and why: the two are set together, once, where the decision is
     /// made (a plan's result, a refusal, or a connection closed).
-    pub fn decide(&mut self, decision: Decision, reason: impl std::fmt::Display) {
+    pub fn decide(&mut self, decision: Decision, reason: impl Into<String>) {
         self.decision = decision;
-        self.reason = reason.to_string();
+        self.reason = reason.into();
     }
 }
 

@@ -295,7 +295,6 @@ impl File {
             }
             features.push(feature);
         }
-        let mut features = features;
         let (consent, consent_origin) =
             parse_consent(made.consent, &mut features, made.derived, err)?;
         let consent_hash = consent_hash(&consent);

@@ -42,8 +42,9 @@ impl Decision {
 }
 
 /// Why a request or connection was let through (a refusal says its own: [`Refusal::reason`]).
-#[derive(Clone, Debug, Eq, PartialEq)]
-pub enum Reason {
+/// Borrowed from the plan it came with, so stating it costs only the record's text.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Reason<'a> {
     ConsentGranted,
     /// Report mode: the feature's consent is denied, and the request left all the same.
     ConsentDenied,
@@ -51,24 +52,40 @@ pub enum Reason {
     NoFeature,
     /// The rules of these withheld categories changed the request (none: the feature's
     /// unconditional rules did).
-    Withheld(Vec<String>),
+    Withheld(&'a [&'a str]),
     /// A tunnel open when a new policy came into force, closed because the new policy would not
     /// tunnel its destination.
     TunnelClosed,
 }
 
-impl fmt::Display for Reason {
+impl fmt::Display for Reason<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::ConsentGranted => f.write_str("consent granted"),
             Reason::ConsentDenied => f.write_str("consent denied"),
             Reason::NoFeature => f.write_str("destination belongs to no feature"),
-            Reason::Withheld(c) if c.is_empty() => f.write_str("the feature's unconditional rules"),
-            Reason::Withheld(c) => write!(f, "withheld: {}", c.join(", ")),
+            Reason::Withheld([]) => f.write_str("the feature's unconditional rules"),
+            Reason::Withheld(categories) => {
+                f.write_str("withheld: ")?;
+                for (i, c) in categories.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(c)?;
+                }
+                Ok(())
+            }
             Reason::TunnelClosed => {
                 f.write_str("open tunnel closed: the new policy no longer tunnels this destination")
             }
         }
+    }
+}
+
+/// A reason as the audit record states it.
+impl From<Reason<'_>> for String {
+    fn from(reason: Reason<'_>) -> String {
+        reason.to_string()
     }
 }
 

@@ -12,7 +12,6 @@ use super::outcome::{Decision, Reason, Refusal};
 use super::policy::{
     canonical, ConnectVerdict, Feature, Mode, Policy, Rule, UnknownHosts, Verdict,
 };
-use crate::rewrite::selector::Action;
 use crate::rewrite::{self, Edits, Message};
 
 /// The access check (`[clients] allow`), before anything else a client sends is read.
@@ -72,7 +71,7 @@ pub enum RequestPlan<'p> {
     /// Forward it as it came, and record this decision.
     Forward {
         decision: Decision,
-        reason: Reason,
+        reason: Reason<'static>,
         feature: Option<&'p Feature>,
     },
     /// Consent is granted with rules to apply: see [`rewrite()`].
@@ -124,9 +123,9 @@ pub fn plan_request<'p>(policy: &'p Policy, host: &str, path: &str) -> RequestPl
 
 /// What the rules did to a request.
 #[derive(Debug)]
-pub struct Rewritten {
+pub struct Rewritten<'w> {
     pub decision: Decision,
-    pub reason: Reason,
+    pub reason: Reason<'w>,
     pub edits: Edits,
     /// Whether the request leaves as rewritten (`stripped`); otherwise it leaves as it came
     /// (nothing changed, or report mode).
@@ -135,21 +134,19 @@ pub struct Rewritten {
 
 /// Apply `rules` to `msg` (a body the rules read is the whole body, already within
 /// `max_body_bytes` as received). A request the rules cannot read is refused.
-pub fn rewrite(
+pub fn rewrite<'w>(
     mode: Mode,
     rules: &[&Rule],
-    withheld: &[&str],
+    withheld: &'w [&'w str],
     msg: &mut Message,
     max_body_bytes: u64,
-) -> Result<Rewritten, Refusal> {
-    let actions: Vec<&Action> = rules.iter().map(|r| &r.action).collect();
-    let edits = rewrite::apply(&actions, msg, max_body_bytes).map_err(Refusal::Unreadable)?;
+) -> Result<Rewritten<'w>, Refusal> {
+    let edits = rewrite::apply(rules, msg, max_body_bytes).map_err(Refusal::Unreadable)?;
     let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
-    let withheld = || Reason::Withheld(withheld.iter().map(|c| c.to_string()).collect());
     let (decision, reason) = match (changed, mode) {
         (false, _) => (Decision::Allowed, Reason::ConsentGranted),
-        (true, Mode::Enforce) => (Decision::Stripped, withheld()),
-        (true, Mode::Report) => (Decision::WouldStrip, withheld()),
+        (true, Mode::Enforce) => (Decision::Stripped, Reason::Withheld(withheld)),
+        (true, Mode::Report) => (Decision::WouldStrip, Reason::Withheld(withheld)),
     };
     Ok(Rewritten {
         decision,

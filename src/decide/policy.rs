@@ -254,6 +254,13 @@ impl Rule {
     }
 }
 
+/// A rule is applied by its action: the rewriter takes rules as they are.
+impl AsRef<Action> for Rule {
+    fn as_ref(&self) -> &Action {
+        &self.action
+    }
+}
+
 /// Lowercase, without a trailing dot: the form in which hosts are compared.
 pub fn normalize_host(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()

@@ -28,10 +28,10 @@ pub(super) struct Names {
 }
 
 impl Names {
-    pub(super) fn of(rules: &[&Action]) -> Self {
+    pub(super) fn of<A: AsRef<Action>>(rules: &[A]) -> Self {
         let mut names = Names::default();
         for action in rules {
-            for sel in action.selectors() {
+            for sel in action.as_ref().selectors() {
                 if let Selector::Json(j) = sel {
                     for name in &j.names {
                         let folded = fold(name).into_owned();

@@ -64,9 +64,10 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
 /// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each
 /// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body
 /// is encoded again with the same codings and carries a matching `Content-Length` and no
-/// `Transfer-Encoding`.
-pub fn apply(
-    rules: &[&Action],
+/// `Transfer-Encoding`. `rules` are anything that holds an action (a policy's rules, or actions
+/// themselves), so the rewriter knows nothing of the policy.
+pub fn apply<A: AsRef<Action>>(
+    rules: &[A],
     msg: &mut Message,
     max_body_bytes: u64,
 ) -> Result<Edits, RewriteError> {
@@ -82,8 +83,8 @@ enum Engine {
 }
 
 impl Engine {
-    fn for_rules(rules: &[&Action]) -> Engine {
-        let spans = rules.iter().all(|action| match action {
+    fn for_rules<A: AsRef<Action>>(rules: &[A]) -> Engine {
+        let spans = rules.iter().all(|action| match action.as_ref() {
             Action::Keep(s) => !s.iter().any(|s| matches!(s, Selector::Json(_))),
             action => action.selectors().all(|s| match s {
                 Selector::Json(j) => j.simple.is_some(),
@@ -99,13 +100,13 @@ impl Engine {
 }
 
 /// [`apply`] with the given engine for JSON bodies (tests run both on the same input).
-fn apply_with(
-    rules: &[&Action],
+fn apply_with<A: AsRef<Action>>(
+    rules: &[A],
     msg: &mut Message,
     max_body_bytes: u64,
     engine: Engine,
 ) -> Result<Edits, RewriteError> {
-    let reads_body = rules.iter().any(|r| r.reads_body());
+    let reads_body = rules.iter().any(|r| r.as_ref().reads_body());
     let (plain, codings) = if reads_body && !msg.body.is_empty() {
         codec::decode(&msg.headers, &msg.body, max_body_bytes)?
     } else {
@@ -114,7 +115,7 @@ fn apply_with(
     let mut edits = Edits::default();
     let mut body = Body::new(plain, Names::of(rules), engine);
     for action in rules {
-        match action {
+        match action.as_ref() {
             Action::Remove(selectors) => {
                 for sel in selectors {
                     remove(sel, msg, &mut body, &mut edits)?;

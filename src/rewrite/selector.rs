@@ -335,6 +335,12 @@ impl fmt::Display for Selector {
     }
 }
 
+impl AsRef<Action> for Action {
+    fn as_ref(&self) -> &Action {
+        self
+    }
+}
+
 impl Action {
     /// Whether applying this action needs the request body.
     pub fn reads_body(&self) -> bool {

@@ -568,7 +568,6 @@ fn span_and_tree_engines_agree() {
             else {
                 panic!("granted");
             };
-            let rules: Vec<&Action> = rules.iter().map(|r| &r.action).collect();
             if rules.is_empty() {
                 continue;
             }

@@ -39,7 +39,7 @@ pub(super) async fn accept(shared: Arc<Shared>, listener: TcpListener) {
             Ok((client, io)) => serve(s, peer(client), io).await,
             Err(refused) => {
                 info!(reason = %refused, "connection refused");
-                s.record_handshake(peer(from), None, None, refused.to_string())
+                s.record_blocked(peer(from), None, None, refused.to_string())
                     .await;
             }
         }

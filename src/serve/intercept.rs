@@ -16,8 +16,6 @@ use super::shared::{Peer, Shared, Target};
 use crate::decide::policy::normalize_host;
 use crate::decide::Decision;
 
-const CONNECT: Method = Method::CONNECT;
-
 impl Shared {
     /// Terminate the client's TLS with a leaf for the CONNECT host, then decide each request.
     pub(super) async fn intercept<IO>(self: Arc<Self>, peer: Peer, target: Target, io: IO)
@@ -28,19 +26,31 @@ impl Shared {
         let limit = self.limits.tls_handshake_timeout;
         let start = match handshake_step(tokio::time::timeout(limit, acceptor).await, "hello") {
             Ok(start) => start,
-            Err(why) => return self.handshake_failed(peer, &target, why).await,
+            Err(why) => {
+                return self
+                    .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
+                    .await
+            }
         };
         if let Some(sni) = start.client_hello().server_name() {
             if normalize_host(sni) != target.host {
                 let why = "TLS SNI does not match the CONNECT target".to_string();
-                return self.handshake_failed(peer, &target, why).await;
+                return self
+                    .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
+                    .await;
             }
         }
         let config = match self.ca.server_config(&target.host) {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot mint a leaf");
-                let entry = self.entry(&self.current(), peer, Some(&target), Some(&CONNECT), None);
+                let entry = self.entry(
+                    &self.current(),
+                    peer,
+                    Some(&target),
+                    Some(&Method::CONNECT),
+                    None,
+                );
                 let reason = format!("cannot mint a leaf: {e}");
                 return self
                     .record_closed(entry, Decision::Error, reason, None)
@@ -50,7 +60,11 @@ impl Shared {
         let handshake = tokio::time::timeout(limit, start.into_stream(config)).await;
         let tls = match handshake_step(handshake, "handshake") {
             Ok(tls) => tls,
-            Err(why) => return self.handshake_failed(peer, &target, why).await,
+            Err(why) => {
+                return self
+                    .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
+                    .await
+            }
         };
         let this = self.clone();
         let for_service = target.clone();
@@ -85,12 +99,5 @@ fn handshake_step<T, E: std::fmt::Display>(
         Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err(format!("client TLS {step} failed: {e}")),
         Err(_) => Err(format!("client TLS {step} timed out")),
-    }
-}
-
-impl Shared {
-    async fn handshake_failed(&self, peer: Peer, target: &Target, why: String) {
-        self.record_handshake(peer, Some(target), Some(&CONNECT), why)
-            .await;
     }
 }

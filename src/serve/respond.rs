@@ -116,18 +116,19 @@ impl Shared {
             .await;
     }
 
-    /// A client's TLS handshake with the minted leaf did not complete, or named another host:
-    /// recorded, since the client meant to reach a feature host (a client that does not trust
-    /// the CA shows here). Also a connection a balancer's PROXY header did not vouch for.
-    pub(super) async fn record_handshake(
+    /// Record a connection refused before any HTTP exchange: a client's TLS handshake with the
+    /// minted leaf that did not complete or named another host (the client meant to reach a
+    /// feature host; one that does not trust the CA shows here), or a connection a balancer's
+    /// PROXY header did not vouch for. `blocked`, its bytes not known.
+    pub(super) async fn record_blocked(
         &self,
         peer: Peer,
         target: Option<&Target>,
         method: Option<&Method>,
-        why: String,
+        reason: String,
     ) {
         let entry = self.entry(&self.current(), peer, target, method, None);
-        self.record_closed(entry, Decision::Blocked, why, None)
+        self.record_closed(entry, Decision::Blocked, reason, None)
             .await;
     }
 }

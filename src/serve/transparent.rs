@@ -100,7 +100,8 @@ async fn serve(shared: Arc<Shared>, client: SocketAddr, mut tcp: TcpStream) {
     };
     let plan = plan_connect(policy, name.as_deref());
     let host = name.unwrap_or_else(|| original.ip().to_string());
-    match plan {
+    // A destination of no feature by name is decided by address first, then by its plan.
+    let unknown = match plan {
         ConnectPlan::Intercept => {
             let pinned = Arc::new(shared.upstream.pinned(original, &host, Scheme::Https));
             let target = Target {
@@ -120,9 +121,9 @@ async fn serve(shared: Arc<Shared>, client: SocketAddr, mut tcp: TcpStream) {
             let feature = feature.map(|f| f.name.clone());
             return refuse(refusal.decision(), refusal.reason(), Some(host), feature).await;
         }
-        // A destination of no feature by name: decided by address first, then by the plan.
-        ConnectPlan::Refuse { .. } | ConnectPlan::Tunnel => {}
-    }
+        ConnectPlan::Refuse { refusal, .. } => Some(refusal),
+        ConnectPlan::Tunnel => None,
+    };
     if let Some(feature) = shared.feature_at(policy, original).await {
         let reason = format!(
             "{named} {} is an address of a {feature} host",
@@ -130,11 +131,9 @@ async fn serve(shared: Arc<Shared>, client: SocketAddr, mut tcp: TcpStream) {
         );
         return refuse(Decision::Blocked, reason, Some(host), Some(feature)).await;
     }
-    match plan {
-        ConnectPlan::Refuse { refusal, .. } => {
-            refuse(refusal.decision(), refusal.reason(), Some(host), None).await
-        }
-        _ => tunnel(&shared, peer, scheme, host, original, prefix, tcp).await,
+    match unknown {
+        Some(refusal) => refuse(refusal.decision(), refusal.reason(), Some(host), None).await,
+        None => tunnel(&shared, peer, scheme, host, original, prefix, tcp).await,
     }
 }
 

@@ -203,7 +203,7 @@ impl Shared {
                     if !matches!(plan_connect(&active.policy, Some(&target.host)), ConnectPlan::Tunnel) {
                         let entry = self.entry(&active, peer, Some(&target), Some(&Method::CONNECT), None);
                         let feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
-                        let reason = Reason::TunnelClosed.to_string();
+                        let reason = Reason::TunnelClosed.into();
                         self.record_closed(entry, Decision::Blocked, reason, feature).await;
                         return;
                     }

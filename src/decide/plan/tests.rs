@@ -265,8 +265,12 @@ fn a_feature_granted_with_nothing_withheld_is_forwarded_as_it_came() {
     );
 }
 
-/// The rules' outcome on a security check with this query, under `config`.
-fn rewritten(config: &Config, query: &str) -> Result<(Rewritten, Option<String>), Refusal> {
+/// The rules' outcome on a security check with this query, under `config`: the decision, the
+/// reason as the record states it, whether the request leaves rewritten, and the query after.
+fn rewritten(
+    config: &Config,
+    query: &str,
+) -> Result<(Decision, String, bool, Option<String>), Refusal> {
     let RequestPlan::Rewrite {
         rules, withheld, ..
     } = plan_request(
@@ -284,19 +288,20 @@ fn rewritten(config: &Config, query: &str) -> Result<(Rewritten, Option<String>)
     };
     let limit = config.limits.max_body_bytes;
     let outcome = super::rewrite(config.policy.mode, &rules, &withheld, &mut msg, limit)?;
-    Ok((outcome, msg.query))
+    let reason = outcome.reason.to_string();
+    Ok((outcome.decision, reason, outcome.rewritten, msg.query))
 }
 
 #[test]
 fn the_rules_outcome_names_the_decision_and_its_reason() {
     let (enforce, report) = (enforce(), report());
-    let withheld = Reason::Withheld(vec!["activity_counts".into()]);
+    let withheld = "withheld: activity_counts";
     for (config, query, decision, reason, leaves_rewritten, query_after) in [
         (
             &enforce,
             "id=x&uc=3&b=10",
             Decision::Stripped,
-            &withheld,
+            withheld,
             true,
             "id=x&b=10",
         ),
@@ -304,7 +309,7 @@ fn the_rules_outcome_names_the_decision_and_its_reason() {
             &enforce,
             "id=x&b=10",
             Decision::Allowed,
-            &Reason::ConsentGranted,
+            "consent granted",
             false,
             "id=x&b=10",
         ),
@@ -314,18 +319,25 @@ fn the_rules_outcome_names_the_decision_and_its_reason() {
             &report,
             "id=x&uc=3",
             Decision::WouldStrip,
-            &withheld,
+            withheld,
             false,
             "id=x",
         ),
     ] {
-        let (outcome, after) = rewritten(config, query).expect("readable");
-        assert_eq!(outcome.decision, decision, "{query}");
-        assert_eq!(&outcome.reason, reason, "{query}");
-        assert_eq!(outcome.rewritten, leaves_rewritten, "{query}");
+        let (got, why, leaves, after) = rewritten(config, query).expect("readable");
+        assert_eq!(got, decision, "{query}");
+        assert_eq!(why, reason, "{query}");
+        assert_eq!(leaves, leaves_rewritten, "{query}");
         assert_eq!(after.as_deref(), Some(query_after), "{query}");
     }
-    assert_eq!(withheld.to_string(), "withheld: activity_counts");
+    assert_eq!(
+        Reason::Withheld(&["activity_counts", "user_names"]).to_string(),
+        "withheld: activity_counts, user_names"
+    );
+    assert_eq!(
+        Reason::Withheld(&[]).to_string(),
+        "the feature's unconditional rules"
+    );
     let unreadable = rewritten(&enforce, "u%zz=1").expect_err("refused");
     assert!(matches!(
         unreadable,
