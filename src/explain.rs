@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use http::{HeaderMap, Uri};
 
+use crate::decide::path::normalize;
 use crate::decide::plan::{self, plan_connect, plan_request, ConnectPlan, RequestPlan};
 use crate::decide::policy::{normalize_host, Policy};
 use crate::decide::{Decision, Reason, Refusal};
@@ -26,7 +27,8 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
     let mut out = String::new();
     let host = normalize_host(req.uri.host().unwrap_or_default());
     let https = req.uri.scheme_str() != Some("http");
-    let path = req.uri.path().to_string();
+    let method = req.method.parse().unwrap_or(http::Method::GET);
+    let path = normalize(&method, req.uri.path());
     let refused = |out: &mut String, refusal: Refusal, feature: Option<&str>, when: &str| {
         let _ = writeln!(out, "decision: {}", refusal.decision().as_str());
         let _ = writeln!(out, "feature: {}", feature.unwrap_or("(none)"));
@@ -63,31 +65,32 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
             ConnectPlan::Intercept => {}
         }
     }
-    let (feature, rules, withheld) = match plan_request(policy, &host, &path) {
-        RequestPlan::Refuse { refusal, feature } => {
-            refused(&mut out, refusal, feature.map(|f| f.name.as_str()), "");
-            return out;
-        }
-        RequestPlan::Forward {
-            decision,
-            reason,
-            feature,
-        } => {
-            let _ = writeln!(
-                out,
-                "decision: {}\nfeature: {}\nreason: {reason}",
-                decision.as_str(),
-                feature.map_or("(none)", |f| f.name.as_str())
-            );
-            write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
-            return out;
-        }
-        RequestPlan::Rewrite {
-            feature,
-            rules,
-            withheld,
-        } => (feature, rules, withheld),
-    };
+    let (feature, rules, withheld) =
+        match plan_request(policy, &host, path.as_deref().map_err(|e| *e)) {
+            RequestPlan::Refuse { refusal, feature } => {
+                refused(&mut out, refusal, feature.map(|f| f.name.as_str()), "");
+                return out;
+            }
+            RequestPlan::Forward {
+                decision,
+                reason,
+                feature,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "decision: {}\nfeature: {}\nreason: {reason}",
+                    decision.as_str(),
+                    feature.map_or("(none)", |f| f.name.as_str())
+                );
+                write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
+                return out;
+            }
+            RequestPlan::Rewrite {
+                feature,
+                rules,
+                withheld,
+            } => (feature, rules, withheld),
+        };
     let _ = writeln!(out, "feature: {} (consent granted)", feature.name);
     for rule in &rules {
         let verb = match rule.action {
@@ -132,9 +135,11 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
     if !outcome.rewritten {
         write_request(&mut out, &req.method, &req.uri, &req.headers, &req.body);
     } else {
+        let path = path.as_deref().map_or(req.uri.path(), |p| p);
+        let path = crate::decide::path::encode(path);
         let pq = match &msg.query {
             Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
+            None => path.into_owned(),
         };
         let uri: Uri = format!(
             "{}://{}{}",

@@ -5,6 +5,7 @@
 //! cannot drift from what the proxy does.
 
 pub mod outcome;
+pub mod path;
 pub mod plan;
 pub mod policy;
 

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::outcome::{Decision, Reason, Refusal};
+use super::path::PathError;
 use super::policy::{
     canonical, ConnectVerdict, Feature, Mode, Policy, Rule, UnknownHosts, Verdict,
 };
@@ -82,19 +83,35 @@ pub enum RequestPlan<'p> {
     },
 }
 
-/// Plan a request to `host` at `path` under `policy` (DESIGN §5, steps 3 and 4).
-pub fn plan_request<'p>(policy: &'p Policy, host: &str, path: &str) -> RequestPlan<'p> {
+/// Plan a request to `host` at `path`, the path as [`super::path::normalize`] read it (DESIGN
+/// §5, steps 3 and 4). A path that reads ambiguously is refused where it would be decided on (a
+/// host some feature covers); a destination of no feature is decided without it.
+pub fn plan_request<'p>(
+    policy: &'p Policy,
+    host: &str,
+    path: Result<&str, PathError>,
+) -> RequestPlan<'p> {
+    let path = match path {
+        Ok(path) => path,
+        Err(PathError::Asterisk(why)) => {
+            return RequestPlan::Refuse {
+                refusal: Refusal::Malformed(why),
+                feature: policy.feature_for_host(host),
+            }
+        }
+        Err(PathError::Ambiguous(why)) => match policy.feature_for_host(host) {
+            Some(feature) => {
+                return RequestPlan::Refuse {
+                    refusal: Refusal::Malformed(why),
+                    feature: Some(feature),
+                }
+            }
+            None => return no_feature(policy.unknown_hosts),
+        },
+    };
     let report = policy.mode == Mode::Report;
     match policy.decide(host, path) {
-        Verdict::Unknown(UnknownHosts::Deny) => RequestPlan::Refuse {
-            refusal: Refusal::UnknownHost,
-            feature: None,
-        },
-        Verdict::Unknown(UnknownHosts::Tunnel) => RequestPlan::Forward {
-            decision: Decision::Tunneled,
-            reason: Reason::NoFeature,
-            feature: None,
-        },
+        Verdict::Unknown(unknown) => no_feature(unknown),
         Verdict::Denied { feature } if report => RequestPlan::Forward {
             decision: Decision::WouldBlock,
             reason: Reason::ConsentDenied,
@@ -117,6 +134,21 @@ pub fn plan_request<'p>(policy: &'p Policy, host: &str, path: &str) -> RequestPl
             feature,
             rules,
             withheld,
+        },
+    }
+}
+
+/// A request to a destination of no feature.
+fn no_feature<'p>(unknown: UnknownHosts) -> RequestPlan<'p> {
+    match unknown {
+        UnknownHosts::Deny => RequestPlan::Refuse {
+            refusal: Refusal::UnknownHost,
+            feature: None,
+        },
+        UnknownHosts::Tunnel => RequestPlan::Forward {
+            decision: Decision::Tunneled,
+            reason: Reason::NoFeature,
+            feature: None,
         },
     }
 }

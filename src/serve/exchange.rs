@@ -18,6 +18,7 @@ use tracing::warn;
 use super::respond::response;
 use super::shared::{Peer, Shared, Target, TargetForm};
 use crate::audit::Entry;
+use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
 use crate::decide::policy::{normalize_host, Mode};
 use crate::decide::{Decision, Refusal};
@@ -32,14 +33,16 @@ impl Shared {
         target: Target,
         req: Request<Incoming>,
     ) -> Response<OutBody> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let active = self.current();
+        let normalized = path::normalize(&parts.method, parts.uri.path());
+        let path = normalized.as_deref().map_err(|e| *e);
         let mut entry = self.entry(
             &active,
             peer,
             Some(&target),
             Some(&parts.method),
-            Some(parts.uri.path()),
+            Some(path.unwrap_or(parts.uri.path())),
         );
         if let Err(why) = strict_http1(&parts, &target).and_then(|()| names_agree(&parts, &target))
         {
@@ -53,37 +56,42 @@ impl Shared {
                 .refuse_draining(entry, body, Refusal::AuditUnavailable, None)
                 .await;
         }
-        let (feature, rules, withheld) =
-            match plan_request(&active.policy, &target.host, parts.uri.path()) {
-                RequestPlan::Refuse { refusal, feature } => {
-                    let name = feature.map(|f| f.name.as_str());
-                    return self.refuse_draining(entry, body, refusal, name).await;
-                }
-                RequestPlan::Forward {
-                    decision,
-                    reason,
-                    feature,
-                } => {
-                    // A name of no feature must not reach a feature host's address.
-                    if decision == Decision::Tunneled {
-                        if let Some(dest) = target.destination() {
-                            if let Some(f) = self.feature_at(&active.policy, dest).await {
-                                let refusal = Refusal::FeatureAddress;
-                                return self.refuse_draining(entry, body, refusal, Some(&f)).await;
-                            }
+        let (feature, rules, withheld) = match plan_request(&active.policy, &target.host, path) {
+            RequestPlan::Refuse { refusal, feature } => {
+                let name = feature.map(|f| f.name.as_str());
+                return self.refuse_draining(entry, body, refusal, name).await;
+            }
+            RequestPlan::Forward {
+                decision,
+                reason,
+                feature,
+            } => {
+                // A name of no feature must not reach a feature host's address.
+                if decision == Decision::Tunneled {
+                    if let Some(dest) = target.destination() {
+                        if let Some(f) = self.feature_at(&active.policy, dest).await {
+                            let refusal = Refusal::FeatureAddress;
+                            return self.refuse_draining(entry, body, refusal, Some(&f)).await;
                         }
                     }
-                    entry.feature = feature.map(|f| f.name.clone());
-                    entry.decide(decision, reason);
-                    return self.forward(entry, &target, parts, streamed(body)).await;
                 }
-                RequestPlan::Rewrite {
-                    feature,
-                    rules,
-                    withheld,
-                } => (feature, rules, withheld),
-            };
+                if let (Some(f), Ok(path)) = (feature, path) {
+                    entry.feature = Some(f.name.clone());
+                    parts.uri = with_path(&parts.uri, path);
+                }
+                entry.decide(decision, reason);
+                return self.forward(entry, &target, parts, streamed(body)).await;
+            }
+            RequestPlan::Rewrite {
+                feature,
+                rules,
+                withheld,
+            } => (feature, rules, withheld),
+        };
         entry.feature = Some(feature.name.clone());
+        if let Ok(path) = path {
+            parts.uri = with_path(&parts.uri, path);
+        }
         let reads_body = rules.iter().any(|r| r.reads_body());
         let (raw, body) = if reads_body {
             match self.read_body(&parts.headers, body).await {
@@ -97,7 +105,6 @@ impl Shared {
             entry.bytes_in = Some(raw.len() as u64);
         }
         let mode = active.policy.mode;
-        let mut parts = parts;
         // Report mode forwards the request as it came: only then is a copy of the headers kept.
         let original = (mode == Mode::Report).then(|| parts.headers.clone());
         let mut msg = Message {
@@ -320,6 +327,22 @@ fn upstream_uri(target: &Target, uri: &Uri) -> Uri {
     format!("{}://{}:{}{}", target.scheme, host, target.port, pq)
         .parse()
         .unwrap_or_else(|_| uri.clone())
+}
+
+/// `uri` with the path the decision was made on (see [`path::normalize`]): a feature's
+/// receiver reads what the rules read. A path already normal is left as it came.
+fn with_path(uri: &Uri, normalized: &str) -> Uri {
+    let encoded = path::encode(normalized);
+    if encoded == uri.path() {
+        return uri.clone();
+    }
+    let pq = match uri.query() {
+        Some(q) => format!("{encoded}?{q}"),
+        None => encoded.into_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 fn with_query(uri: &Uri, query: Option<&str>) -> Uri {

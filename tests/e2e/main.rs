@@ -8,4 +8,5 @@ mod clients;
 mod fleet;
 mod harness;
 mod mattermost;
+mod receiver_view;
 mod reload;

@@ -3,10 +3,11 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 
 use super::*;
 use crate::config::{self, Config};
+use crate::decide::path::normalize;
 use crate::decide::policy::OnBlock;
 use crate::rewrite::RewriteError;
 
@@ -161,7 +162,8 @@ fn an_open_tunnel_is_planned_again_under_a_new_policy() {
 
 /// A request plan as a line of the table.
 fn request(policy: &Policy, host: &str, path: &str) -> String {
-    match plan_request(policy, host, path) {
+    let path = normalize(&Method::POST, path);
+    match plan_request(policy, host, path.as_deref().map_err(|e| *e)) {
         RequestPlan::Refuse { refusal, feature } => format!(
             "refuse {} {} ({})",
             refusal.status().as_u16(),
@@ -244,6 +246,50 @@ fn requests_are_planned_by_host_and_path() {
             "/v1/batch",
             "forward would_block consent denied (diagnostics)",
         ),
+        // Paths as Go routes them: decoded, dot-segments gone.
+        (
+            &enforce,
+            "shared.example",
+            "/%74elemetry/x",
+            "refuse 403 consent denied (paths_only)",
+        ),
+        (
+            &enforce,
+            "shared.example",
+            "/other/../telemetry//x",
+            "refuse 403 consent denied (paths_only)",
+        ),
+        (
+            &enforce,
+            security,
+            "/x/../security",
+            "rewrite security_alerts rules [1] withheld [\"activity_counts\"]",
+        ),
+        // Ambiguous paths are refused on a feature's host, decided without on any other.
+        (
+            &enforce,
+            "shared.example",
+            "/other%2F../telemetry/x",
+            "refuse 400 request path has an encoded /, which receivers read differently (paths_only)",
+        ),
+        (
+            &enforce,
+            "shared.example",
+            "/telemetry;x/y",
+            "refuse 400 request path has a ; parameter, which receivers read differently (paths_only)",
+        ),
+        (
+            &enforce,
+            "example.org",
+            "/a%2Fb",
+            "forward tunneled destination belongs to no feature (-)",
+        ),
+        (
+            &enforce,
+            "example.org",
+            "*",
+            "refuse 400 an asterisk-form target is only for OPTIONS (-)",
+        ),
     ] {
         assert_eq!(request(&policy.policy, host, path), want, "{host}{path}");
     }
@@ -276,7 +322,7 @@ fn rewritten(
     } = plan_request(
         &config.policy,
         "securityupdatecheck.mattermost.com",
-        "/security",
+        Ok("/security"),
     )
     else {
         panic!("the security check is rewritten");

@@ -1,0 +1,115 @@
+//! Ways around the policy, second pass: requests the proxy could read one way and the Go
+//! receiver another (paths, query and form, repeated headers, names and addresses, allowlisted
+//! names, container metadata), what could carry a value into the audit log or the diagnostics,
+//! refusals h2 makes itself, consent changes during a reload, and removals named as received.
+//! Each test failed on the proxy before it was hardened against its class.
+
+use serde_json::Value;
+
+use crate::harness::{Env, Setup, RUDDER};
+
+/// Diagnostics granted with activity counts withheld (the pack's batch rules are scoped to
+/// `/v1/batch`), and a feature of our own on the same host, denied, for paths under `/v2/`.
+const PATHED: &str = "[consent]\ndiagnostics = \"granted\"\npathed = \"denied\"\n\
+withhold = [\"activity_counts\"]\n\
+[[feature]]\nname = \"pathed\"\nhosts = [\"pdat.matterlytics.com\"]\npaths = [\"/v2/\"]\n";
+
+/// POST a JSON `body` to `https://{host}{path}` with curl over `http`, the path sent as written.
+async fn post_as_is(
+    env: &Env,
+    host: &str,
+    path: &str,
+    body: &str,
+    http: &str,
+) -> crate::harness::Curl {
+    let file = env.dir.path().join("body.json");
+    std::fs::write(&file, body).expect("write body");
+    let data = format!("@{}", file.display());
+    let url = format!("https://{host}{path}");
+    env.curl(&[
+        http,
+        "--path-as-is",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &data,
+        &url,
+    ])
+    .await
+}
+
+/// Go's `net/url` decodes the path into `URL.Path` and gorilla/mux (and `ServeMux`) route on
+/// `cleanPath(URL.Path)`: a rule or a feature scoped to a path must see that path.
+#[tokio::test]
+async fn paths_are_decided_as_the_receiver_routes_them() {
+    let env = Env::start(Setup {
+        policy: PATHED,
+        ..Setup::default()
+    })
+    .await;
+    let batch = r#"{"batch":[{"event":"activity","properties":{"posts":7}},{"event":"server","properties":{}}]}"#;
+    for http in ["--http1.1", "--http2"] {
+        for path in [
+            "/v1/%62atch",
+            "/v1/x/../batch",
+            "/./v1//batch",
+            "/v1/%2e%2E/v1/batch",
+        ] {
+            let out = post_as_is(&env, RUDDER, path, batch, http).await;
+            assert_eq!(out.code, 200, "{path} {http}: {out:?}");
+            let got = env.upstream.requests().pop().expect("forwarded");
+            assert_eq!(got.path_and_query, "/v1/batch", "{path} {http}");
+            let json: Value = serde_json::from_slice(&got.body).expect("JSON");
+            assert_eq!(
+                json["batch"].as_array().map(Vec::len),
+                Some(1),
+                "{path} {http}"
+            );
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["decision"], "stripped", "{path} {http}");
+            assert_eq!(record["path"], "/v1/batch", "{path} {http}");
+        }
+        // Another feature's path, spelt so that a prefix of the raw bytes misses it.
+        let before = env.upstream.requests().len();
+        for path in ["/%762/x", "/v1/../v2/x", "//v2/x"] {
+            let out = post_as_is(&env, RUDDER, path, batch, http).await;
+            assert_eq!(out.code, 403, "{path} {http}: {out:?}");
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["feature"], "pathed", "{path} {http}");
+        }
+        // Read one way by one receiver and another by the next: refused, with a record.
+        for (path, reason) in [
+            (
+                "/v1%2Fbatch",
+                "request path has an encoded /, which receivers read differently",
+            ),
+            (
+                "/v1;x/batch",
+                "request path has a ; parameter, which receivers read differently",
+            ),
+            (
+                "/v1/batch%00",
+                "request path has a control character once decoded",
+            ),
+            ("/v1/%C0%AF", "request path is not UTF-8 once decoded"),
+        ] {
+            let out = post_as_is(&env, RUDDER, path, batch, http).await;
+            assert_eq!(out.code, 400, "{path} {http}: {out:?}");
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["reason"], reason, "{path} {http}");
+            assert_eq!(record["decision"], "blocked");
+        }
+        // `*` is for OPTIONS only, h2's `:path` included; it names no resource to forward.
+        for method in ["GET", "OPTIONS"] {
+            let url = format!("https://{RUDDER}/");
+            let out = env
+                .curl(&[http, "-X", method, "--request-target", "*", &url])
+                .await;
+            assert_eq!(out.code, 400, "{method} * {http}: {out:?}");
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["decision"], "blocked", "{method} * {http}");
+        }
+        assert_eq!(env.upstream.requests().len(), before, "{http}");
+    }
+    env.stop().await;
+}
