@@ -15,6 +15,7 @@ use super::{
     consent_hash, AuditTarget, Config, ConfigError, Limits, Listen, Roots, Rotation,
     UpstreamSettings, CATEGORIES,
 };
+use crate::decide::path::normalize;
 use crate::decide::policy::{
     Consent, Feature, HostPattern, Mode, OnBlock, Policy, Rule, UnknownHosts,
 };
@@ -384,7 +385,10 @@ impl FeatureFile {
                 (None, Some(map), None) => Action::Replace(
                     map.iter()
                         .map(|(s, v)| {
-                            Ok((selector(s).map_err(|r| err(&key("replace"), r))?, v.clone()))
+                            let sel = selector(s).map_err(|r| err(&key("replace"), r))?;
+                            sel.check_replacement(v)
+                                .map_err(|r| err(&key("replace"), r))?;
+                            Ok((sel, v.clone()))
                         })
                         .collect::<Result<Vec<_>, ConfigError>>()?,
                 ),
@@ -447,10 +451,15 @@ fn spelling_conflict(rules: &[Rule]) -> Option<(String, String)> {
 }
 
 fn check_paths(paths: &[String], key: &str, err: ErrFn<'_>) -> Result<(), ConfigError> {
-    match paths.iter().find(|p| !p.starts_with('/')) {
+    // Requests are decided on their normalized path: a prefix that is not normal never matches.
+    let normal = |p: &str| normalize(&http::Method::GET, p).is_ok_and(|n| n == p);
+    match paths.iter().find(|p| !normal(p)) {
         Some(p) => Err(err(
             key,
-            format!("{p:?} is not a path prefix (it must start with /)"),
+            format!(
+                "{p:?} is not a path prefix as receivers route it (it starts with /, has no \
+                 encoded byte, no ;, no empty, . or .. segment)"
+            ),
         )),
         None => Ok(()),
     }

@@ -82,6 +82,9 @@ fn bad_policies_name_file_key_and_reason() {
         ("[listen]\nproxy = \"localhost\"", "listen.proxy"),
         ("[clients]\nallow = [\"10.0.0.0/33\"]", "clients.allow"),
         ("mode = \"relaxed\"", "unknown variant `relaxed`"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nreplace = { \"header:x-id\" = \"a\\nb\" }", "feature[3] (x).rule[0].replace: the replacement for header:x-id is not a valid header value"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/v1/../v2/\"]", "feature[3] (x).paths: \"/v1/../v2/\" is not a path prefix as receivers route it"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/%76%31/\"]", "is not a path prefix as receivers route it"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"json:$.userId\"]\n[[feature.rule]]\nremove = [\"json:$.userid\"]", "\"userId\" and \"userid\" name one member"),
     ];
     for (text, want) in cases {

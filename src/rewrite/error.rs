@@ -21,4 +21,7 @@ pub enum RewriteError {
     AmbiguousForm,
     #[error("query string cannot be read unambiguously")]
     AmbiguousQuery,
+    /// A header replacement that is not a valid header value (a loaded policy has none).
+    #[error("a replacement is not a valid header value")]
+    BadReplacement,
 }

@@ -188,13 +188,17 @@ fn replace(
         Selector::Query(name) => {
             query_edit(edit_params(&mut msg.query, |p| p.replace(name, value)))?
         }
-        Selector::Header(name) => match (msg.headers.get_mut(name), HeaderValue::from_str(value)) {
-            (Some(slot), Ok(v)) if *slot != v => {
-                *slot = v;
-                true
+        Selector::Header(name) => {
+            // Every instance: a repeated header's second value must not leave as it came.
+            let new = HeaderValue::from_str(value).map_err(|_| RewriteError::BadReplacement)?;
+            let all = msg.headers.get_all(name);
+            let n = all.iter().count();
+            let hit = n > 1 || all.iter().any(|v| *v != new);
+            if hit {
+                msg.headers.insert(name, new);
             }
-            _ => false,
-        },
+            hit
+        }
         Selector::Form(name) => {
             let form = body.form(&msg.headers)?;
             let hit = form_edit(edit_params(form, |p| p.replace(name, value)))?;

@@ -39,6 +39,12 @@ impl<'s> Params<'s> {
 
     /// The folded, decoded name of a piece; `None` for an empty piece.
     pub(super) fn name(piece: &str) -> Result<Option<String>, ()> {
+        Ok(Self::decoded(piece)?.map(|n| fold(&n).into_owned()))
+    }
+
+    /// The decoded name of a piece, exactly as `url.ParseQuery` reads it; `None` for an empty
+    /// piece.
+    fn decoded(piece: &str) -> Result<Option<String>, ()> {
         if piece.is_empty() {
             return Ok(None);
         }
@@ -61,7 +67,7 @@ impl<'s> Params<'s> {
         if name.chars().any(char::is_control) {
             return Err(());
         }
-        Ok(Some(fold(&name).into_owned()))
+        Ok(Some(name))
     }
 
     pub(super) fn is(piece: &str, name: &str) -> bool {
@@ -90,10 +96,18 @@ impl<'s> Params<'s> {
         hit
     }
 
+    /// Keep only the pieces whose name is exactly one of `names`: Go's `url.Values` is a map
+    /// keyed by the exact decoded name, so `SID` or `ſid` is another parameter than `sid` and an
+    /// allowlist that folded would let it through.
     pub(super) fn keep_only(&mut self, names: &[&str]) -> usize {
         let before = self.pieces.len();
-        self.pieces
-            .retain(|(_, p)| p.is_empty() || names.iter().any(|n| Self::is(p, n)));
+        self.pieces.retain(|(_, p)| {
+            p.is_empty()
+                || Self::decoded(p)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|d| names.contains(&d.as_str()))
+        });
         before - self.pieces.len()
     }
 }

@@ -322,6 +322,18 @@ impl Selector {
     pub fn reads_body(&self) -> bool {
         matches!(self, Selector::Form(_) | Selector::Json(_))
     }
+
+    /// Whether `text` can stand where this selector points (a header's replacement must be a
+    /// valid header value); checked when the policy is loaded, so a replacement never fails on
+    /// the wire.
+    pub fn check_replacement(&self, text: &str) -> Result<(), String> {
+        match self {
+            Selector::Header(_) if http::HeaderValue::from_str(text).is_err() => Err(format!(
+                "the replacement for {self} is not a valid header value (visible ASCII, spaces and tabs)"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl fmt::Display for Selector {

@@ -105,6 +105,42 @@ fn query_replace_and_keep() {
 }
 
 #[test]
+fn allowlists_keep_only_the_exact_name_go_reads() {
+    // `url.Values` is keyed by the exact decoded name: `SID` and `ſid` are other parameters.
+    let r = rule(Action::Keep(vec![Selector::Query("sid".into())]));
+    let mut m = msg(Some("sid=1&SID=2&%C5%BFid=3&s%69d=4"), &[], "");
+    let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+    assert_eq!(m.query.as_deref(), Some("sid=1&s%69d=4"));
+    assert_eq!(edits.removed, vec!["keep:query(2)"]);
+}
+
+#[test]
+fn every_instance_of_a_header_is_replaced_or_removed() {
+    let name = || Selector::Header(HeaderName::from_static("x-id"));
+    let instances = [("x-id", "a"), ("X-Id", "secret-2"), ("accept", "*/*")];
+    let r = rule(Action::Replace(vec![(name(), "none".into())]));
+    let mut m = msg(None, &instances, "");
+    let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+    let left: Vec<&HeaderValue> = m.headers.get_all("x-id").iter().collect();
+    assert_eq!(left, ["none"]);
+    assert_eq!(edits.replaced, vec!["header:x-id"]);
+    // Already the replacement, once: nothing to record.
+    let mut m = msg(None, &[("x-id", "none")], "");
+    assert_eq!(apply(&[&r], &mut m, 1 << 20), Ok(Edits::default()));
+    let r = rule(Action::Remove(vec![name()]));
+    let mut m = msg(None, &instances, "");
+    apply(&[&r], &mut m, 1 << 20).expect("applies");
+    assert!(m.headers.get("x-id").is_none());
+    // A replacement that is no header value is refused, never left as the original.
+    let r = rule(Action::Replace(vec![(name(), "a\nb".into())]));
+    let mut m = msg(None, &instances, "");
+    assert_eq!(
+        apply(&[&r], &mut m, 1 << 20),
+        Err(RewriteError::BadReplacement)
+    );
+}
+
+#[test]
 fn headers_remove_replace_keep() {
     let r = rule(Action::Remove(vec![Selector::Header(
         HeaderName::from_static("x-install-id"),

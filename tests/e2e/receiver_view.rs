@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{Env, Setup, RUDDER};
+use crate::harness::{exchange, Env, Setup, RUDDER, SECURITY};
 
 /// Diagnostics granted with activity counts withheld (the pack's batch rules are scoped to
 /// `/v1/batch`), and a feature of our own on the same host, denied, for paths under `/v2/`.
@@ -110,6 +110,86 @@ async fn paths_are_decided_as_the_receiver_routes_them() {
             assert_eq!(record["decision"], "blocked", "{method} * {http}");
         }
         assert_eq!(env.upstream.requests().len(), before, "{http}");
+    }
+    env.stop().await;
+}
+
+/// The security check replaced by a feature of our own: a header replaced, an allowlist of
+/// query parameters.
+const OWN_RULES: &str = "[consent]\nsecurity_alerts = \"granted\"\n\
+[[feature]]\nname = \"security_alerts\"\nhosts = [\"securityupdatecheck.mattermost.com\"]\n\
+  [[feature.rule]]\n  replace = { \"header:x-install-id\" = \"redacted\" }\n\
+  [[feature.rule]]\n  keep = [\"query:id\", \"query:v\"]\n";
+
+/// Go's `Header.Values` (and h2's repeated fields) read every instance of a header: each one is
+/// replaced, over HTTP/1.1 and h2.
+#[tokio::test]
+async fn every_instance_of_a_header_is_replaced() {
+    let env = Env::start(Setup {
+        policy: OWN_RULES,
+        ..Setup::default()
+    })
+    .await;
+    let url = format!("https://{SECURITY}/security?id=1");
+    for http in ["--http1.1", "--http2"] {
+        let out = env
+            .curl(&[
+                http,
+                "-H",
+                "X-Install-Id: first",
+                "-H",
+                "x-install-id: SECRET-second",
+                &url,
+            ])
+            .await;
+        assert_eq!(out.code, 200, "{http}: {out:?}");
+        let got = env.upstream.requests().pop().expect("forwarded");
+        let values: Vec<_> = got.headers.get_all("x-install-id").iter().collect();
+        assert_eq!(values, ["redacted"], "{http}");
+        let record = env.audit().pop().expect("record");
+        assert_eq!(record["decision"], "stripped", "{http}");
+        assert_eq!(
+            record["replaced"],
+            serde_json::json!(["header:x-install-id"])
+        );
+    }
+    // Raw HTTP/1.1, the two instances as separate lines.
+    let request = format!(
+        "GET /security?id=1 HTTP/1.1\r\nHost: {SECURITY}\r\nX-Install-Id: redacted\r\n\
+         X-Install-Id: SECRET-second\r\nConnection: close\r\n\r\n"
+    );
+    let tcp = env.connect_tunnel(SECURITY).await;
+    let mut tls = env.tls_client(tcp, SECURITY).await;
+    let answer = exchange(&mut tls, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = env.upstream.requests().pop().expect("forwarded");
+    let values: Vec<_> = got.headers.get_all("x-install-id").iter().collect();
+    assert_eq!(values, ["redacted"]);
+    env.stop().await;
+}
+
+/// Go's `url.Values` is a map keyed by the exact decoded name: `ID` and `ſid` are parameters
+/// the allowlist did not name, so they go.
+#[tokio::test]
+async fn allowlists_keep_only_the_exact_names() {
+    let env = Env::start(Setup {
+        policy: OWN_RULES,
+        ..Setup::default()
+    })
+    .await;
+    for http in ["--http1.1", "--http2"] {
+        let url =
+            format!("https://{SECURITY}/security?id=1&ID=SECRET&%C5%BFid=SECRET&V=SECRET&v=2");
+        let out = env.curl(&[http, &url]).await;
+        assert_eq!(out.code, 200, "{http}: {out:?}");
+        let got = env.upstream.requests().pop().expect("forwarded");
+        assert_eq!(got.path_and_query, "/security?id=1&v=2", "{http}");
+        let record = env.audit().pop().expect("record");
+        assert_eq!(
+            record["removed"],
+            serde_json::json!(["keep:query(3)"]),
+            "{http}"
+        );
     }
     env.stop().await;
 }
