@@ -170,6 +170,7 @@ pub(super) struct Made<'a> {
     pub(super) mattermost: Option<PathBuf>,
     pub(super) policy_file: Option<PathBuf>,
     pub(super) mattermost_override: Option<PathBuf>,
+    pub(super) loaded: super::Loaded,
 }
 
 impl File {
@@ -334,6 +335,7 @@ impl File {
             policy_file: made.policy_file,
             mattermost_config: made.mattermost,
             mattermost_override: made.mattermost_override,
+            loaded: made.loaded,
         })
     }
 }

@@ -69,6 +69,17 @@ pub struct Config {
     pub mattermost_config: Option<PathBuf>,
     /// `run --mattermost-config`, which a reload must honour again.
     pub mattermost_override: Option<PathBuf>,
+    /// The bytes of the files it was built from, as read for this load.
+    pub loaded: Loaded,
+}
+
+/// The bytes of the files a [`Config`] was built from: a watcher compares the files with these,
+/// what is in force, and never with a later read (a change made while a reload was being built
+/// would then pass for applied).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Loaded {
+    pub policy_file: Option<Vec<u8>>,
+    pub mattermost: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -165,10 +176,7 @@ pub fn load(path: Option<&Path>, mattermost: Option<&Path>) -> Result<Config, Co
         None => build(PACK_NAME, None, mattermost),
         Some(path) => {
             let file = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: file.clone(),
-                source,
-            })?;
+            let text = read_text(path)?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             build(&file, Some((&text, &base, Some(path))), mattermost)
         }
@@ -220,9 +228,12 @@ fn build(
             }
         },
     };
-    let derived = match &mattermost {
-        None => None,
-        Some(path) => Some(read_mattermost(path)?),
+    let (derived, mattermost_text) = match &mattermost {
+        None => (None, None),
+        Some(path) => {
+            let text = read_text(path)?;
+            (Some(derive_mattermost(path, &text)?), Some(text))
+        }
     };
     let explicit = match (admin_consent, &derived) {
         (Some(table), _) => table,
@@ -258,19 +269,26 @@ fn build(
         mattermost,
         policy_file: overlay.and_then(|(_, _, path)| path.map(Path::to_path_buf)),
         mattermost_override: mattermost_override.map(Path::to_path_buf),
+        loaded: Loaded {
+            policy_file: overlay.and_then(|(text, _, path)| path.map(|_| text.as_bytes().to_vec())),
+            mattermost: mattermost_text.map(String::into_bytes),
+        },
     };
     file.into_config(made, &err)
 }
 
-/// Read and derive a Mattermost config.json; errors name the file.
-pub fn read_mattermost(path: &Path) -> Result<mattermost::Derived, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: file.clone(),
+/// A file the config is built from, read once; errors name the file.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
         source,
-    })?;
-    mattermost::derive(&text).map_err(|e| ConfigError::Parse {
-        file,
+    })
+}
+
+/// Derive consent from the text of a Mattermost config.json; errors name the file.
+fn derive_mattermost(path: &Path, text: &str) -> Result<mattermost::Derived, ConfigError> {
+    mattermost::derive(text).map_err(|e| ConfigError::Parse {
+        file: path.display().to_string(),
         message: e.to_string(),
     })
 }

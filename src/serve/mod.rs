@@ -190,7 +190,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             mattermost: config.mattermost_config.clone(),
         },
     });
-    tracker.spawn(reload::watch(shared.clone()));
+    tracker.spawn(reload::watch(shared.clone(), config.loaded));
     if let Some(l) = admin {
         tracker.spawn(admin::serve(shared.clone(), l));
     }

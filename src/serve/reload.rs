@@ -3,7 +3,7 @@
 //! last good one in force. What changed is described for the `policy_loaded` audit record.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,30 +11,26 @@ use tracing::{info, warn};
 
 use super::shared::{Active, Shared, Sources};
 use crate::audit::Entry;
+use crate::config::Loaded;
 use crate::decide::policy::Policy;
 use crate::decide::Decision;
 use crate::metrics::OutcomeLabels;
 
 const POLL: Duration = Duration::from_millis(500);
 
-/// Watch the sources until shutdown; reload on change or SIGHUP. The files are read now, when
-/// the watcher is made, so a change right after start is not taken for the starting state.
-pub(super) fn watch(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
+/// Watch the sources until shutdown; reload on change or SIGHUP. A file is compared with the
+/// bytes the policy in force was built from (`loaded`), so a change made while a reload was
+/// being built is seen at the next poll and triggers another.
+pub(super) fn watch(shared: Arc<Shared>, loaded: Loaded) -> impl std::future::Future<Output = ()> {
     let sources = shared.sources.clone();
-    let seen = (
-        read(sources.policy_file.as_deref()),
-        read(sources.mattermost.as_deref()),
-    );
     let hangup = hangup_signal();
-    watch_from(shared, sources, seen, hangup)
+    watch_from(shared, sources, loaded, hangup)
 }
-
-type Seen = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 async fn watch_from(
     shared: Arc<Shared>,
     sources: Sources,
-    mut seen: Seen,
+    mut seen: Loaded,
     mut hangup: Option<tokio::signal::unix::Signal>,
 ) {
     let mut mattermost = sources.mattermost.clone();
@@ -46,34 +42,43 @@ async fn watch_from(
             _ = tick.tick() => None,
             Some(()) = recv(&mut hangup) => Some("SIGHUP"),
         };
-        let now = (
-            read(sources.policy_file.as_deref()),
-            read(mattermost.as_deref()),
-        );
+        let now = Loaded {
+            policy_file: read(sources.policy_file.as_deref()),
+            mattermost: read(mattermost.as_deref()),
+        };
         let trigger = match trigger {
             Some(t) => t,
-            None if now.0 != seen.0 => "policy file changed",
-            None if now.1 != seen.1 => "Mattermost config changed",
+            None if now.policy_file != seen.policy_file => "policy file changed",
+            None if now.mattermost != seen.mattermost => "Mattermost config changed",
             None => continue,
         };
-        if let Some(path) = shared.reload(trigger).await {
-            mattermost = Some(path);
-        }
-        seen = (
-            read(sources.policy_file.as_deref()),
-            read(mattermost.as_deref()),
-        );
+        // What this load read is what is in force now; when it fails, what was read before it
+        // (a file changed since differs from that, and is tried again).
+        seen = match shared.reload(trigger).await {
+            Some((path, loaded)) => {
+                mattermost = path;
+                loaded
+            }
+            None => now,
+        };
     }
 }
 
 impl Shared {
     /// Load the policy again; on success put it in force and audit what changed, on failure
-    /// keep the last good one and audit that. Returns the new config's Mattermost path.
-    async fn reload(&self, trigger: &str) -> Option<std::path::PathBuf> {
-        let loaded = crate::config::load(
-            self.sources.policy_file.as_deref(),
-            self.sources.mattermost_override.as_deref(),
+    /// keep the last good one and audit that. Returns the new config's Mattermost path and the
+    /// bytes it was built from.
+    async fn reload(&self, trigger: &str) -> Option<(Option<PathBuf>, Loaded)> {
+        // A large policy takes a while to build: not on a worker that serves requests.
+        let (file, mattermost) = (
+            self.sources.policy_file.clone(),
+            self.sources.mattermost_override.clone(),
         );
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::config::load(file.as_deref(), mattermost.as_deref())
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {
@@ -90,10 +95,10 @@ impl Shared {
                 return None;
             }
         };
-        let mattermost = config.mattermost_config.clone();
+        let read = Some((config.mattermost_config.clone(), config.loaded.clone()));
         let old = self.current();
         if *old.policy_hash == *config.policy_hash && *old.consent_hash == *config.consent_hash {
-            return mattermost;
+            return read;
         }
         let change = describe_change(&old.policy, &config.policy);
         let new = Active::new(config.policy, &config.policy_hash, &config.consent_hash);
@@ -118,7 +123,7 @@ impl Shared {
             Err(_) => self.metrics.audit_failures.inc(),
         };
         self.active.send_replace(new);
-        mattermost
+        read
     }
 }
 

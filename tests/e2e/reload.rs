@@ -337,3 +337,67 @@ async fn the_admin_endpoint_counts_traffic_in_prometheus_text() {
     assert!(!after.contains("uc=1"), "request data in metrics");
     env.stop().await;
 }
+
+/// A consent change made while a reload is being built is never lost: the watcher compares the
+/// file with the bytes it loaded, not with a read after the load. A large policy makes each load
+/// take a while, and the second write lands during the load of the first.
+#[tokio::test]
+async fn a_change_during_a_slow_reload_is_applied_too() {
+    let mut features = String::new();
+    for i in 0..6000 {
+        features.push_str(&format!(
+            "[[feature]]\nname = \"f{i}\"\nhosts = [\"f{i}.example\"]\n  [[feature.rule]]\n  \
+             remove = [\"json:$.batch[?@.event == 'e{i}'].properties.x\"]\n"
+        ));
+    }
+    let consent = "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"denied\"\n";
+    let policy = format!("{consent}{features}");
+    let env = Env::start(Setup {
+        policy: &policy,
+        ..Setup::default()
+    })
+    .await;
+    let path = env.dir.path().join("policy.toml");
+    let text = std::fs::read_to_string(&path).expect("policy");
+    let first = text.replace("diagnostics = \"denied\"", "diagnostics = \"granted\"");
+    let second = first.replace(
+        "diagnostics = \"granted\"",
+        "diagnostics = \"granted\"\nwithhold = [\"activity_counts\"]",
+    );
+    let started = std::time::Instant::now();
+    let check = consent_proxy::load(Some(&path), None).expect("loads");
+    let load_time = started.elapsed();
+    drop(check);
+    // The watcher polls every 500 ms: the first change is being loaded by then, and the second
+    // must land before that load ends.
+    assert!(
+        load_time > std::time::Duration::from_millis(1200),
+        "the policy must take longer to load than the test's timing assumes: {load_time:?}"
+    );
+    std::fs::write(&path, &first).expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    std::fs::write(&path, &second).expect("write");
+    let loaded = env
+        .wait_for_record("the second change in force", |r| {
+            r["decision"] == "policy_loaded"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("withhold +activity_counts")
+        })
+        .await;
+    let out = env
+        .curl(&[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            r#"{"batch":[{"event":"activity"},{"event":"server"}]}"#,
+            &format!("https://{RUDDER}/v1/batch"),
+        ])
+        .await;
+    assert_eq!(out.code, 200, "{out:?}");
+    let last = env.audit().pop().expect("record");
+    assert_eq!(last["decision"], "stripped");
+    assert_eq!(last["consent"], loaded["consent"]);
+    env.stop().await;
+}
