@@ -226,7 +226,8 @@ impl SpanDoc {
         !filter.query(&Value::Array(vec![value])).is_empty()
     }
 
-    /// The normalized path of a node (names as received, current indexes).
+    /// The normalized path of a node in the document as received (names as received, positions
+    /// counting items earlier rules removed): the audit names what the client sent.
     pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step> {
         let mut steps = Vec::new();
         loop {
@@ -236,7 +237,7 @@ impl SpanDoc {
             }
             steps.push(match self.node(parent).kind {
                 Kind::Object => Step::Name(self.key(id).to_string()),
-                _ => Step::Index(self.live_kids(parent).take_while(|k| *k != id).count()),
+                _ => Step::Index(self.kids_of(parent).partition_point(|k| *k < id)),
             });
             id = parent;
         }

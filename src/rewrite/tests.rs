@@ -653,3 +653,46 @@ fn normalized_paths_escape_names() {
     );
     assert_eq!(out, "json:$['it\\'s\\u0001'][2][0][1907]");
 }
+
+#[test]
+fn removals_are_named_where_the_client_sent_them() {
+    // Three rules, each removing items of one batch: the record names the items of the body
+    // as sent, not their positions after the rules before.
+    let body =
+        r#"{"batch":[{"e":"a"},{"e":"b","n":[1,2,3]},{"e":"c"},{"e":"d","n":[4,5]},{"e":"b"}]}"#;
+    let rules = [
+        rule(Action::Remove(vec![json("$.batch[?@.e == 'b']")])),
+        rule(Action::Remove(vec![json("$.batch[1]")])),
+        rule(Action::Remove(vec![json("$.batch[?@.e == 'd'].n[0]")])),
+        rule(Action::Replace(vec![(json("$.batch[1].e"), "x".into())])),
+    ];
+    for engine in [Engine::Spans, Engine::Tree] {
+        let mut m = msg(None, &[], body);
+        let edits = apply_with(&rules, &mut m, 1 << 20, engine).expect("applies");
+        assert_eq!(
+            edits.removed,
+            [
+                "json:$['batch'][1]",
+                "json:$['batch'][4]",
+                "json:$['batch'][2]",
+                "json:$['batch'][3]['n'][0]",
+            ],
+            "{engine:?}"
+        );
+        assert_eq!(edits.replaced, ["json:$['batch'][3]['e']"], "{engine:?}");
+        let left: Value = serde_json::from_slice(&m.body).expect("JSON");
+        assert_eq!(
+            left,
+            serde_json::json!({"batch":[{"e":"a"},{"e":"x","n":[5]}]}),
+            "{engine:?}"
+        );
+    }
+    // An allowlist's removals count too: what a later rule removes is named as sent.
+    let rules = [
+        rule(Action::Keep(vec![json("$.batch[1]"), json("$.batch[3]")])),
+        rule(Action::Remove(vec![json("$.batch[1]")])),
+    ];
+    let mut m = msg(None, &[], body);
+    let edits = apply_with(&rules, &mut m, 1 << 20, Engine::Tree).expect("applies");
+    assert_eq!(edits.removed, ["keep:json(3)", "json:$['batch'][3]"]);
+}

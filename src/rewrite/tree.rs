@@ -3,7 +3,7 @@
 //! text kept (string escapes may then be normalized). Pure.
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -22,6 +22,9 @@ pub(super) struct TreeDoc {
     /// Some member is spelt otherwise than the rules spell the name it binds to
     /// (`Channel_Name` for `channel_name`): queries then run on a copy spelt the rules' way.
     respelt: bool,
+    /// The items removed so far from each array, as positions in the body as received (each
+    /// array by its path as received), so a removal is recorded where the client sent it.
+    gone: BTreeMap<Vec<Step>, Vec<usize>>,
 }
 
 /// Parse a JSON body, refusing what receivers could read differently from the rules: duplicate
@@ -46,6 +49,7 @@ pub(super) fn parse_json(raw: &[u8], names: Names) -> Result<TreeDoc, RewriteErr
         value,
         names,
         respelt: respelt.get(),
+        gone: BTreeMap::new(),
     })
 }
 
@@ -179,7 +183,44 @@ impl TreeDoc {
 
     /// Remove everything neither kept nor on the way to something kept; returns the count.
     pub(super) fn prune(&mut self, kept: &BTreeSet<Vec<Step>>) -> usize {
-        prune(&mut self.value, &mut Vec::new(), kept)
+        let mut items = Vec::new();
+        let n = prune(&mut self.value, &mut Vec::new(), kept, &mut items);
+        // Every path prune saw is a position from before it removed anything.
+        let items: Vec<Vec<Step>> = items.iter().map(|p| self.as_sent(p)).collect();
+        for path in items {
+            self.note_gone(path);
+        }
+        n
+    }
+
+    /// `path` (positions in the document as it is now) as positions in the body as received.
+    fn as_sent(&self, path: &[Step]) -> Vec<Step> {
+        let mut out = Vec::with_capacity(path.len());
+        for step in path {
+            let step = match step {
+                Step::Index(i) => {
+                    let mut at = *i;
+                    for g in self.gone.get(&out).into_iter().flatten() {
+                        if *g <= at {
+                            at += 1;
+                        }
+                    }
+                    Step::Index(at)
+                }
+                name => name.clone(),
+            };
+            out.push(step);
+        }
+        out
+    }
+
+    /// Note that the array item at `path` (as received) is gone.
+    fn note_gone(&mut self, mut path: Vec<Step>) {
+        if let Some(Step::Index(i)) = path.pop() {
+            let gone = self.gone.entry(path).or_default();
+            let at = gone.partition_point(|g| *g < i);
+            gone.insert(at, i);
+        }
     }
 
     /// Where `sel` matches, as normalized paths into the document as received.
@@ -239,16 +280,19 @@ impl TreeDoc {
             let Some((last, parent)) = path.split_last() else {
                 continue;
             };
+            // Where the client sent it, before this removal changes what `gone` counts.
+            let sent = self.as_sent(&path);
             let hit = match (node_mut(&mut self.value, parent), last) {
                 (Some(Value::Object(map)), Step::Name(n)) => map.shift_remove(n).is_some(),
                 (Some(Value::Array(items)), Step::Index(i)) if *i < items.len() => {
                     items.remove(*i);
+                    self.note_gone(sent.clone());
                     true
                 }
                 _ => false,
             };
             if hit {
-                removed.push(path);
+                removed.push(sent);
             }
         }
         removed.reverse();
@@ -263,7 +307,7 @@ impl TreeDoc {
                 node_mut(&mut self.value, &path).filter(|n| n.as_str() != Some(text))
             {
                 *node = Value::String(text.to_string());
-                changed.push(path);
+                changed.push(self.as_sent(&path));
             }
         }
         summarize(sel, &changed)
@@ -290,7 +334,13 @@ impl TreeDoc {
 }
 
 /// Remove everything that is neither kept nor on the way to something kept; returns the count.
-fn prune(node: &mut Value, at: &mut Vec<Step>, kept: &BTreeSet<Vec<Step>>) -> usize {
+/// Array items it removes are listed in `items` (positions from before the pruning).
+fn prune(
+    node: &mut Value,
+    at: &mut Vec<Step>,
+    kept: &BTreeSet<Vec<Step>>,
+    items: &mut Vec<Vec<Step>>,
+) -> usize {
     let verdict = |at: &Vec<Step>| -> Option<bool> {
         if kept.contains(at) {
             Some(true)
@@ -314,23 +364,24 @@ fn prune(node: &mut Value, at: &mut Vec<Step>, kept: &BTreeSet<Vec<Step>>) -> us
                     }
                     None => {
                         if let Some(child) = map.get_mut(&key) {
-                            removed += prune(child, at, kept);
+                            removed += prune(child, at, kept, items);
                         }
                     }
                 }
                 at.pop();
             }
         }
-        Value::Array(items) => {
-            for i in (0..items.len()).rev() {
+        Value::Array(list) => {
+            for i in (0..list.len()).rev() {
                 at.push(Step::Index(i));
                 match verdict(at) {
                     Some(true) => {}
                     Some(false) => {
-                        items.remove(i);
+                        list.remove(i);
+                        items.push(at.clone());
                         removed += 1;
                     }
-                    None => removed += prune(&mut items[i], at, kept),
+                    None => removed += prune(&mut list[i], at, kept, items),
                 }
                 at.pop();
             }

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{exchange, Env, Setup, RUDDER, SECURITY};
+use crate::harness::{exchange, fixture_body, Env, Setup, RUDDER, SECURITY};
 
 /// Diagnostics granted with activity counts withheld (the pack's batch rules are scoped to
 /// `/v1/batch`), and a feature of our own on the same host, denied, for paths under `/v2/`.
@@ -190,6 +190,58 @@ async fn allowlists_keep_only_the_exact_names() {
             serde_json::json!(["keep:query(3)"]),
             "{http}"
         );
+    }
+    env.stop().await;
+}
+
+/// Several rules remove items of one batch: each is recorded at its position in the body the
+/// client sent (a batch that lost items 1 and 2 is not recorded as `[1]` twice).
+#[tokio::test]
+async fn removals_are_recorded_where_the_client_sent_them() {
+    let env = Env::start(Setup {
+        policy: "[consent]\ndiagnostics = \"granted\"\n\
+                 withhold = [\"activity_counts\", \"configuration\", \"versions_and_components\"]",
+        ..Setup::default()
+    })
+    .await;
+    let body = fixture_body("telemetry_batch_plain.json");
+    let sent: Value = serde_json::from_slice(&body).expect("JSON");
+    let expected: Vec<String> = sent["batch"]
+        .as_array()
+        .expect("batch")
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            let event = e["event"].as_str().unwrap_or_default();
+            event == "activity"
+                || event == "configs"
+                || event.starts_with("config_")
+                || event == "server"
+        })
+        .map(|(i, _)| format!("json:$['batch'][{i}]"))
+        .collect();
+    assert!(expected.len() >= 3, "{expected:?}");
+    for http in ["--http1.1", "--http2"] {
+        let out = post_as_is(
+            &env,
+            RUDDER,
+            "/v1/batch",
+            std::str::from_utf8(&body).expect("utf-8"),
+            http,
+        )
+        .await;
+        assert_eq!(out.code, 200, "{http}: {out:?}");
+        let record = env.audit().pop().expect("record");
+        let mut removed: Vec<String> = record["removed"]
+            .as_array()
+            .expect("removed")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        removed.sort();
+        let mut want = expected.clone();
+        want.sort();
+        assert_eq!(removed, want, "{http}");
     }
     env.stop().await;
 }
