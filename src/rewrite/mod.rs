@@ -62,9 +62,9 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
 ];
 
 /// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each
-/// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body
-/// is encoded again with the same codings and carries a matching `Content-Length` and no
-/// `Transfer-Encoding`. `rules` are anything that holds an action (a policy's rules, or actions
+/// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body,
+/// and any body that was decoded, is encoded again with the same codings and carries a matching
+/// `Content-Length` and no `Transfer-Encoding`. `rules` are anything that holds an action (a policy's rules, or actions
 /// themselves), so the rewriter knows nothing of the policy.
 pub fn apply<A: AsRef<Action>>(
     rules: &[A],
@@ -113,7 +113,7 @@ fn apply_with<A: AsRef<Action>>(
         (msg.body.clone(), Vec::new())
     };
     let mut edits = Edits::default();
-    let mut body = Body::new(plain, Names::of(rules), engine);
+    let mut body = Body::new(plain.clone(), Names::of(rules), engine);
     for action in rules {
         match action.as_ref() {
             Action::Remove(selectors) => {
@@ -129,7 +129,12 @@ fn apply_with<A: AsRef<Action>>(
             Action::Keep(selectors) => keep(selectors, msg, &mut body, &mut edits)?,
         }
     }
-    if let Some(new_body) = body.finish() {
+    // A body that was decoded leaves encoded again by the proxy even when no rule changed it:
+    // what a decoder skips (gzip's name, comment and extra fields, zstd's skippable frames,
+    // brotli's metadata blocks) is not content the rules read, so it must not leave.
+    let changed = body.finish();
+    if changed.is_some() || !codings.is_empty() {
+        let new_body = changed.unwrap_or(plain);
         let new_body = if codings.is_empty() {
             new_body
         } else {

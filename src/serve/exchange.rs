@@ -120,14 +120,17 @@ impl Shared {
         entry.decide(outcome.decision, outcome.reason);
         entry.removed = outcome.edits.removed;
         entry.replaced = outcome.edits.replaced;
-        if !outcome.rewritten {
-            parts.headers = original.unwrap_or(msg.headers);
-            let out = body.map(without_trailers).unwrap_or_else(|| full(raw));
-            return self.forward(entry, &target, parts, out).await;
+        // Report mode: the request leaves as it came. Otherwise as the rewriter left it (a body
+        // it decoded is encoded again even when no rule changed it).
+        let (headers, read) = match original {
+            Some(headers) => (headers, raw),
+            None => (msg.headers, msg.body),
+        };
+        if outcome.rewritten {
+            parts.uri = with_query(&parts.uri, msg.query.as_deref());
         }
-        parts.uri = with_query(&parts.uri, msg.query.as_deref());
-        parts.headers = msg.headers;
-        let out = body.map(without_trailers).unwrap_or_else(|| full(msg.body));
+        parts.headers = headers;
+        let out = body.map(without_trailers).unwrap_or_else(|| full(read));
         self.forward(entry, &target, parts, out).await
     }
 

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{exchange, fixture_body, Env, Setup, RUDDER, SECURITY};
+use crate::harness::{exchange, fixture_body, Env, Setup, PUSH, RUDDER, SECURITY};
 
 /// Diagnostics granted with activity counts withheld (the pack's batch rules are scoped to
 /// `/v1/batch`), and a feature of our own on the same host, denied, for paths under `/v2/`.
@@ -242,6 +242,73 @@ async fn removals_are_recorded_where_the_client_sent_them() {
         let mut want = expected.clone();
         want.sort();
         assert_eq!(removed, want, "{http}");
+    }
+    env.stop().await;
+}
+
+/// A body the proxy decoded leaves without what its decoder skipped: gzip's name, comment and
+/// extra fields and zstd's skippable frames are a channel past the rules even when no rule
+/// changes the content.
+#[tokio::test]
+async fn container_metadata_does_not_leave() {
+    use std::io::Write;
+    let env = Env::start(Setup::default()).await;
+    // A push the rules read and leave as it is (nothing withheld is in it).
+    let plain = br#"{"ack_id":"a1","platform":"android","server_id":"s1","device_id":"d1","type":"clear","badge":0}"#;
+    let mut gz = flate2::GzBuilder::new()
+        .filename("SECRET-name")
+        .comment("SECRET-comment")
+        .extra(b"SECRET-extra".to_vec())
+        .write(Vec::new(), flate2::Compression::default());
+    gz.write_all(plain).expect("gzip");
+    let gzip = gz.finish().expect("gzip");
+    let mut zst = Vec::new();
+    zst.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    zst.extend_from_slice(&13u32.to_le_bytes());
+    zst.extend_from_slice(b"SECRET-frame!");
+    zst.extend(zstd::encode_all(&plain[..], 3).expect("zstd"));
+    for (coding, wire) in [("gzip", gzip), ("zstd", zst)] {
+        assert!(wire.windows(6).any(|w| w == b"SECRET"));
+        for http in ["--http1.1", "--http2"] {
+            let file = env.dir.path().join("body.bin");
+            std::fs::write(&file, &wire).expect("write");
+            let data = format!("@{}", file.display());
+            let url = format!("https://{PUSH}/api/v1/send_push");
+            let header = format!("Content-Encoding: {coding}");
+            let out = env
+                .curl(&[
+                    http,
+                    "-H",
+                    "Content-Type:",
+                    "-H",
+                    &header,
+                    "--data-binary",
+                    &data,
+                    &url,
+                ])
+                .await;
+            assert_eq!(out.code, 200, "{coding} {http}: {out:?}");
+            let got = env.upstream.requests().pop().expect("forwarded");
+            assert!(
+                !got.body.windows(6).any(|w| w == b"SECRET"),
+                "{coding} {http}: metadata left"
+            );
+            let decoded = match coding {
+                "gzip" => {
+                    let mut out = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::MultiGzDecoder::new(&got.body[..]),
+                        &mut out,
+                    )
+                    .expect("gzip");
+                    out
+                }
+                _ => zstd::decode_all(&got.body[..]).expect("zstd"),
+            };
+            assert_eq!(decoded, plain, "{coding} {http}");
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["decision"], "allowed", "{coding} {http}");
+        }
     }
     env.stop().await;
 }
