@@ -5,12 +5,42 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_subscriber::layer::Filter;
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::audit;
 use crate::ca;
 use crate::config::{self, Config};
 use crate::explain;
 use crate::serve;
+
+/// Set (to anything) to let dependency crates log at the levels `RUST_LOG` asks for; without
+/// it they log warnings and errors only.
+pub const LOG_DEPENDENCIES: &str = "CONSENT_PROXY_LOG_DEPENDENCIES";
+
+/// The diagnostics filter: `RUST_LOG` (default `warn`), with every crate but this one capped at
+/// `warn` unless [`LOG_DEPENDENCIES`] is set. At `debug` and `trace` the HTTP and TLS crates log
+/// what a request carries (h2 prints a malformed `:path`, and a frame's pseudo-headers with the
+/// query string), and the README promises that logs never do.
+pub fn log_filter<S>(rust_log: Option<&str>, dependencies: bool) -> impl Filter<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let env = rust_log
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    env.and(filter_fn(move |meta| {
+        logs(meta.target(), *meta.level(), dependencies)
+    }))
+}
+
+/// Whether an event of `target` at `level` may be logged (see [`log_filter`]).
+fn logs(target: &str, level: Level, dependencies: bool) -> bool {
+    let own = target == "consent_proxy" || target.starts_with("consent_proxy::");
+    own || dependencies || level <= Level::WARN
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -540,4 +570,29 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
         source = cause.source();
     }
     ExitCode::from(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependencies_log_warnings_only_unless_switched_on() {
+        for (target, level, dependencies, logged) in [
+            ("consent_proxy::serve::respond", Level::TRACE, false, true),
+            ("consent_proxy", Level::DEBUG, false, true),
+            ("h2::server", Level::DEBUG, false, false),
+            ("hyper::proto::h1::role", Level::TRACE, false, false),
+            ("rustls::server::hs", Level::INFO, false, false),
+            ("consent_proxy_evil", Level::DEBUG, false, false),
+            ("h2::server", Level::WARN, false, true),
+            ("h2::server", Level::DEBUG, true, true),
+        ] {
+            assert_eq!(
+                logs(target, level, dependencies),
+                logged,
+                "{target} {level}"
+            );
+        }
+    }
 }

@@ -149,8 +149,22 @@ pub(super) enum Step {
 /// count stand for them (an audit record must stay small when a filter matches a whole array).
 pub(super) const MAX_PATHS: usize = 16;
 
+/// The record of what `sel` changed: each normalized path, or the selector and a count when
+/// there are more than [`MAX_PATHS`] or a path holds a member name the selector does not spell
+/// (a pattern's or a wildcard's match): such a name is the client's text, and may carry a value.
 pub(super) fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
-    if paths.len() > MAX_PATHS {
+    let spelt = |name: &str| {
+        sel.names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name) || fold(n) == fold(name))
+    };
+    let foreign = || {
+        paths
+            .iter()
+            .flatten()
+            .any(|step| matches!(step, Step::Name(n) if !spelt(n)))
+    };
+    if paths.len() > MAX_PATHS || foreign() {
         summarize_count(sel, paths.len())
     } else {
         paths
@@ -165,7 +179,8 @@ pub(super) fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> 
 }
 
 pub(super) fn summarize_count(sel: &JsonSelector, n: usize) -> Vec<String> {
-    vec![format!("json:{} ({n} matches)", sel.source)]
+    let noun = if n == 1 { "match" } else { "matches" };
+    vec![format!("json:{} ({n} {noun})", sel.source)]
 }
 
 /// Append the RFC 9535 normalized path of `path` to `out`: `$['batch'][3]`. (Written by hand,

@@ -415,13 +415,29 @@ fn member_name_patterns_select_by_name_shape() {
         m.body,
         r#"{"batch":[{"event":"license","properties":{"id":"l","features":3}},{"event":"x","properties":{"feature_a":1}}]}"#
     );
+    // The names matched are the client's text: the record holds the selector and a count.
     assert_eq!(
         edits.removed,
-        vec![
-            "json:$['batch'][0]['properties']['Feature_Future_X']",
-            "json:$['batch'][0]['properties']['feature_ldap']",
-        ]
+        ["json:$.batch[?@.event == 'license'].properties.feature_* (2 matches)"]
     );
+    // A name that carries a value stays out of the record, however long.
+    let secret = format!("feature_{}", "S".repeat(60 << 10));
+    for engine in [Engine::Spans, Engine::Tree] {
+        let body = format!(r#"{{"batch":[{{"event":"license","properties":{{"{secret}":1}}}}]}}"#);
+        let mut m = msg(None, &[], &body);
+        let edits = apply_with(&[&r], &mut m, 1 << 20, engine).expect("applies");
+        assert_eq!(edits.removed.len(), 1);
+        assert!(edits.removed[0].len() < 100, "{engine:?}");
+        // A wildcard's matches are the client's names too.
+        let w = rule(Action::Remove(vec![json("$.batch[*].properties.*")]));
+        let mut m = msg(None, &[], &body);
+        let edits = apply_with(&[&w], &mut m, 1 << 20, engine).expect("applies");
+        assert_eq!(
+            edits.removed,
+            ["json:$.batch[*].properties.* (1 match)"],
+            "{engine:?}"
+        );
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::shared::{Active, Peer, Shared, Target};
 use crate::audit::{AuditError, Entry};
@@ -42,6 +42,12 @@ impl Shared {
     /// Write an audit record and count the decision.
     pub(super) async fn record(&self, entry: &Entry) -> Result<(), AuditError> {
         self.metrics.decision(entry);
+        debug!(
+            decision = entry.decision.as_str(),
+            feature = entry.feature.as_deref().unwrap_or("-"),
+            host = entry.host.as_deref().unwrap_or("-"),
+            "recorded"
+        );
         let written = self.audit.write(entry).await;
         match &written {
             Ok(()) => self.metrics.audit_records.inc(),

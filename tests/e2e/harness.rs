@@ -364,16 +364,19 @@ impl Env {
 
     /// CONNECT to `host:443` through the proxy; asserts the 200 and returns the open stream.
     pub async fn connect_tunnel(&self, host: &str) -> tokio::net::TcpStream {
-        let mut tcp = tokio::net::TcpStream::connect(self.proxy)
+        connect_via(self.proxy, host).await
+    }
+
+    /// An intercepted connection to `host` through the proxy, TLS done with ALPN `h2`.
+    pub async fn h2_inside(
+        &self,
+        proxy: SocketAddr,
+        host: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = connect_via(proxy, host).await;
+        tls_client_alpn(tcp, host, &self.ca_pem, b"h2")
             .await
-            .expect("connect");
-        let connect = format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n");
-        tcp.write_all(connect.as_bytes()).await.expect("write");
-        let mut head = [0u8; 512];
-        let n = tcp.read(&mut head).await.expect("read");
-        let head = String::from_utf8_lossy(&head[..n]);
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        tcp
+            .expect("TLS with the minted leaf")
     }
 
     /// TLS over `tcp` to `host`, trusting only the interception CA, offering HTTP/1.1.
@@ -418,9 +421,66 @@ impl Env {
         self.dir
     }
 
+    /// The proxy binary on this folder's policy, CA and upstream, on a port of its own with an
+    /// audit log of its own, its diagnostics (stderr) into `stderr.log`, and `envs` set. Returns
+    /// the process (killed when dropped) and its address, once it accepts connections.
+    pub async fn spawn_binary(&self, envs: &[(&str, &str)]) -> (Spawned, SocketAddr) {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let stderr = std::fs::File::create(self.dir.path().join("stderr.log")).expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_consent-proxy"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("policy.toml"))
+            .args(["--listen", &addr.to_string()])
+            .arg("--audit")
+            .arg(self.dir.path().join("binary-audit.jsonl"))
+            .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("the binary starts");
+        let spawned = Spawned(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (spawned, addr)
+    }
+
     /// Run curl through the proxy, trusting only the interception CA.
     pub async fn curl(&self, args: &[&str]) -> Curl {
         curl(self.proxy, &self.ca_pem, self.dir.path(), args).await
+    }
+}
+
+/// A CONNECT to `host:443` through the proxy at `proxy`, answered 200.
+pub async fn connect_via(proxy: SocketAddr, host: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let connect = format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n");
+    tcp.write_all(connect.as_bytes()).await.expect("write");
+    let mut head = [0u8; 512];
+    let n = tcp.read(&mut head).await.expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tcp
+}
+
+/// A child process, killed when dropped.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -429,6 +489,16 @@ pub async fn tls_client(
     tcp: tokio::net::TcpStream,
     host: &str,
     ca_pem: &Path,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    tls_client_alpn(tcp, host, ca_pem, b"http/1.1").await
+}
+
+/// TLS over `tcp` to `host`, trusting only the CA in `ca_pem`, offering `alpn`.
+pub async fn tls_client_alpn(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+    ca_pem: &Path,
+    alpn: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -443,7 +513,7 @@ pub async fn tls_client(
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
     connector.connect(name, tcp).await

@@ -8,5 +8,6 @@ mod clients;
 mod fleet;
 mod harness;
 mod mattermost;
+mod raw_h2;
 mod receiver_view;
 mod reload;

@@ -6,7 +6,8 @@
 
 use serde_json::Value;
 
-use crate::harness::{exchange, fixture_body, Env, Setup, PUSH, RUDDER, SECURITY};
+use crate::harness::{curl, exchange, fixture_body, Env, Setup, PUSH, RUDDER, SECURITY};
+use crate::raw_h2;
 
 /// Diagnostics granted with activity counts withheld (the pack's batch rules are scoped to
 /// `/v1/batch`), and a feature of our own on the same host, denied, for paths under `/v2/`.
@@ -308,6 +309,84 @@ async fn container_metadata_does_not_leave() {
             assert_eq!(decoded, plain, "{coding} {http}");
             let record = env.audit().pop().expect("record");
             assert_eq!(record["decision"], "allowed", "{coding} {http}");
+        }
+    }
+    env.stop().await;
+}
+
+/// Member names a pattern matched are the client's text: a 60 KiB name carrying a secret is
+/// recorded as the selector and a count, never as itself.
+#[tokio::test]
+async fn names_in_the_record_are_bounded() {
+    let env = Env::start(Setup {
+        policy: "[consent]\ndiagnostics = \"granted\"\nwithhold = [\"enterprise_features\"]",
+        ..Setup::default()
+    })
+    .await;
+    let name = format!("feature_SECRET{}", "x".repeat(60 << 10));
+    let body =
+        format!(r#"{{"batch":[{{"event":"license","properties":{{"{name}":true,"id":"l"}}}}]}}"#);
+    for http in ["--http1.1", "--http2"] {
+        let out = post_as_is(&env, RUDDER, "/v1/batch", &body, http).await;
+        assert_eq!(out.code, 200, "{http}: {out:?}");
+        let got = env.upstream.requests().pop().expect("forwarded");
+        assert!(
+            !String::from_utf8_lossy(&got.body).contains("SECRET"),
+            "{http}"
+        );
+        let record = env.audit().pop().expect("record");
+        assert_eq!(record["decision"], "stripped");
+        assert_eq!(
+            record["removed"],
+            serde_json::json!([
+                "json:$.batch[?@.event == 'license'].properties.feature_* (1 match)"
+            ])
+        );
+    }
+    assert!(!env.audit_text().contains("SECRET"));
+    assert!(env.audit_text().len() < 8 << 10);
+    env.stop().await;
+}
+
+/// The binary's diagnostics at `debug` and `trace` carry no value a request held: dependency
+/// crates stay at `warn` unless their switch is set (h2 logs a malformed `:path` whole at
+/// `debug`). What the proxy logs itself names decisions, never values.
+#[tokio::test]
+async fn diagnostics_at_every_level_hold_no_values() {
+    let env = Env::start(Setup::default()).await;
+    for level in ["debug", "trace"] {
+        let (proxy, addr) = env.spawn_binary(&[("RUST_LOG", level)]).await;
+        for http in ["--http1.1", "--http2"] {
+            let url = format!("https://{SECURITY}/security?id=x&uc=SECRET-Q");
+            let args = [http, "-H", "X-Token: SECRET-H", &url];
+            let out = curl(addr, &env.ca_pem, env.dir.path(), &args).await;
+            assert_eq!(out.code, 200, "{level} {http}: {out:?}");
+            let body = r#"{"ack_id":"a","platform":"p","server_id":"s","device_id":"d","message":"SECRET-B"}"#;
+            let url = format!("https://{PUSH}/api/v1/send_push?x=SECRET-P");
+            let args = [http, "--data-binary", body, "-H", "Content-Type:", &url];
+            let out = curl(addr, &env.ca_pem, env.dir.path(), &args).await;
+            assert_eq!(out.code, 200, "{level} {http}: {out:?}");
+        }
+        // A `:path` h2 refuses as malformed, holding a value.
+        let mut tls = env.h2_inside(addr, SECURITY).await;
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", SECURITY),
+            (":path", "/security?id=SECRET-MALFORMED x"),
+        ];
+        assert_eq!(
+            raw_h2::request(&mut tls, &fields, b"").await,
+            raw_h2::Answer::Reset(1)
+        );
+        drop(proxy);
+        let log = std::fs::read_to_string(env.dir.path().join("stderr.log")).expect("log");
+        assert!(log.contains("DEBUG"), "{level}: nothing logged at {level}");
+        if let Some(at) = log.find("SECRET") {
+            panic!(
+                "{level}: a value in the diagnostics: {}",
+                &log[at.saturating_sub(200)..]
+            );
         }
     }
     env.stop().await;
