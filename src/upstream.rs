@@ -68,6 +68,21 @@ pub enum ConnectError {
     Timeout,
     #[error("{0:?} is not a valid TLS server name")]
     Name(String),
+    /// The name resolved to an address that serves this feature, which the name does not
+    /// belong to ([`AddressCheck`]).
+    #[error("the destination is an address of a {0} host, and the name is not one")]
+    FeatureAddress(String),
+}
+
+/// Asked after a name has resolved and before anything is sent to the address: may `host` be
+/// reached at `addr`? Every connection the proxy makes upstream passes it (pooled, tunnelled),
+/// so a name cannot walk around the policy by resolving somewhere else.
+pub trait AddressCheck: Send + Sync + 'static {
+    fn check<'a>(
+        &'a self,
+        host: &'a str,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ConnectError>> + Send + 'a>>;
 }
 
 /// Hosts (`host:port`) remembered for pooling: a host asked for again while among these keeps
@@ -90,6 +105,7 @@ impl Upstream {
         settings: &UpstreamSettings,
         provider: Arc<CryptoProvider>,
         connect_timeout: Duration,
+        check: Arc<dyn AddressCheck>,
     ) -> Result<Self, UpstreamSetupError> {
         let mut roots = RootCertStore::empty();
         match settings.roots {
@@ -130,6 +146,7 @@ impl Upstream {
         let dialer = Dialer {
             resolve: Arc::new(settings.resolve.clone()),
             connect_timeout,
+            check,
         };
         let tls = TlsConnector::from(Arc::new(tls));
         let connector = Connector {
@@ -207,6 +224,7 @@ impl Upstream {
 struct Dialer {
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
+    check: Arc<dyn AddressCheck>,
 }
 
 impl Dialer {
@@ -227,6 +245,11 @@ impl Dialer {
     async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         let connect = async {
             let addrs = self.resolve(host, port).await?;
+            // Every address is checked before the first is tried: which one answers is not
+            // ours to choose.
+            for addr in &addrs {
+                self.check.check(host, *addr).await?;
+            }
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for addr in addrs {
                 match TcpStream::connect(addr).await {

@@ -98,7 +98,8 @@ pub enum Refusal {
     Malformed(&'static str),
     /// The destination is one of the proxy's own listeners.
     Loop,
-    /// A name of no feature whose destination is a feature host's address.
+    /// A name whose destination is the address of a feature it does not belong to (a name of
+    /// no feature, or of another feature).
     FeatureAddress,
     /// The feature's consent is denied.
     ConsentDenied(OnBlock),
@@ -152,7 +153,8 @@ impl Refusal {
             Refusal::Malformed(why) => (*why).into(),
             Refusal::Loop => "the destination is one of the proxy's own listeners (a loop)".into(),
             Refusal::FeatureAddress => {
-                "the name belongs to no feature, but the destination is a feature host's address"
+                "the destination is a feature host's address, and the name is not one of that \
+                 feature's hosts"
                     .into()
             }
             Refusal::ConsentDenied(_) => Reason::ConsentDenied.to_string(),

@@ -176,8 +176,13 @@ impl Policy {
 
     /// The feature a host belongs to, if any (the first one declared).
     pub fn feature_for_host(&self, host: &str) -> Option<&Feature> {
+        self.features_on(host).next()
+    }
+
+    /// Every feature with `host` among its hosts (on any of their paths).
+    pub fn features_on(&self, host: &str) -> impl Iterator<Item = &Feature> {
         let host = normalize_host(host);
-        self.features.iter().find(|f| f.matches_host(&host))
+        self.features.iter().filter(move |f| f.matches_host(&host))
     }
 }
 

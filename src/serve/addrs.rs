@@ -3,11 +3,17 @@
 //! listeners (so a connection to one of them is known for a loop).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::decide::policy::{canonical, HostPattern, Policy};
+use tokio::sync::watch;
+
+use super::shared::Active;
+use crate::decide::policy::{canonical, normalize_host, HostPattern, Policy};
+use crate::upstream::{AddressCheck, ConnectError};
 
 /// How long resolved feature-host addresses are trusted.
 const ADDR_TTL: Duration = Duration::from_secs(300);
@@ -18,19 +24,19 @@ const ADDR_CACHE_MAX: usize = 4096;
 /// and cached (bounded, with a lifetime), to see whether a destination belongs to a feature
 /// whatever name the client gives.
 #[derive(Default)]
-pub(super) struct FeatureAddrs {
+struct FeatureAddrs {
     cache: Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>,
 }
 
 impl FeatureAddrs {
-    /// The feature one of whose (exact) hosts is served at `dest`. Hosts not cached (or stale)
+    /// The features one of whose (exact) hosts is served at `dest`. Hosts not cached (or stale)
     /// are looked up together, so one slow resolver costs one timeout, not one per host.
-    pub(super) async fn feature_at(
+    pub(super) async fn features_at(
         &self,
         policy: &Policy,
         overrides: &HashMap<String, SocketAddr>,
         dest: SocketAddr,
-    ) -> Option<String> {
+    ) -> Vec<String> {
         let hosts: Vec<(&str, &str)> = policy
             .features
             .iter()
@@ -82,14 +88,91 @@ impl FeatureAddrs {
         }
         let canonical = SocketAddr::new(canonical(dest.ip()), dest.port());
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        hosts
-            .iter()
-            .find(|(_, host)| {
-                cache
-                    .get(*host)
-                    .is_some_and(|(addrs, _)| addrs.contains(&canonical))
-            })
-            .map(|(feature, _)| feature.to_string())
+        let mut at: Vec<String> = Vec::new();
+        for (feature, host) in &hosts {
+            let served = cache
+                .get(*host)
+                .is_some_and(|(addrs, _)| addrs.contains(&canonical));
+            if served && !at.iter().any(|f| f == feature) {
+                at.push(feature.to_string());
+            }
+        }
+        at
+    }
+}
+
+/// The one tie of names to addresses, for every listener and request form: a name may be
+/// reached at an address unless the address serves a feature the name does not belong to (a
+/// name of no feature at a feature host's address, an alias or a numeric spelling of one, a
+/// `Host` of one feature on a connection to another's). Checked after resolution and before
+/// anything is sent: by the upstream dialer for pooled requests and tunnels, and for each
+/// request on a pinned (transparent) connection.
+pub(super) struct AddressGate {
+    active: watch::Receiver<Arc<Active>>,
+    addrs: FeatureAddrs,
+    /// `[upstream] resolve`, also consulted for the addresses of feature hosts.
+    overrides: HashMap<String, SocketAddr>,
+}
+
+impl AddressGate {
+    pub(super) fn new(
+        active: watch::Receiver<Arc<Active>>,
+        overrides: HashMap<String, SocketAddr>,
+    ) -> Self {
+        AddressGate {
+            active,
+            addrs: FeatureAddrs::default(),
+            overrides,
+        }
+    }
+
+    /// `Err(feature)`: `addr` serves `feature`, and `host` (`None`: no name) is not one of its
+    /// hosts (nor of another feature served there).
+    pub(super) async fn admit(&self, host: Option<&str>, addr: SocketAddr) -> Result<(), String> {
+        let active = self.active.borrow().clone();
+        let policy = &active.policy;
+        let at = self.addrs.features_at(policy, &self.overrides, addr).await;
+        let Some(first) = at.first() else {
+            return Ok(());
+        };
+        let host = host.map(|h| normalize_host(h.trim_start_matches('[').trim_end_matches(']')));
+        let named = |feature: &String| {
+            host.as_deref()
+                .is_some_and(|h| policy.features_on(h).any(|f| &f.name == feature))
+        };
+        if at.iter().any(named) {
+            Ok(())
+        } else {
+            Err(first.clone())
+        }
+    }
+}
+
+impl AddressCheck for AddressGate {
+    fn check<'a>(
+        &'a self,
+        host: &'a str,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ConnectError>> + Send + 'a>> {
+        Box::pin(async move {
+            // A feature's own name, resolved by the proxy, is where the admin's DNS says that
+            // feature is: only other names (of no feature: aliases, numeric spellings, literals)
+            // can be steered by the client to a feature's address.
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if self
+                .active
+                .borrow()
+                .policy
+                .features_on(host)
+                .next()
+                .is_some()
+            {
+                return Ok(());
+            }
+            self.admit(Some(host), addr)
+                .await
+                .map_err(ConnectError::FeatureAddress)
+        })
     }
 }
 
@@ -129,4 +212,70 @@ fn is_local(ip: IpAddr) -> bool {
             (_, Some(v6)) => canonical(IpAddr::V6(v6.ip())) == ip,
             _ => false,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two features of our own at addresses of their own (by `[upstream] resolve`, as the
+    /// gate reads them), over the pack.
+    const POLICY: &str = r#"
+[consent]
+a = "granted"
+b = "denied"
+[[feature]]
+name = "a"
+hosts = ["a.example"]
+[[feature]]
+name = "b"
+hosts = ["b.example", "b-alias.example"]
+[upstream]
+resolve = { "a.example:443" = "10.0.0.1:443", "b.example:443" = "10.0.0.2:443" }
+"#;
+
+    #[tokio::test]
+    async fn a_name_reaches_only_its_own_features_addresses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::config::load_str("p.toml", POLICY, dir.path()).expect("loads");
+        let resolve = config.upstream.resolve.clone();
+        let active = watch::Sender::new(Active::new(config.policy, "p", "c"));
+        let gate = AddressGate::new(active.subscribe(), resolve);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:443".parse().expect("addr"),
+            "10.0.0.2:443".parse().expect("addr"),
+        );
+        for (host, addr, want) in [
+            (Some("a.example"), a, Ok(())),
+            (Some("A.Example."), a, Ok(())),
+            (Some("b-alias.example"), b, Ok(())),
+            // A Host of one feature on a connection to another's address (transparent mode).
+            (Some("b.example"), a, Err("a")),
+            (Some("a.example"), b, Err("b")),
+            // Names of no feature, or none, at a feature's address.
+            (Some("elsewhere.example"), b, Err("b")),
+            (Some("[::ffff:10.0.0.2]"), b, Err("b")),
+            (None, a, Err("a")),
+            // Anywhere else, any name goes (the plan decides it).
+            (
+                Some("b.example"),
+                "10.0.0.3:443".parse().expect("addr"),
+                Ok(()),
+            ),
+            (
+                Some("a.example"),
+                "10.0.0.1:8443".parse().expect("addr"),
+                Ok(()),
+            ),
+        ] {
+            let got = gate.admit(host, addr).await;
+            assert_eq!(got, want.map_err(str::to_string), "{host:?} at {addr}");
+        }
+        // The dialer's check trusts the proxy's own resolution of a feature's name only.
+        assert!(gate.check("a.example", b).await.is_ok());
+        assert!(matches!(
+            gate.check("elsewhere.example", a).await,
+            Err(ConnectError::FeatureAddress(f)) if f == "a"
+        ));
+    }
 }

@@ -21,7 +21,7 @@ use crate::audit::Entry;
 use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
 use crate::decide::policy::{normalize_host, Mode};
-use crate::decide::{Decision, Refusal};
+use crate::decide::Refusal;
 use crate::rewrite::Message;
 use crate::upstream::{self, ConnectError, OutBody, PinnedError};
 
@@ -50,6 +50,16 @@ impl Shared {
                 .refuse_draining(entry, body, Refusal::Malformed(why), None)
                 .await;
         }
+        // A pinned connection goes to one address whatever the request names: the name must
+        // be one that address may be reached by (the dialer checks every other connection).
+        if let Some(pinned) = &target.pinned {
+            if let Err(feature) = self.admit_address(Some(&target.host), pinned.addr()).await {
+                let refusal = Refusal::FeatureAddress;
+                return self
+                    .refuse_draining(entry, body, refusal, Some(&feature))
+                    .await;
+            }
+        }
         // Nothing leaves unaudited: once a record could not be written, every request stops here.
         if !self.audit.is_healthy() {
             return self
@@ -66,15 +76,6 @@ impl Shared {
                 reason,
                 feature,
             } => {
-                // A name of no feature must not reach a feature host's address.
-                if decision == Decision::Tunneled {
-                    if let Some(dest) = target.destination() {
-                        if let Some(f) = self.feature_at(&active.policy, dest).await {
-                            let refusal = Refusal::FeatureAddress;
-                            return self.refuse_draining(entry, body, refusal, Some(&f)).await;
-                        }
-                    }
-                }
                 if let (Some(f), Ok(path)) = (feature, path) {
                     entry.feature = Some(f.name.clone());
                     parts.uri = with_path(&parts.uri, path);
@@ -193,33 +194,33 @@ impl Shared {
         *req.headers_mut() = parts.headers;
         strip_hop_by_hop(req.headers_mut());
         req.headers_mut().remove(HOST);
-        let sent = async {
-            match &target.pinned {
-                Some(pinned) => pinned.request(req).await.map_err(|e| match e {
-                    PinnedError::Connect(c) => connect_refusal(&c),
-                    PinnedError::Request(_) => {
-                        Refusal::UpstreamFailed("upstream connection failed".into())
-                    }
-                }),
-                None => {
-                    self.upstream.request(req).await.map_err(|e| {
-                        match upstream::connect_error(&e) {
-                            Some(c) => connect_refusal(c),
-                            None => Refusal::UpstreamFailed("upstream connection failed".into()),
-                        }
-                    })
-                }
-            }
+        let failed = || {
+            (
+                Refusal::UpstreamFailed("upstream connection failed".into()),
+                None,
+            )
         };
+        let sent =
+            async {
+                match &target.pinned {
+                    Some(pinned) => pinned.request(req).await.map_err(|e| match e {
+                        PinnedError::Connect(c) => connect_refusal(&c),
+                        PinnedError::Request(_) => failed(),
+                    }),
+                    None => self.upstream.request(req).await.map_err(|e| {
+                        upstream::connect_error(&e).map_or_else(failed, connect_refusal)
+                    }),
+                }
+            };
         let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
         let passed = sent_bytes.load(Ordering::Relaxed);
         entry.bytes_out = Some(passed);
         entry.bytes_in.get_or_insert(passed);
         let resp = match result {
             Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
-            Ok(Err(refusal)) => {
+            Ok(Err((refusal, feature))) => {
                 warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
-                return self.refuse(entry, refusal, None).await;
+                return self.refuse(entry, refusal, feature.as_deref()).await;
             }
             Ok(Ok(resp)) => resp,
         };
@@ -242,10 +243,13 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-pub(super) fn connect_refusal(e: &ConnectError) -> Refusal {
+/// Why a connection upstream was not made, as a refusal, with the feature an address check
+/// found the destination to serve.
+pub(super) fn connect_refusal(e: &ConnectError) -> (Refusal, Option<String>) {
     match e {
-        ConnectError::Timeout => Refusal::UpstreamTimeout,
-        other => Refusal::UpstreamFailed(other.to_string()),
+        ConnectError::Timeout => (Refusal::UpstreamTimeout, None),
+        ConnectError::FeatureAddress(feature) => (Refusal::FeatureAddress, Some(feature.clone())),
+        other => (Refusal::UpstreamFailed(other.to_string()), None),
     }
 }
 

@@ -160,27 +160,15 @@ impl Shared {
         target: Target,
         req: Request<Incoming>,
     ) -> Response<OutBody> {
-        // A name of no feature, or an IP literal, must not reach a feature host around the
-        // policy: an IP literal is checked before connecting, a name once it has resolved.
-        let policy = &self.current().policy;
-        if let Some(dest) = target.destination() {
-            if let Some(feature) = self.feature_at(policy, dest).await {
-                return self
-                    .refuse(entry, Refusal::FeatureAddress, Some(&feature))
-                    .await;
-            }
-        }
+        // The dialer checks the addresses the name resolved to before connecting: a name of no
+        // feature, an alias or an IP literal does not reach a feature host around the policy.
         let upstream = match self.upstream.dial(&target.host, target.port).await {
             Ok(tcp) => tcp,
-            Err(e) => return self.refuse(entry, connect_refusal(&e), None).await,
-        };
-        if let Ok(dest) = upstream.peer_addr() {
-            if let Some(feature) = self.feature_at(policy, dest).await {
-                return self
-                    .refuse(entry, Refusal::FeatureAddress, Some(&feature))
-                    .await;
+            Err(e) => {
+                let (refusal, feature) = connect_refusal(&e);
+                return self.refuse(entry, refusal, feature.as_deref()).await;
             }
-        }
+        };
         entry.decide(Decision::Tunneled, Reason::NoFeature);
         entry.status = Some(200);
         if self.record(&entry).await.is_err() {

@@ -40,7 +40,7 @@ use crate::ca::{CaError, CertificateAuthority, Origin};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamSetupError};
-use addrs::{FeatureAddrs, Listening};
+use addrs::{AddressGate, Listening};
 use shared::{Active, Shared, Sources};
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?;
     let metrics = Metrics::default();
     let ca = ca.with_metrics(metrics.leaf.clone());
-    let upstream = Upstream::new(&config.upstream, provider, config.limits.connect_timeout)?;
+    let active = watch::Sender::new(Active::new(
+        config.policy,
+        &config.policy_hash,
+        &config.consent_hash,
+    ));
+    let gate = Arc::new(AddressGate::new(
+        active.subscribe(),
+        config.upstream.resolve.clone(),
+    ));
+    let upstream = Upstream::new(
+        &config.upstream,
+        provider,
+        config.limits.connect_timeout,
+        gate.clone(),
+    )?;
     let audit = AuditLog::open(
         &config.audit,
         &config.node,
@@ -163,11 +177,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
-        active: watch::Sender::new(Active::new(
-            config.policy,
-            &config.policy_hash,
-            &config.consent_hash,
-        )),
+        active,
         clients: config.clients,
         proxy_protocol: config.listen.proxy_protocol,
         balancers: config.balancers,
@@ -178,8 +188,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         registry: metrics.registry(),
         metrics,
         own,
-        resolve: config.upstream.resolve.clone(),
-        feature_addrs: FeatureAddrs::default(),
+        gate,
         token: token.clone(),
         hard_stop: CancellationToken::new(),
         tracker: tracker.clone(),

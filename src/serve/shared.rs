@@ -3,7 +3,6 @@
 //! a connection came from) and [`Target`] (where a request goes). It imports no listener:
 //! listeners depend on it, never the reverse.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::addrs::{FeatureAddrs, Listening};
+use super::addrs::{AddressGate, Listening};
 use crate::audit::AuditLog;
 use crate::ca::CertificateAuthority;
 use crate::config::Limits;
@@ -75,10 +74,9 @@ pub(super) struct Shared {
     pub(super) registry: prometheus_client::registry::Registry,
     /// The proxy's own listening addresses: a connection to one of them is a loop.
     pub(super) own: Listening,
-    /// `[upstream] resolve`, also consulted for the addresses of feature hosts.
-    pub(super) resolve: HashMap<String, SocketAddr>,
-    /// Where feature hosts are served: a name of no feature going there is refused.
-    pub(super) feature_addrs: FeatureAddrs,
+    /// Where feature hosts are served: a name going to another feature's address is refused.
+    /// The upstream dialer holds it too.
+    pub(super) gate: Arc<AddressGate>,
 }
 
 /// Which listener a connection came in on, and from where.
@@ -110,34 +108,20 @@ pub(super) struct Target {
     pub(super) form: TargetForm,
 }
 
-impl Target {
-    /// Where a request to a host of no feature goes, when that is known before connecting: the
-    /// original destination in transparent mode, or an IP literal.
-    pub(super) fn destination(&self) -> Option<SocketAddr> {
-        match &self.pinned {
-            Some(pinned) => Some(pinned.addr()),
-            None => self
-                .host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, self.port)),
-        }
-    }
-}
-
 impl Shared {
     /// The policy in force now.
     pub(super) fn current(&self) -> Arc<Active> {
         self.active.borrow().clone()
     }
 
-    /// The feature whose (exact) host is served at `dest`, whatever name a client gave.
-    pub(super) async fn feature_at(&self, policy: &Policy, dest: SocketAddr) -> Option<String> {
-        self.feature_addrs
-            .feature_at(policy, &self.resolve, dest)
-            .await
+    /// `Err(feature)`: `addr` serves `feature`, and the name `host` is not one of its hosts
+    /// (see [`AddressGate`]).
+    pub(super) async fn admit_address(
+        &self,
+        host: Option<&str>,
+        addr: SocketAddr,
+    ) -> Result<(), String> {
+        self.gate.admit(host, addr).await
     }
 
     /// Whether a CONNECT or absolute-form target names one of the proxy's own listeners under

@@ -124,7 +124,7 @@ async fn serve(shared: Arc<Shared>, client: SocketAddr, mut tcp: TcpStream) {
         ConnectPlan::Refuse { refusal, .. } => Some(refusal),
         ConnectPlan::Tunnel => None,
     };
-    if let Some(feature) = shared.feature_at(policy, original).await {
+    if let Err(feature) = shared.admit_address(None, original).await {
         let reason = format!(
             "{named} {} is an address of a {feature} host",
             original.ip()

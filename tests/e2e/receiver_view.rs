@@ -391,3 +391,51 @@ async fn diagnostics_at_every_level_hold_no_values() {
     }
     env.stop().await;
 }
+
+/// A feature host's address spelt otherwise (`inet_aton`'s numeric forms, which `getaddrinfo`
+/// and so the dialer accept) or reached by an alias (`localhost`) is still that feature's
+/// address: refused after resolution and before any byte leaves, for plain-HTTP absolute-form
+/// requests and CONNECT tunnels alike.
+#[tokio::test]
+async fn a_feature_address_is_one_whatever_the_spelling() {
+    let env = Env::start(Setup::default()).await;
+    // The fake upstream serves every feature host; 127.0.0.1:<its port> is their address.
+    let port = env.upstream.addr.port();
+    for host in [
+        "2130706433",
+        "0x7f000001",
+        "127.1",
+        "0177.0.0.1",
+        "localhost",
+    ] {
+        let url = format!("http://{host}:{port}/v1/batch");
+        let out = env.curl(&["-X", "POST", "--data-binary", "{}", &url]).await;
+        assert_eq!(out.code, 400, "{host}: {out:?}");
+        let record = env.audit().pop().expect("record");
+        assert_eq!(record["decision"], "blocked", "{host}");
+        assert!(record["feature"].is_string(), "{host}: {record}");
+        assert_eq!(
+            record["reason"],
+            "the destination is a feature host's address, and the name is not one of that \
+             feature's hosts",
+            "{host}"
+        );
+        let answer = crate::bad_input::raw_exchange(
+            &env,
+            &format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "CONNECT {host}: {answer}"
+        );
+    }
+    assert_eq!(
+        env.upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a feature address was reached under another name"
+    );
+    env.stop().await;
+}
