@@ -112,7 +112,7 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
             selectors.join(", ")
         );
     }
-    if rules.iter().any(|r| r.reads_body()) && req.body.len() as u64 > max_body_bytes {
+    if crate::rewrite::reads_body(&rules, &req.headers) && req.body.len() as u64 > max_body_bytes {
         refused(&mut out, Refusal::BodyTooLarge, Some(&feature.name), "");
         return out;
     }

@@ -253,12 +253,6 @@ impl fmt::Display for HostPattern {
     }
 }
 
-impl Rule {
-    pub fn reads_body(&self) -> bool {
-        self.action.reads_body()
-    }
-}
-
 /// A rule is applied by its action: the rewriter takes rules as they are.
 impl AsRef<Action> for Rule {
     fn as_ref(&self) -> &Action {

@@ -1,7 +1,7 @@
 //! Why the rules cannot read a request: the request is then refused, never guessed at.
 
 /// A part of the request a rule must read but cannot: the request is refused, never guessed at.
-#[derive(Debug, Eq, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
 pub enum RewriteError {
     #[error("body has a content encoding that cannot be inspected")]
     Encoded,
@@ -15,10 +15,10 @@ pub enum RewriteError {
     DuplicateKey,
     #[error("JSON body has an object key with a control character")]
     BadKey,
-    #[error("body is not application/x-www-form-urlencoded")]
-    NotForm,
     #[error("form body cannot be read unambiguously")]
     AmbiguousForm,
+    #[error("multipart/form-data body cannot be read unambiguously")]
+    AmbiguousMultipart,
     #[error("query string cannot be read unambiguously")]
     AmbiguousQuery,
     /// A header replacement that is not a valid header value (a loaded policy has none).

@@ -17,6 +17,7 @@ pub mod codec;
 mod error;
 pub mod fold;
 mod keys;
+mod multipart;
 mod params;
 pub mod selector;
 mod spans;
@@ -30,7 +31,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub use error::RewriteError;
 use keys::{summarize, summarize_count, Names, Step, MAX_PATHS};
-use params::{edit_params, form_edit, query_edit};
+use multipart::Multipart;
+use params::{edit_params, form_edit, query_edit, Params};
 use selector::{Action, JsonSelector, Selector, SimplePath};
 use spans::{NodeId, SpanDoc};
 use tree::{parse_json, TreeDoc};
@@ -106,8 +108,7 @@ fn apply_with<A: AsRef<Action>>(
     max_body_bytes: u64,
     engine: Engine,
 ) -> Result<Edits, RewriteError> {
-    let reads_body = rules.iter().any(|r| r.as_ref().reads_body());
-    let (plain, codings) = if reads_body && !msg.body.is_empty() {
+    let (plain, codings) = if reads_body(rules, &msg.headers) && !msg.body.is_empty() {
         codec::decode(&msg.headers, &msg.body, max_body_bytes)?
     } else {
         (msg.body.clone(), Vec::new())
@@ -154,12 +155,15 @@ fn remove(
     body: &mut Body,
     edits: &mut Edits,
 ) -> Result<(), RewriteError> {
-    let hit = match sel {
-        Selector::Query(name) => query_edit(edit_params(&mut msg.query, |p| p.remove(name)))?,
-        Selector::Header(name) => msg.headers.remove(name).is_some(),
-        Selector::Form(name) => {
-            let form = body.form(&msg.headers)?;
-            form_edit(edit_params(form, |p| p.remove(name)))?
+    match sel {
+        Selector::Query(name) | Selector::Form(name) => {
+            let (query, form) = edit_param(msg, body, |p| p.remove(name), |m| m.remove(name))?;
+            note_param(&mut edits.removed, name, query, form);
+        }
+        Selector::Header(name) => {
+            if msg.headers.remove(name).is_some() {
+                edits.removed.push(sel.to_string());
+            }
         }
         Selector::Json(j) => {
             let removed = match body.json()? {
@@ -170,14 +174,7 @@ fn remove(
                 body.touch();
             }
             edits.removed.extend(removed);
-            false
         }
-    };
-    if hit {
-        edits.removed.push(sel.to_string());
-    }
-    if hit && matches!(sel, Selector::Form(_)) {
-        body.touch();
     }
     Ok(())
 }
@@ -189,28 +186,25 @@ fn replace(
     body: &mut Body,
     edits: &mut Edits,
 ) -> Result<(), RewriteError> {
-    let hit = match sel {
-        Selector::Query(name) => {
-            query_edit(edit_params(&mut msg.query, |p| p.replace(name, value)))?
+    match sel {
+        Selector::Query(name) | Selector::Form(name) => {
+            let (query, form) = edit_param(
+                msg,
+                body,
+                |p| p.replace(name, value),
+                |m| m.replace(name, value),
+            )?;
+            note_param(&mut edits.replaced, name, query, form);
         }
         Selector::Header(name) => {
             // Every instance: a repeated header's second value must not leave as it came.
             let new = HeaderValue::from_str(value).map_err(|_| RewriteError::BadReplacement)?;
             let all = msg.headers.get_all(name);
             let n = all.iter().count();
-            let hit = n > 1 || all.iter().any(|v| *v != new);
-            if hit {
+            if n > 1 || all.iter().any(|v| *v != new) {
                 msg.headers.insert(name, new);
+                edits.replaced.push(sel.to_string());
             }
-            hit
-        }
-        Selector::Form(name) => {
-            let form = body.form(&msg.headers)?;
-            let hit = form_edit(edit_params(form, |p| p.replace(name, value)))?;
-            if hit {
-                body.touch();
-            }
-            hit
         }
         Selector::Json(j) => {
             let changed = match body.json()? {
@@ -221,13 +215,40 @@ fn replace(
                 body.touch();
                 edits.replaced.extend(changed);
             }
-            false
         }
-    };
-    if hit {
-        edits.replaced.push(sel.to_string());
     }
     Ok(())
+}
+
+/// Apply one edit to a parameter wherever Go's `Request.FormValue` reads it: the
+/// query string, and a form body (urlencoded pairs or multipart parts). Returns whether the
+/// query and whether the body changed.
+fn edit_param(
+    msg: &mut Message,
+    body: &mut Body,
+    pairs: impl Fn(&mut Params<'_>) -> bool,
+    parts: impl FnOnce(&mut Multipart) -> bool,
+) -> Result<(bool, bool), RewriteError> {
+    let query = query_edit(edit_params(&mut msg.query, &pairs))?;
+    let form = match body.params(&msg.headers)? {
+        FormBody::None => false,
+        FormBody::Urlencoded(slot) => form_edit(edit_params(slot, &pairs))?,
+        FormBody::Multipart(multipart) => parts(multipart),
+    };
+    if form {
+        body.touch();
+    }
+    Ok((query, form))
+}
+
+/// Record a parameter edit where it happened: `query:NAME`, `form:NAME` (a body's).
+fn note_param(list: &mut Vec<String>, name: &str, query: bool, form: bool) {
+    if query {
+        list.push(format!("query:{name}"));
+    }
+    if form {
+        list.push(format!("form:{name}"));
+    }
 }
 
 /// Allowlist: within each kind of selector named, everything not named goes. What goes is
@@ -239,40 +260,19 @@ fn keep(
     body: &mut Body,
     edits: &mut Edits,
 ) -> Result<(), RewriteError> {
-    let names =
-        |f: fn(&Selector) -> Option<&str>| selectors.iter().filter_map(f).collect::<Vec<&str>>();
-    let query = names(|s| {
-        if let Selector::Query(n) = s {
-            Some(n)
-        } else {
-            None
-        }
-    });
-    let form = names(|s| {
-        if let Selector::Form(n) = s {
-            Some(n)
-        } else {
-            None
-        }
-    });
+    let params: Vec<&str> = selectors.iter().filter_map(Selector::param).collect();
     let headers: Vec<&HeaderName> = selectors
         .iter()
-        .filter_map(|s| {
-            if let Selector::Header(n) = s {
-                Some(n)
-            } else {
-                None
-            }
+        .filter_map(|s| match s {
+            Selector::Header(n) => Some(n),
+            _ => None,
         })
         .collect();
     let json: Vec<&JsonSelector> = selectors
         .iter()
-        .filter_map(|s| {
-            if let Selector::Json(j) = s {
-                Some(j)
-            } else {
-                None
-            }
+        .filter_map(|s| match s {
+            Selector::Json(j) => Some(j),
+            _ => None,
         })
         .collect();
     let mut note = |kind: &str, n: usize| {
@@ -280,13 +280,29 @@ fn keep(
             edits.removed.push(format!("keep:{kind}({n})"));
         }
     };
-    if !query.is_empty() {
+    if !params.is_empty() {
+        // One namespace: the query and a form body keep the same names.
         let mut n = 0;
         query_edit(edit_params(&mut msg.query, |p| {
-            n = p.keep_only(&query);
+            n = p.keep_only(&params);
             n > 0
         }))?;
         note("query", n);
+        let mut n = 0;
+        match body.params(&msg.headers)? {
+            FormBody::None => {}
+            FormBody::Urlencoded(slot) => {
+                form_edit(edit_params(slot, |p| {
+                    n = p.keep_only(&params);
+                    n > 0
+                }))?;
+            }
+            FormBody::Multipart(multipart) => n = multipart.keep_only(&params),
+        }
+        if n > 0 {
+            body.touch();
+        }
+        note("form", n);
     }
     if !headers.is_empty() {
         let drop: Vec<HeaderName> = msg
@@ -299,18 +315,6 @@ fn keep(
             msg.headers.remove(name);
         }
         note("header", drop.len());
-    }
-    if !form.is_empty() {
-        let mut n = 0;
-        let params = body.form(&msg.headers)?;
-        form_edit(edit_params(params, |p| {
-            n = p.keep_only(&form);
-            n > 0
-        }))?;
-        if n > 0 {
-            body.touch();
-        }
-        note("form", n);
     }
     if !json.is_empty() {
         if let Some(doc) = body.json()? {
@@ -334,10 +338,66 @@ enum Body {
         doc: Doc,
         changed: bool,
     },
+    /// An urlencoded body, as text.
     Form {
         params: Option<String>,
         changed: bool,
     },
+    Multipart {
+        form: Multipart,
+        changed: bool,
+    },
+}
+
+/// A body as the parameters of a form, if it is one.
+enum FormBody<'b> {
+    /// Not a form to a receiver (another type, or none): no parameters in it.
+    None,
+    Urlencoded(&'b mut Option<String>),
+    Multipart(&'b mut Multipart),
+}
+
+/// What a body's `Content-Type` makes it to Go's `Request.ParseForm` (the media type compared
+/// without parameters, in any case).
+enum FormType {
+    None,
+    Urlencoded,
+    Multipart,
+}
+
+/// The form type `headers` declare. More than one `Content-Type` where one is a form type is
+/// read differently by different receivers (Go takes the first): refused.
+fn form_type(headers: &HeaderMap) -> Result<(FormType, Option<&str>), RewriteError> {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let Some(first) = values.next() else {
+        return Ok((FormType::None, None));
+    };
+    let form = form_of(first);
+    let more: Vec<&HeaderValue> = values.collect();
+    if !more.is_empty() && (form.is_some() || more.iter().any(|v| form_of(v).is_some())) {
+        return Err(RewriteError::AmbiguousForm);
+    }
+    Ok(form.map_or((FormType::None, None), |(t, text)| (t, Some(text))))
+}
+
+fn form_of(value: &HeaderValue) -> Option<(FormType, &str)> {
+    let text = value.to_str().ok()?;
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Some((FormType::Urlencoded, text))
+    } else if essence.eq_ignore_ascii_case("multipart/form-data") {
+        Some((FormType::Multipart, text))
+    } else {
+        None
+    }
+}
+
+/// Whether applying `rules` to a request with these headers needs its body: a JSON selector
+/// does, and a parameter selector does when the body is a form.
+pub fn reads_body<A: AsRef<Action>>(rules: &[A], headers: &HeaderMap) -> bool {
+    rules.iter().any(|r| r.as_ref().reads_body())
+        || (rules.iter().any(|r| r.as_ref().reads_params())
+            && !matches!(form_type(headers), Ok((FormType::None, _))))
 }
 
 /// A parsed JSON body: as spans of the bytes received (the fast path), or as a tree.
@@ -428,47 +488,43 @@ impl Body {
         match self {
             Body::Empty => Ok(None),
             Body::Json { doc, .. } => Ok(Some(doc)),
-            Body::Form { .. } => Err(RewriteError::NotJson),
+            Body::Form { .. } | Body::Multipart { .. } => Err(RewriteError::NotJson),
             Body::Raw(..) => unreachable!("raw body was parsed above"),
         }
     }
 
-    fn form(&mut self, headers: &HeaderMap) -> Result<&mut Option<String>, RewriteError> {
+    /// The body as a form's parameters, parsed on first use; not a form (another type, an
+    /// empty body, a body a JSON rule read) has none.
+    fn params(&mut self, headers: &HeaderMap) -> Result<FormBody<'_>, RewriteError> {
         if let Body::Raw(raw, ..) = self {
-            let is_form = headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .is_some_and(|v| {
-                    v.trim()
-                        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-                });
-            let text = std::str::from_utf8(raw).map_err(|_| RewriteError::NotForm)?;
-            if !is_form {
-                return Err(RewriteError::NotForm);
-            }
-            *self = Body::Form {
-                params: Some(text.to_string()),
-                changed: false,
+            *self = match form_type(headers)? {
+                (FormType::None, _) => return Ok(FormBody::None),
+                (FormType::Urlencoded, _) => {
+                    let text = std::str::from_utf8(raw).map_err(|_| RewriteError::AmbiguousForm)?;
+                    Body::Form {
+                        params: Some(text.to_string()),
+                        changed: false,
+                    }
+                }
+                (FormType::Multipart, content_type) => Body::Multipart {
+                    form: Multipart::parse(content_type.unwrap_or_default(), raw)?,
+                    changed: false,
+                },
             };
         }
-        match self {
-            Body::Empty => {
-                *self = Body::Form {
-                    params: None,
-                    changed: false,
-                };
-                self.form(headers)
-            }
-            Body::Form { params, .. } => Ok(params),
-            Body::Json { .. } => Err(RewriteError::NotForm),
-            Body::Raw(..) => unreachable!("raw body was parsed above"),
-        }
+        Ok(match self {
+            Body::Form { params, .. } => FormBody::Urlencoded(params),
+            Body::Multipart { form, .. } => FormBody::Multipart(form),
+            Body::Empty | Body::Json { .. } | Body::Raw(..) => FormBody::None,
+        })
     }
 
     /// Note that a rule changed the parsed body, so `finish` re-serializes it.
     fn touch(&mut self) {
-        if let Body::Json { changed, .. } | Body::Form { changed, .. } = self {
+        if let Body::Json { changed, .. }
+        | Body::Form { changed, .. }
+        | Body::Multipart { changed, .. } = self
+        {
             *changed = true;
         }
     }
@@ -481,6 +537,10 @@ impl Body {
                 params,
                 changed: true,
             } => Some(Bytes::from(params.unwrap_or_default())),
+            Body::Multipart {
+                form,
+                changed: true,
+            } => Some(form.serialize()),
             _ => None,
         }
     }

@@ -19,11 +19,13 @@ pub enum Action {
 /// What a rule points at in a request.
 #[derive(Clone, Debug)]
 pub enum Selector {
-    /// A query parameter, by its percent-decoded name.
+    /// A parameter, by its decoded name, wherever Go's `Request.FormValue` reads one: the query
+    /// string, an urlencoded body or a multipart/form-data part. Same as `Form`; the kind only
+    /// says where the admin expects it.
     Query(String),
     /// A header, by name (case-insensitive).
     Header(HeaderName),
-    /// A field of an `application/x-www-form-urlencoded` body, by its decoded name.
+    /// A form field: the same parameter namespace as `Query`.
     Form(String),
     /// RFC 9535 JSONPath into a JSON body; each match is removed or replaced.
     Json(JsonSelector),
@@ -318,9 +320,19 @@ fn unquote(literal: &str, quote: char) -> Result<String, String> {
 }
 
 impl Selector {
-    /// Whether applying this selector needs the request body.
+    /// Whether applying this selector needs the request body whatever its type (a parameter
+    /// needs it only when it is a form: [`crate::rewrite::reads_body`]).
     pub fn reads_body(&self) -> bool {
-        matches!(self, Selector::Form(_) | Selector::Json(_))
+        matches!(self, Selector::Json(_))
+    }
+
+    /// The parameter a `query:` or `form:` selector names: one namespace, as Go's
+    /// `Request.FormValue` reads the query and a form body together.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Selector::Query(name) | Selector::Form(name) => Some(name),
+            _ => None,
+        }
     }
 
     /// Whether `text` can stand where this selector points (a header's replacement must be a
@@ -354,9 +366,14 @@ impl AsRef<Action> for Action {
 }
 
 impl Action {
-    /// Whether applying this action needs the request body.
+    /// Whether applying this action needs the request body whatever its type.
     pub fn reads_body(&self) -> bool {
         self.selectors().any(Selector::reads_body)
+    }
+
+    /// Whether it names a parameter (a form body must then be read).
+    pub fn reads_params(&self) -> bool {
+        self.selectors().any(|s| s.param().is_some())
     }
 
     pub fn selectors(&self) -> Box<dyn Iterator<Item = &Selector> + '_> {

@@ -265,9 +265,148 @@ fn unreadable_bodies_fail_closed() {
         let mut m = msg(None, &headers, body);
         assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(want), "{body}");
     }
+    // A body a receiver would read as a form, but not one way only.
     let r = rule(Action::Remove(vec![Selector::Form("a".into())]));
+    for (content_type, body, want) in [
+        (
+            "application/x-www-form-urlencoded",
+            "a=1&b%zz=2",
+            RewriteError::AmbiguousForm,
+        ),
+        (
+            "multipart/form-data",
+            "--x\r\n",
+            RewriteError::AmbiguousMultipart,
+        ),
+        (
+            "multipart/form-data; boundary=x",
+            "--x\nContent-Disposition: form-data; name=\"a\"\n\n1\n--x--",
+            RewriteError::AmbiguousMultipart,
+        ),
+    ] {
+        let mut m = msg(None, &[("content-type", content_type)], body);
+        assert_eq!(
+            apply(&[&r], &mut m, 1 << 20),
+            Err(want),
+            "{content_type} {body:?}"
+        );
+    }
+    let mut m = msg(
+        None,
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("content-type", "text/plain"),
+        ],
+        "a=1",
+    );
+    assert_eq!(
+        apply(&[&r], &mut m, 1 << 20),
+        Err(RewriteError::AmbiguousForm)
+    );
+    // A body of another type is no form to Go's `ParseForm`: nothing in it is a parameter.
     let mut m = msg(None, &[("content-type", "application/json")], "a=1");
-    assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::NotForm));
+    assert_eq!(apply(&[&r], &mut m, 1 << 20), Ok(Edits::default()));
+}
+
+/// A multipart/form-data body as Go's `mime/multipart` writer lays it out.
+fn multipart(parts: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (name, value) in parts {
+        out.push_str(&format!(
+            "--B0undary\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    out.push_str("--B0undary--\r\n");
+    out
+}
+
+#[test]
+fn query_and_form_are_one_namespace_as_go_reads_them() {
+    // `Request.FormValue` reads the query, an urlencoded body and multipart parts together: a
+    // `query:` rule reaches the body, a `form:` rule the query.
+    let urlencoded = ("content-type", "application/x-www-form-urlencoded");
+    let multipart_type = ("content-type", "multipart/form-data; boundary=B0undary");
+    for sel in [Selector::Query("uid".into()), Selector::Form("uid".into())] {
+        let r = rule(Action::Remove(vec![sel.clone()]));
+        let mut m = msg(Some("uid=1&v=2"), &[urlencoded], "a=1&UID=secret");
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+        assert_eq!(
+            (m.query.as_deref(), &m.body[..]),
+            (Some("v=2"), &b"a=1"[..]),
+            "{sel}"
+        );
+        assert_eq!(edits.removed, ["query:uid", "form:uid"], "{sel}");
+
+        let body = multipart(&[("a", "1"), ("uid", "secret"), ("b", "2")]);
+        let mut m = msg(None, &[multipart_type], &body);
+        let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+        assert_eq!(m.body, multipart(&[("a", "1"), ("b", "2")]), "{sel}");
+        assert_eq!(edits.removed, ["form:uid"], "{sel}");
+        assert_eq!(m.headers["content-length"], m.body.len().to_string());
+    }
+    let r = rule(Action::Replace(vec![(
+        Selector::Query("uid".into()),
+        "x".into(),
+    )]));
+    let mut m = msg(
+        None,
+        &[multipart_type],
+        &multipart(&[("uid", "secret"), ("b", "2")]),
+    );
+    let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+    assert_eq!(m.body, multipart(&[("uid", "x"), ("b", "2")]));
+    assert_eq!(edits.replaced, ["form:uid"]);
+    let r = rule(Action::Keep(vec![Selector::Query("b".into())]));
+    let mut m = msg(
+        Some("b=1&c=2"),
+        &[multipart_type],
+        &multipart(&[("uid", "s"), ("b", "2"), ("B", "3")]),
+    );
+    let edits = apply(&[&r], &mut m, 1 << 20).expect("applies");
+    assert_eq!(
+        (m.query.as_deref(), m.body.clone()),
+        (Some("b=1"), Bytes::from(multipart(&[("b", "2")])))
+    );
+    assert_eq!(edits.removed, ["keep:query(1)", "keep:form(2)"]);
+    // Untouched, a multipart body leaves byte for byte.
+    let body = multipart(&[("a", "1")]);
+    let mut m = msg(None, &[multipart_type], &body);
+    assert_eq!(
+        apply(&[&r], &mut m, 1 << 20).expect("applies").removed,
+        ["keep:form(1)"]
+    );
+    let r = rule(Action::Remove(vec![Selector::Query("zzz".into())]));
+    let mut m = msg(None, &[multipart_type], &body);
+    assert_eq!(apply(&[&r], &mut m, 1 << 20), Ok(Edits::default()));
+    assert_eq!(m.body, body);
+}
+
+#[test]
+fn multipart_names_read_more_than_one_way_are_refused() {
+    let r = rule(Action::Remove(vec![Selector::Form("uid".into())]));
+    let ct = ("content-type", "multipart/form-data; boundary=B0undary");
+    for body in [
+        // RFC 2231 names, extra parameters, unquoted or escaped names, two dispositions.
+        "--B0undary\r\nContent-Disposition: form-data; name*=UTF-8''uid\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary\r\nContent-Disposition: form-data; name=\"a\"; x=\"y\"\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary\r\nContent-Disposition: form-data; name=uid\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary\r\nContent-Disposition: form-data; name=\"u\\id\"\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary\r\nContent-Disposition: form-data; name=\"a\"\r\nContent-Disposition: form-data; name=\"uid\"\r\n\r\nx\r\n--B0undary--\r\n",
+        // Go decodes quoted-printable parts itself.
+        "--B0undary\r\nContent-Disposition: form-data; name=\"a\"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nx\r\n--B0undary--\r\n",
+        // A preamble, transport padding, an epilogue, no close delimiter.
+        "junk\r\n--B0undary\r\nContent-Disposition: form-data; name=\"uid\"\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary \r\nContent-Disposition: form-data; name=\"uid\"\r\n\r\nx\r\n--B0undary--\r\n",
+        "--B0undary\r\nContent-Disposition: form-data; name=\"uid\"\r\n\r\nx\r\n--B0undary--\r\nmore",
+        "--B0undary\r\nContent-Disposition: form-data; name=\"uid\"\r\n\r\nx",
+    ] {
+        let mut m = msg(None, &[ct], body);
+        assert_eq!(
+            apply(&[&r], &mut m, 1 << 20),
+            Err(RewriteError::AmbiguousMultipart),
+            "{body:?}"
+        );
+    }
 }
 
 #[test]

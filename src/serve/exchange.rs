@@ -22,7 +22,7 @@ use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
 use crate::decide::policy::{normalize_host, Mode};
 use crate::decide::Refusal;
-use crate::rewrite::Message;
+use crate::rewrite::{self, Message};
 use crate::upstream::{self, ConnectError, OutBody, PinnedError};
 
 impl Shared {
@@ -93,7 +93,7 @@ impl Shared {
         if let Ok(path) = path {
             parts.uri = with_path(&parts.uri, path);
         }
-        let reads_body = rules.iter().any(|r| r.reads_body());
+        let reads_body = rewrite::reads_body(&rules, &parts.headers);
         let (raw, body) = if reads_body {
             match self.read_body(&parts.headers, body).await {
                 Ok(bytes) => (bytes, None),

@@ -635,8 +635,16 @@ fn capture_diagnostics() {
 
 /// Build the Go client once per test run; `None` (with a message) where Go is missing outside CI.
 pub fn go_client() -> Option<PathBuf> {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goclient");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("goclient");
+    go_build("goclient")
+}
+
+/// Build the Go program in `tests/{name}`; `None` (with a message) where Go is missing outside
+/// CI.
+pub fn go_build(name: &str) -> Option<PathBuf> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(name);
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("go-cache");
     let status = std::process::Command::new("go")
         .args(["build", "-o"])
@@ -656,7 +664,7 @@ pub fn go_client() -> Option<PathBuf> {
                 "Go is required under CI=true: {other:?}"
             );
             eprintln!(
-                "skipping the Go client test: `go build` failed ({other:?}); install golang-go"
+                "skipping the Go {name} test: `go build` failed ({other:?}); install golang-go"
             );
             None
         }

@@ -439,3 +439,105 @@ async fn a_feature_address_is_one_whatever_the_spelling() {
     );
     env.stop().await;
 }
+
+/// `Request.FormValue` reads the query, an urlencoded body and multipart/form-data parts as one
+/// namespace: a `query:` rule reaches a form body and a `form:` rule the query. What left is
+/// read back with Go's `ParseMultipartForm` (tests/goform).
+#[tokio::test]
+async fn query_and_form_are_one_namespace() {
+    let policy = "[consent]\nsecurity_alerts = \"granted\"\n\
+        [[feature]]\nname = \"security_alerts\"\nhosts = [\"securityupdatecheck.mattermost.com\"]\n\
+          [[feature.rule]]\n  remove = [\"form:sid\", \"query:uc\"]\n";
+    let env = Env::start(Setup {
+        policy,
+        ..Setup::default()
+    })
+    .await;
+    let goform = crate::harness::go_build("goform");
+    let secret_file = env.dir.path().join("secret.txt");
+    std::fs::write(&secret_file, "SECRET-FILE").expect("write");
+    let file_part = format!("sid=@{}", secret_file.display());
+    let url = format!("https://{SECURITY}/security?sid=SECRET-Q&v=1");
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("get", vec![]),
+        (
+            "urlencoded",
+            vec!["--data-binary", "UC=SECRET-B&id=x&s%69d=SECRET-C"],
+        ),
+        (
+            "multipart",
+            vec!["-F", "uc=SECRET-M", "-F", "id=x", "-F", &file_part],
+        ),
+    ];
+    for http in ["--http1.1", "--http2"] {
+        for (what, extra) in &cases {
+            let mut args = vec![http];
+            args.extend(extra.iter().copied());
+            args.push(&url);
+            let out = env.curl(&args).await;
+            assert_eq!(out.code, 200, "{what} {http}: {out:?}");
+            let got = env.upstream.requests().pop().expect("forwarded");
+            assert!(
+                !got.path_and_query.contains("SECRET")
+                    && !String::from_utf8_lossy(&got.body).contains("SECRET"),
+                "{what} {http}: {} {}",
+                got.path_and_query,
+                String::from_utf8_lossy(&got.body)
+            );
+            let record = env.audit().pop().expect("record");
+            assert_eq!(record["decision"], "stripped", "{what} {http}");
+            let Some(goform) = &goform else { continue };
+            // Go reads what left: the parameters the rules named are gone, the others are there.
+            let body = env.dir.path().join("left.bin");
+            std::fs::write(&body, &got.body).expect("write");
+            let content_type = got
+                .headers
+                .get("content-type")
+                .map_or("", |v| v.to_str().unwrap_or(""))
+                .to_string();
+            let out = std::process::Command::new(goform)
+                .arg(format!("https://{SECURITY}{}", got.path_and_query))
+                .arg(&content_type)
+                .arg(&body)
+                .output()
+                .expect("goform runs");
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let names = String::from_utf8_lossy(&out.stdout).to_string();
+            let names: Vec<&str> = names.lines().collect();
+            for gone in ["sid", "uc", "UC"] {
+                assert!(
+                    !names.contains(&gone),
+                    "{what} {http}: Go reads {gone}: {names:?}"
+                );
+            }
+            assert!(names.contains(&"v"), "{what} {http}: {names:?}");
+            if *what != "get" {
+                assert!(names.contains(&"id"), "{what} {http}: {names:?}");
+            }
+        }
+    }
+    // A multipart body that cannot be read one way only: refused, with a record.
+    let before = env.upstream.requests().len();
+    let bad = "--b\r\nContent-Disposition: form-data; name*=UTF-8''uc\r\n\r\nSECRET\r\n--b--\r\n";
+    let out = env
+        .curl(&[
+            "-H",
+            "Content-Type: multipart/form-data; boundary=b",
+            "--data-binary",
+            bad,
+            &url,
+        ])
+        .await;
+    assert_eq!(out.code, 415, "{out:?}");
+    let record = env.audit().pop().expect("record");
+    assert_eq!(
+        record["reason"],
+        "multipart/form-data body cannot be read unambiguously"
+    );
+    assert_eq!(env.upstream.requests().len(), before);
+    env.stop().await;
+}

@@ -1,0 +1,3 @@
+module consentproxy/goform
+
+go 1.19
