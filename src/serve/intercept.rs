@@ -12,6 +12,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, warn};
 
 use super::accept::until_cancelled;
+use super::h2_resets::{Refused, Watched};
 use super::shared::{Peer, Shared, Target};
 use crate::decide::policy::normalize_host;
 use crate::decide::Decision;
@@ -79,8 +80,22 @@ impl Shared {
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
-        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        // What the HTTP/2 layer refuses itself never reaches `request`: recorded from here.
+        let (report, mut refused) = tokio::sync::mpsc::unbounded_channel();
+        let recorder = {
+            let (this, target) = (self.clone(), target.clone());
+            self.tracker.spawn(async move {
+                while let Some(r) = refused.recv().await {
+                    this.record_blocked(peer, Some(&target), None, Refused::reason(&r))
+                        .await;
+                }
+            })
+        };
+        let conn = builder.serve_connection(TokioIo::new(Watched::new(tls, report)), service);
         let result = until_cancelled(conn, &self.token, |c| c.graceful_shutdown()).await;
+        // The connection (and the reporting end) is gone: every refusal is recorded before
+        // this connection's handling ends.
+        let _ = recorder.await;
         if let Err(e) = result {
             debug!(error = %e, "intercepted connection ended");
             if let Some(e) = e.downcast_ref::<hyper::Error>() {

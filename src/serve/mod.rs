@@ -16,6 +16,7 @@ mod admin;
 mod balancer;
 mod exchange;
 mod explicit;
+mod h2_resets;
 mod intercept;
 mod reload;
 mod respond;

@@ -15,7 +15,7 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
 /// How the server answered stream 1.
-#[derive(Debug, Eq, PartialEq)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum Answer {
     /// A response head (the HPACK block is not decoded: that it came is what counts).
     Response,

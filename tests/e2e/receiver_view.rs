@@ -541,3 +541,88 @@ async fn query_and_form_are_one_namespace() {
     assert_eq!(env.upstream.requests().len(), before);
     env.stop().await;
 }
+
+/// Requests the HTTP/2 layer refuses itself (reset before the exchange sees them) leave a
+/// record each, like every other refusal.
+#[tokio::test]
+async fn streams_h2_resets_are_recorded() {
+    let env = Env::start(Setup::default()).await;
+    let base = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", SECURITY),
+        (":path", "/security?id=x"),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut fields = base.to_vec();
+        fields.push(extra);
+        fields
+    };
+    // h2 resets a stream for a malformed head, and ends the connection for a field it cannot
+    // decode at all (an upper-case name).
+    let (stream, connection) = (
+        (raw_h2::Answer::Reset(1), "HTTP/2 stream 1 reset"),
+        (raw_h2::Answer::GoAway(1), "HTTP/2 connection closed"),
+    );
+    let cases: Vec<(&str, Vec<(&str, &str)>, _)> = vec![
+        (
+            "malformed :path",
+            {
+                let mut f = base.to_vec();
+                f[3] = (":path", "/security?id=SECRET x");
+                f
+            },
+            stream,
+        ),
+        (":status in a request", with((":status", "200")), stream),
+        (
+            "connection-specific field",
+            with(("connection", "close")),
+            stream,
+        ),
+        ("missing :method", base[1..].to_vec(), stream),
+        ("upper-case field name", with(("X-Upper", "1")), connection),
+    ];
+    for (i, (what, fields, (answer, reason))) in cases.iter().enumerate() {
+        let mut tls = env.h2_inside(env.proxy, SECURITY).await;
+        assert_eq!(
+            &raw_h2::request(&mut tls, fields, b"").await,
+            answer,
+            "{what}"
+        );
+        drop(tls);
+        let record = env
+            .wait_for_record(what, |r| {
+                r["reason"].as_str().is_some_and(|s| s.starts_with(reason))
+                    && r["seq"].as_u64().is_some_and(|seq| seq as usize >= i + 2)
+            })
+            .await;
+        assert_eq!(record["decision"], "blocked", "{what}");
+        assert_eq!(record["host"], SECURITY, "{what}");
+        assert!(
+            record["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("PROTOCOL_ERROR")),
+            "{what}: {record}"
+        );
+    }
+    let refusals = env
+        .audit()
+        .iter()
+        .filter(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("HTTP/2 "))
+        })
+        .count();
+    assert_eq!(refusals, cases.len(), "one record per refusal");
+    assert!(env.upstream.requests().is_empty());
+    assert!(!env.audit_text().contains("SECRET"));
+    // A well-formed request on the same kind of connection is answered and recorded once.
+    let mut tls = env.h2_inside(env.proxy, SECURITY).await;
+    assert_eq!(
+        raw_h2::request(&mut tls, &base, b"").await,
+        raw_h2::Answer::Response
+    );
+    env.stop().await;
+}
