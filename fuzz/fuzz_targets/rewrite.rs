@@ -1,8 +1,9 @@
-//! The rewriter against the Mattermost pack: arbitrary queries, headers, codings and bodies on
-//! every feature host, under arbitrary withheld categories. No panic; and when a rewrite reports
-//! success, no forbidden selector survives it: applying the same rules to what would leave
-//! finds nothing more to remove or replace, and no query pair a lenient receiver reads is one
-//! a rule removes.
+//! The rewriter against the Mattermost pack: arbitrary paths, queries, headers, codings and
+//! bodies (JSON, urlencoded and multipart/form-data among them) on every feature host, under
+//! arbitrary withheld categories. No panic; a path that normalizes is in normal form and
+//! normalizes to itself once encoded; and when a rewrite reports success, no forbidden selector
+//! survives it: applying the same rules to what would leave finds nothing more to remove or
+//! replace, and no query pair a lenient receiver reads is one a rule removes.
 
 #![no_main]
 
@@ -14,6 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
 use consent_proxy::config::CATEGORIES;
+use consent_proxy::decide::path::{self, PathError};
 use consent_proxy::decide::policy::{Policy, Verdict};
 use consent_proxy::rewrite::codec::{self, Coding};
 use consent_proxy::rewrite::fold::fold;
@@ -31,6 +33,9 @@ const TARGETS: [(&str, &str); 4] = [
 #[derive(Arbitrary, Debug)]
 struct Input {
     target: u8,
+    /// The request path instead of the target's (its method: `OPTIONS` when odd, else `POST`).
+    path: Option<String>,
+    method: u8,
     withheld: u16,
     query: Option<String>,
     headers: Vec<(String, String)>,
@@ -42,12 +47,21 @@ struct Input {
     body: Vec<u8>,
 }
 
-/// Bodies of the Mattermost fixtures, and key spellings Go would bind to the pack's names.
-const BASES: [&[u8]; 4] = [
+/// The `Content-Type` of the bases that are forms (the rest are JSON, sent without one).
+const FORM_TYPES: [(usize, &str); 2] = [
+    (4, "multipart/form-data; boundary=B0undary"),
+    (5, "application/x-www-form-urlencoded"),
+];
+
+/// Bodies of the Mattermost fixtures, key spellings Go would bind to the pack's names, and the
+/// security check's parameters as a multipart and an urlencoded form.
+const BASES: [&[u8]; 6] = [
     include_bytes!("../../../shared/fixtures/mattermost/push_full.json"),
     include_bytes!("../../../shared/fixtures/mattermost/push_generic_no_channel.json"),
     br#"{"batch":[{"event":"license","userId":"u","properties":{"feature_ldap":true,"Feature_X":1}},{"EVENT":"activity","anonymousId":"a"},{"event":"server","properties":{}}],"sentAt":"t"}"#,
     br#"{"Message":"m","CHANNEL_NAME":"c","\u017fender_name":"s","override_username":"o","server_id":"s","ack_id":"a"}"#,
+    b"--B0undary\r\nContent-Disposition: form-data; name=\"id\"\r\n\r\nx\r\n--B0undary\r\nContent-Disposition: form-data; name=\"UC\"\r\n\r\n3\r\n--B0undary\r\nContent-Disposition: form-data; name=\"tc\"; filename=\"t\"\r\nContent-Type: text/plain\r\n\r\n9\r\n--B0undary--\r\n",
+    b"id=x&uc=1;auc=2&t%63=3&b=1",
 ];
 
 /// The body to send: a base with the edits (insert, or overwrite, at a position), or `body`.
@@ -101,8 +115,36 @@ fn policies() -> &'static Vec<Policy> {
 fuzz_target!(|input: Input| {
     let all = policies();
     let policy = &all[usize::from(input.withheld) % all.len()];
-    let (host, path) = TARGETS[usize::from(input.target) % TARGETS.len()];
-    let Verdict::Granted { rules, .. } = policy.decide(host, path) else {
+    let (host, target_path) = TARGETS[usize::from(input.target) % TARGETS.len()];
+    let method = if input.method % 2 == 1 {
+        http::Method::OPTIONS
+    } else {
+        http::Method::POST
+    };
+    let raw_path = input.path.as_deref().unwrap_or(target_path);
+    let normalized = match path::normalize(&method, raw_path) {
+        Ok(p) => p,
+        Err(PathError::Asterisk(_)) => {
+            assert_eq!(raw_path, "*");
+            return;
+        }
+        Err(PathError::Ambiguous(_)) => return,
+    };
+    // Normal form: rooted, no empty, `.` or `..` segment (but a trailing slash), no `;`; and
+    // what leaves, read again, is the same path.
+    assert!(normalized.starts_with('/'), "{normalized:?}");
+    let segments: Vec<&str> = normalized[1..].split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        assert!(!matches!(*seg, "." | ".."), "{normalized:?}");
+        assert!(!seg.is_empty() || i + 1 == segments.len(), "{normalized:?}");
+    }
+    let encoded = path::encode(&normalized);
+    assert_eq!(
+        path::normalize(&method, &encoded).as_deref(),
+        Ok(&*normalized),
+        "{raw_path:?} leaves as {encoded:?}"
+    );
+    let Verdict::Granted { rules, .. } = policy.decide(host, &normalized) else {
         return;
     };
     let mut headers = HeaderMap::new();
@@ -124,6 +166,11 @@ fuzz_target!(|input: Input| {
             _ => Coding::Zstd,
         })
         .collect();
+    if let Some((_, form)) = FORM_TYPES.iter().find(|(i, _)| *i == usize::from(input.base)) {
+        if !headers.contains_key(http::header::CONTENT_TYPE) {
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(form));
+        }
+    }
     let mut body = body_of(&input);
     if !codings.is_empty() && input.target % 2 == 1 {
         body = codec::encode(&body, &codings);

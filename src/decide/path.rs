@@ -156,8 +156,8 @@ fn clean(path: &str) -> String {
         cleaned.push('/');
         cleaned.push_str(seg);
     }
-    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
-    if cleaned.is_empty() || (trailing && !cleaned.ends_with('/')) {
+    // As Go's `cleanPath`: a trailing slash is kept only when the path ends in one.
+    if cleaned.is_empty() || (path.ends_with('/') && !cleaned.ends_with('/')) {
         cleaned.push('/');
     }
     cleaned
@@ -182,8 +182,8 @@ mod tests {
             ("/./api//v1/./send_push", "/api/v1/send_push"),
             ("/../../v1/batch", "/v1/batch"),
             ("/v1/%2E%2E/v1/batch", "/v1/batch"),
-            ("/v1/batch/.", "/v1/batch/"),
-            ("/v1/x/..", "/v1/"),
+            ("/v1/batch/.", "/v1/batch"),
+            ("/v1/x/..", "/v1"),
             ("//", "/"),
             ("/a%20b", "/a b"),
             ("/caf%C3%A9", "/café"),

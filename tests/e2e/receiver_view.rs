@@ -626,3 +626,73 @@ async fn streams_h2_resets_are_recorded() {
     );
     env.stop().await;
 }
+
+/// The proxy's normalized path is the one Go routes on (tests/gopath: `url.ParseRequestURI`,
+/// then net/http's `cleanPath`), for every path it accepts; what it refuses as ambiguous, Go
+/// reads otherwise than its bytes say (an encoded `/` becomes a separator) or refuses.
+#[test]
+fn normalized_paths_are_the_paths_go_routes_on() {
+    use consent_proxy::decide::path::normalize;
+    let Some(gopath) = crate::harness::go_build("gopath") else {
+        return;
+    };
+    let paths = [
+        "/api/v1/send_push",
+        "/%61pi/v1/send%5Fpush",
+        "/x/../api/v1/send_push",
+        "/./api//v1/./send_push",
+        "/../../v1/batch",
+        "/v1/%2E%2E/v1/batch",
+        "/v1/batch/.",
+        "/v1/x/..",
+        "//",
+        "/a%20b",
+        "/caf%C3%A9",
+        "/v1/batch/",
+        "/v1/%7Euser",
+        "/v1/a+b",
+        "/v1/%3F",
+        "/api%2Fv1/send_push",
+        "/v1/%zz",
+        "/v1/%6",
+        "/v1/batch%00",
+        "/api;x/v1",
+    ];
+    let mut child = std::process::Command::new(&gopath)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gopath runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        for p in paths {
+            writeln!(stdin, "{p}").expect("write");
+        }
+    }
+    let out = child.wait_with_output().expect("gopath ends");
+    let go = String::from_utf8(out.stdout).expect("utf-8");
+    let go: Vec<&str> = go.lines().collect();
+    assert_eq!(go.len(), paths.len());
+    let mut refused = 0;
+    for (raw, go) in paths.iter().zip(go) {
+        match normalize(&http::Method::GET, raw) {
+            Ok(ours) => assert_eq!(
+                ours, go,
+                "{raw}: the proxy decides on {ours}, Go routes {go}"
+            ),
+            Err(_) => {
+                refused += 1;
+                // Go refuses it too, or reads a path whose bytes say otherwise.
+                assert!(
+                    go == "ERROR"
+                        || raw.contains("%2F")
+                        || raw.contains(';')
+                        || raw.contains("%00"),
+                    "{raw}: Go routes {go}"
+                );
+            }
+        }
+    }
+    assert_eq!(refused, 5);
+}

@@ -1,0 +1,3 @@
+module consentproxy/gopath
+
+go 1.19
