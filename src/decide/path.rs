@@ -31,7 +31,8 @@ impl PathError {
 }
 
 /// Bytes written percent-encoded when a normalized path leaves: those RFC 3986 does not allow
-/// raw in a path, and `%` itself (every `%` of a normalized path is a decoded one).
+/// raw in a path, and `%` itself (every `%` of a normalized path is a decoded one). `is_clean`
+/// lists the same printable ones.
 const PATH_ENCODE: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
@@ -81,9 +82,11 @@ pub fn encode(path: &str) -> Cow<'_, str> {
     utf8_percent_encode(path, PATH_ENCODE).into()
 }
 
-/// Already normal: nothing encoded, no empty, `.` or `..` segment.
+/// Already normal: only bytes a path holds raw (nothing encoded, no control character), no
+/// empty, `.` or `..` segment.
 fn is_clean(raw: &str) -> bool {
-    !raw.contains('%')
+    raw.bytes()
+        .all(|b| b.is_ascii_graphic() && !b"\"#%<>?[\\]^`{|}".contains(&b))
         && raw[1..]
             .split('/')
             .enumerate()
@@ -186,6 +189,7 @@ mod tests {
             ("/v1/x/..", "/v1"),
             ("//", "/"),
             ("/a%20b", "/a b"),
+            ("/a b", "/a b"),
             ("/caf%C3%A9", "/café"),
         ] {
             assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
@@ -199,6 +203,7 @@ mod tests {
     #[test]
     fn ambiguous_paths_and_asterisks_are_refused() {
         for raw in [
+            "/\tv1/batch",
             "/api%2Fv1/send_push",
             "/api%2fv1",
             "/v1/batch%00",
