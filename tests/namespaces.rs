@@ -438,6 +438,35 @@ async fn inner_transparent_cases() {
     .await;
     assert_eq!(record["feature"], "diagnostics");
 
+    // 7. Plain HTTP to one feature's address with a `Host` of another feature (push is granted,
+    //    diagnostics denied): the address decides, nothing reaches diagnostics' upstream.
+    let out = as_nobody(
+        "curl",
+        &[
+            "-sS".into(),
+            "--max-time".into(),
+            "5".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "--resolve".into(),
+            format!("{PUSH}:443:{RUDDER_IP}"),
+            "--data-binary".into(),
+            "{}".into(),
+            format!("http://{PUSH}:443/api/v1/send_push"),
+        ],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{out:?}");
+    assert_eq!(rudder.connections.load(Ordering::SeqCst), 0);
+    let record = wait_for(&log, "another feature's Host", |r| {
+        r["host"] == PUSH && r["original_dst"] == format!("{RUDDER_IP}:443")
+    })
+    .await;
+    assert_eq!(record["decision"], "blocked");
+    assert_eq!(record["feature"], "diagnostics");
+
     // 6. Loops: a redirected connection to the proxy's own explicit listener, and a connection to
     //    the transparent port that was never redirected, are refused.
     let out = as_nobody(

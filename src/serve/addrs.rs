@@ -20,9 +20,10 @@ const ADDR_TTL: Duration = Duration::from_secs(300);
 /// How many host names the address cache holds before it starts afresh.
 const ADDR_CACHE_MAX: usize = 4096;
 
-/// Addresses of feature hosts (`[upstream] resolve`, then DNS on port 443), resolved on demand
-/// and cached (bounded, with a lifetime), to see whether a destination belongs to a feature
-/// whatever name the client gives.
+/// Addresses of feature hosts, resolved on demand and cached (bounded, with a lifetime), to see
+/// whether a destination belongs to a feature whatever name the client gives: what DNS says
+/// (that address on any port: the same operator), and `[upstream] resolve` (that address and
+/// port only, as the admin pinned it).
 #[derive(Default)]
 struct FeatureAddrs {
     cache: Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>,
@@ -64,11 +65,14 @@ impl FeatureAddrs {
                 // A failed or slow lookup finds nothing; the next check tries again after the TTL.
                 let lookup = tokio::time::timeout(
                     Duration::from_secs(2),
-                    tokio::net::lookup_host((host.clone(), 443)),
+                    tokio::net::lookup_host((host.clone(), 0)),
                 )
                 .await;
+                // Port 0: the feature's operator is at that address on every port.
                 let found: Vec<SocketAddr> = match lookup {
-                    Ok(Ok(addrs)) => addrs.collect(),
+                    Ok(Ok(addrs)) => addrs
+                        .map(|a| SocketAddr::new(canonical(a.ip()), 0))
+                        .collect(),
                     _ => Vec::new(),
                 };
                 (host, found)
@@ -86,13 +90,14 @@ impl FeatureAddrs {
             }
             cache.insert(host, (found, Instant::now()));
         }
-        let canonical = SocketAddr::new(canonical(dest.ip()), dest.port());
+        let ip = canonical(dest.ip());
+        let serves = |a: &SocketAddr| a.ip() == ip && (a.port() == 0 || a.port() == dest.port());
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let mut at: Vec<String> = Vec::new();
         for (feature, host) in &hosts {
             let served = cache
                 .get(*host)
-                .is_some_and(|(addrs, _)| addrs.contains(&canonical));
+                .is_some_and(|(addrs, _)| addrs.iter().any(serves));
             if served && !at.iter().any(|f| f == feature) {
                 at.push(feature.to_string());
             }
