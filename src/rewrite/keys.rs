@@ -153,10 +153,15 @@ pub(super) const MAX_PATHS: usize = 16;
 /// there are more than [`MAX_PATHS`] or a path holds a member name the selector does not spell
 /// (a pattern's or a wildcard's match): such a name is the client's text, and may carry a value.
 pub(super) fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
+    // ASCII names fold to their upper case: compared without folding (or allocating).
     let spelt = |name: &str| {
-        sel.names
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name) || fold(n) == fold(name))
+        sel.names.iter().any(|n| {
+            if n.is_ascii() && name.is_ascii() {
+                n.eq_ignore_ascii_case(name)
+            } else {
+                fold(n) == fold(name)
+            }
+        })
     };
     let foreign = || {
         paths

@@ -68,20 +68,54 @@ fn refuses(code: u32) -> bool {
 enum Framing {
     /// Reading the first frame header, which says whether this is HTTP/2 at all: a server's
     /// HTTP/2 starts with SETTINGS on stream 0, an HTTP/1 response with `HTTP/` (type `P`).
-    First(Vec<u8>),
+    First(Collected<9>),
     /// HTTP/1: nothing to read.
     Off,
     /// Reading a frame header (the bytes so far).
-    Head(Vec<u8>),
+    Head(Collected<9>),
     /// Reading the payload of a frame whose start is kept (`RST_STREAM`, `GOAWAY`).
     Keep {
         kind: u8,
         stream: u32,
         left: usize,
-        got: Vec<u8>,
+        got: Collected<8>,
     },
     /// Skipping the rest of a payload.
     Skip(usize),
+}
+
+/// Up to `N` bytes, collected across writes without allocating.
+#[derive(Debug)]
+struct Collected<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Collected<N> {
+    fn default() -> Self {
+        Collected {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Collected<N> {
+    /// Take what fits of `from`; returns how many bytes were taken.
+    fn fill(&mut self, from: &[u8]) -> usize {
+        let take = (N - self.len).min(from.len());
+        self.bytes[self.len..self.len + take].copy_from_slice(&from[..take]);
+        self.len += take;
+        take
+    }
+
+    fn full(&self) -> bool {
+        self.len == N
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The server's side of a connection, watched for the refusals its HTTP/2 layer writes.
@@ -95,7 +129,7 @@ impl<IO> Watched<IO> {
     pub(super) fn new(io: IO, report: UnboundedSender<Refused>) -> Self {
         Watched {
             io,
-            framing: Framing::First(Vec::with_capacity(9)),
+            framing: Framing::First(Collected::default()),
             report,
         }
     }
@@ -106,10 +140,8 @@ impl<IO> Watched<IO> {
             match &mut self.framing {
                 Framing::Off => return,
                 Framing::First(head) | Framing::Head(head) => {
-                    let take = (9 - head.len()).min(bytes.len());
-                    head.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
-                    if head.len() == 9 {
+                    bytes = &bytes[head.fill(bytes)..];
+                    if head.full() {
                         self.framing = self.after_head();
                     }
                 }
@@ -120,18 +152,14 @@ impl<IO> Watched<IO> {
                     got,
                 } => {
                     let take = (*left).min(bytes.len());
-                    if got.len() < 8 {
-                        let keep = take.min(8 - got.len());
-                        got.extend_from_slice(&bytes[..keep]);
-                    }
+                    got.fill(&bytes[..take]);
                     *left -= take;
                     bytes = &bytes[take..];
                     if *left == 0 {
-                        let refused = decode(*kind, *stream, got);
-                        if let Some(refused) = refused {
+                        if let Some(refused) = decode(*kind, *stream, got.get()) {
                             let _ = self.report.send(refused);
                         }
-                        self.framing = Framing::Head(Vec::with_capacity(9));
+                        self.framing = Framing::Head(Collected::default());
                     }
                 }
                 Framing::Skip(left) => {
@@ -139,7 +167,7 @@ impl<IO> Watched<IO> {
                     *left -= take;
                     bytes = &bytes[take..];
                     if *left == 0 {
-                        self.framing = Framing::Head(Vec::with_capacity(9));
+                        self.framing = Framing::Head(Collected::default());
                     }
                 }
             }
@@ -151,6 +179,7 @@ impl<IO> Watched<IO> {
         let (Framing::First(head) | Framing::Head(head)) = &self.framing else {
             return Framing::Off;
         };
+        let head = &head.bytes;
         let first = matches!(self.framing, Framing::First(_));
         if first && (head[3] != SETTINGS || head[5..] != [0, 0, 0, 0]) {
             return Framing::Off;
@@ -163,9 +192,9 @@ impl<IO> Watched<IO> {
                 kind,
                 stream,
                 left: len,
-                got: Vec::with_capacity(8),
+                got: Collected::default(),
             },
-            _ if len == 0 => Framing::Head(Vec::with_capacity(9)),
+            _ if len == 0 => Framing::Head(Collected::default()),
             _ => Framing::Skip(len),
         }
     }
@@ -225,16 +254,25 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        // One buffer at a time, so what was written is known exactly.
-        let first = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &**b);
-        self.poll_write(cx, first)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &polled {
+            // What was written is the first `n` bytes across the buffers, in order.
+            let mut left = *n;
+            for buf in bufs {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(buf.len());
+                this.written(&buf[..take]);
+                left -= take;
+            }
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
-        false
+        self.io.is_write_vectored()
     }
 }
 
