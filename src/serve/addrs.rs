@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::shared::Active;
+use super::active::Active;
 use crate::decide::policy::{canonical, normalize_host, HostPattern, Policy};
 use crate::upstream::{AddressCheck, ConnectError};
 

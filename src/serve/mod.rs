@@ -11,6 +11,7 @@
 //! on the pure core, never on each other or back on this module.
 
 mod accept;
+mod active;
 mod addrs;
 mod admin;
 mod balancer;
@@ -41,8 +42,9 @@ use crate::ca::{CaError, CertificateAuthority, Origin};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamSetupError};
+use active::Active;
 use addrs::{AddressGate, Listening};
-use shared::{Active, Shared, Sources};
+use shared::{Shared, Sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

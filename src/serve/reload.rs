@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::shared::{Active, Shared, Sources};
+use super::active::Active;
+use super::shared::{Shared, Sources};
 use crate::audit::Entry;
 use crate::config::Loaded;
 use crate::decide::policy::Policy;

@@ -8,7 +8,8 @@ use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use tracing::{debug, info};
 
-use super::shared::{Active, Peer, Shared, Target};
+use super::active::Active;
+use super::shared::{Peer, Shared, Target};
 use crate::audit::{AuditError, Entry};
 use crate::decide::{Decision, Refusal};
 use crate::upstream::OutBody;

@@ -13,30 +13,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::active::Active;
 use super::addrs::{AddressGate, Listening};
 use crate::audit::AuditLog;
 use crate::ca::CertificateAuthority;
 use crate::config::Limits;
-use crate::decide::policy::Policy;
 use crate::metrics::Metrics;
 use crate::upstream::{Pinned, Upstream};
-
-/// The policy in force with its hashes; replaced whole on reload.
-pub struct Active {
-    pub policy: Policy,
-    pub policy_hash: Arc<str>,
-    pub consent_hash: Arc<str>,
-}
-
-impl Active {
-    pub(super) fn new(policy: Policy, policy_hash: &str, consent_hash: &str) -> Arc<Active> {
-        Arc::new(Active {
-            policy,
-            policy_hash: policy_hash.into(),
-            consent_hash: consent_hash.into(),
-        })
-    }
-}
 
 /// The files a running policy came from, to load it again.
 #[derive(Clone, Debug)]
