@@ -1,6 +1,7 @@
-//! Where things are served, by address: the hosts of features (resolved on demand and cached,
-//! so a name of no feature cannot reach a feature host's address), and the proxy's own
-//! listeners (so a connection to one of them is known for a loop).
+//! Where things are served, by address: the hosts of features (resolved on demand and cached),
+//! and the one tie of names to addresses made from them ([`AddressGate`]: a name reaches no
+//! address of a feature it does not belong to); and the proxy's own listeners (so a connection
+//! to one of them is known for a loop).
 
 use std::collections::HashMap;
 use std::future::Future;
