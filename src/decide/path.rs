@@ -30,6 +30,9 @@ impl PathError {
     }
 }
 
+/// A `;` in a path: a path parameter to some receivers (Java's), a plain byte to Go's.
+const PARAMETER: &str = "request path has a ; parameter, which receivers read differently";
+
 /// Bytes written percent-encoded when a normalized path leaves: those RFC 3986 does not allow
 /// raw in a path, and `%` itself (every `%` of a normalized path is a decoded one). `is_clean`
 /// lists the same printable ones.
@@ -65,9 +68,7 @@ pub fn normalize<'a>(method: &Method, raw: &'a str) -> Result<Cow<'a, str>, Path
         return Err(PathError::Ambiguous("request path does not start with /"));
     }
     if raw.contains(';') {
-        return Err(PathError::Ambiguous(
-            "request path has a ; parameter, which receivers read differently",
-        ));
+        return Err(PathError::Ambiguous(PARAMETER));
     }
     if is_clean(raw) {
         return Ok(Cow::Borrowed(raw));
@@ -82,20 +83,13 @@ pub fn encode(path: &str) -> Cow<'_, str> {
     utf8_percent_encode(path, PATH_ENCODE).into()
 }
 
-/// Already normal: only bytes a path holds raw (nothing encoded, no control character), no
-/// empty, `.` or `..` segment.
+/// Already normal (`raw` starts with `/`): only bytes a path holds raw (nothing encoded, no
+/// control character), no empty segment but a last one, no `.` or `..` segment.
 fn is_clean(raw: &str) -> bool {
     raw.bytes()
         .all(|b| b.is_ascii_graphic() && !b"\"#%<>?[\\]^`{|}".contains(&b))
-        && raw[1..]
-            .split('/')
-            .enumerate()
-            .all(|(i, seg)| !matches!(seg, "." | "..") && (!seg.is_empty() || i == count(raw)))
-}
-
-/// The index of the last segment of `raw` (after its leading `/`).
-fn count(raw: &str) -> usize {
-    raw[1..].matches('/').count()
+        && !raw.contains("//")
+        && raw.split('/').all(|seg| seg != "." && seg != "..")
 }
 
 /// Percent-decode as Go's `url.PathUnescape` does, refusing what decodes ambiguously.
@@ -123,11 +117,7 @@ fn decode(raw: &str) -> Result<String, PathError> {
                     "request path has an encoded /, which receivers read differently",
                 ))
             }
-            b';' => {
-                return Err(PathError::Ambiguous(
-                    "request path has a ; parameter, which receivers read differently",
-                ))
-            }
+            b';' => return Err(PathError::Ambiguous(PARAMETER)),
             _ => out.push(byte),
         }
         i += 3;

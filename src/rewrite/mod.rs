@@ -165,16 +165,7 @@ fn remove(
                 edits.removed.push(sel.to_string());
             }
         }
-        Selector::Json(j) => {
-            let removed = match body.json()? {
-                Some(doc) => doc.remove_all(j),
-                None => Vec::new(),
-            };
-            if !removed.is_empty() {
-                body.touch();
-            }
-            edits.removed.extend(removed);
-        }
+        Selector::Json(j) => edit_json(body, &mut edits.removed, |doc| doc.remove_all(j))?,
     }
     Ok(())
 }
@@ -207,15 +198,26 @@ fn replace(
             }
         }
         Selector::Json(j) => {
-            let changed = match body.json()? {
-                Some(doc) => doc.replace_all(j, value),
-                None => Vec::new(),
-            };
-            if !changed.is_empty() {
-                body.touch();
-                edits.replaced.extend(changed);
-            }
+            edit_json(body, &mut edits.replaced, |doc| doc.replace_all(j, value))?;
         }
+    }
+    Ok(())
+}
+
+/// Apply one edit to the JSON body (an empty body has nothing to edit); what it changed goes to
+/// `list`.
+fn edit_json(
+    body: &mut Body,
+    list: &mut Vec<String>,
+    edit: impl FnOnce(&mut Doc) -> Vec<String>,
+) -> Result<(), RewriteError> {
+    let changed = match body.json()? {
+        Some(doc) => edit(doc),
+        None => Vec::new(),
+    };
+    if !changed.is_empty() {
+        body.touch();
+        list.extend(changed);
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::active::Active;
-use crate::decide::policy::{canonical, normalize_host, HostPattern, Policy};
+use crate::decide::policy::{canonical, HostPattern, Policy};
 use crate::upstream::{AddressCheck, ConnectError};
 
 /// How long resolved feature-host addresses are trusted.
@@ -141,10 +141,8 @@ impl AddressGate {
         let Some(first) = at.first() else {
             return Ok(());
         };
-        let host = host.map(|h| normalize_host(h.trim_start_matches('[').trim_end_matches(']')));
         let named = |feature: &String| {
-            host.as_deref()
-                .is_some_and(|h| policy.features_on(h).any(|f| &f.name == feature))
+            host.is_some_and(|h| policy.features_on(h).any(|f| &f.name == feature))
         };
         if at.iter().any(named) {
             Ok(())
@@ -164,7 +162,6 @@ impl AddressCheck for AddressGate {
             // A feature's own name, resolved by the proxy, is where the admin's DNS says that
             // feature is: only other names (of no feature: aliases, numeric spellings, literals)
             // can be steered by the client to a feature's address.
-            let host = host.trim_start_matches('[').trim_end_matches(']');
             if self
                 .active
                 .borrow()

@@ -3,6 +3,7 @@
 //! the response head is in, and the response streamed back. What RFC 9112 leaves a receiver free
 //! to read another way is refused here, strictly, before any decision.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,15 @@ impl Shared {
         let active = self.current();
         let normalized = path::normalize(&parts.method, parts.uri.path());
         let path = normalized.as_deref().map_err(|e| *e);
+        let mode = active.policy.mode;
+        // To a feature's host the path leaves as the rules read it (enforce mode; report mode
+        // forwards requests as they came): set only when that differs from what came.
+        let normal_path = match &normalized {
+            Ok(Cow::Owned(p)) if mode == Mode::Enforce => {
+                Some(path::encode(p).into_owned()).filter(|p| p != parts.uri.path())
+            }
+            _ => None,
+        };
         let mut entry = self.entry(
             &active,
             peer,
@@ -76,9 +86,11 @@ impl Shared {
                 reason,
                 feature,
             } => {
-                if let (Some(f), Ok(path)) = (feature, path) {
+                if let Some(f) = feature {
                     entry.feature = Some(f.name.clone());
-                    parts.uri = with_path(&parts.uri, path);
+                    if let Some(normal) = &normal_path {
+                        parts.uri = with_target(&parts.uri, normal, parts.uri.query());
+                    }
                 }
                 entry.decide(decision, reason);
                 return self.forward(entry, &target, parts, streamed(body)).await;
@@ -90,9 +102,6 @@ impl Shared {
             } => (feature, rules, withheld),
         };
         entry.feature = Some(feature.name.clone());
-        if let Ok(path) = path {
-            parts.uri = with_path(&parts.uri, path);
-        }
         let reads_body = rewrite::reads_body(&rules, &parts.headers);
         let (raw, body) = if reads_body {
             match self.read_body(&parts.headers, body).await {
@@ -105,7 +114,6 @@ impl Shared {
         if reads_body {
             entry.bytes_in = Some(raw.len() as u64);
         }
-        let mode = active.policy.mode;
         // Report mode forwards the request as it came: only then is a copy of the headers kept.
         let original = (mode == Mode::Report).then(|| parts.headers.clone());
         let mut msg = Message {
@@ -127,8 +135,14 @@ impl Shared {
             Some(headers) => (headers, raw),
             None => (msg.headers, msg.body),
         };
-        if outcome.rewritten {
-            parts.uri = with_query(&parts.uri, msg.query.as_deref());
+        if outcome.rewritten || normal_path.is_some() {
+            let query = if outcome.rewritten {
+                msg.query.as_deref()
+            } else {
+                parts.uri.query()
+            };
+            let path = normal_path.as_deref().unwrap_or(parts.uri.path());
+            parts.uri = with_target(&parts.uri, path, query);
         }
         parts.headers = headers;
         let out = body.map(without_trailers).unwrap_or_else(|| full(read));
@@ -336,24 +350,9 @@ fn upstream_uri(target: &Target, uri: &Uri) -> Uri {
         .unwrap_or_else(|_| uri.clone())
 }
 
-/// `uri` with the path the decision was made on (see [`path::normalize`]): a feature's
-/// receiver reads what the rules read. A path already normal is left as it came.
-fn with_path(uri: &Uri, normalized: &str) -> Uri {
-    let encoded = path::encode(normalized);
-    if encoded == uri.path() {
-        return uri.clone();
-    }
-    let pq = match uri.query() {
-        Some(q) => format!("{encoded}?{q}"),
-        None => encoded.into_owned(),
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = pq.parse().ok();
-    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
-}
-
-fn with_query(uri: &Uri, query: Option<&str>) -> Uri {
-    let path = uri.path();
+/// `uri` with this path and query (the path a feature's request is decided on, the query the
+/// rules left).
+fn with_target(uri: &Uri, path: &str, query: Option<&str>) -> Uri {
     let pq = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),

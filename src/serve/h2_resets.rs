@@ -73,15 +73,14 @@ enum Framing {
     Off,
     /// Reading a frame header (the bytes so far).
     Head(Collected<9>),
-    /// Reading the payload of a frame whose start is kept (`RST_STREAM`, `GOAWAY`).
-    Keep {
+    /// Reading a frame's payload, its first bytes kept (all a reset's or a `GOAWAY`'s decoding
+    /// needs).
+    Payload {
         kind: u8,
         stream: u32,
         left: usize,
         got: Collected<8>,
     },
-    /// Skipping the rest of a payload.
-    Skip(usize),
 }
 
 /// Up to `N` bytes, collected across writes without allocating.
@@ -145,7 +144,7 @@ impl<IO> Watched<IO> {
                         self.framing = self.after_head();
                     }
                 }
-                Framing::Keep {
+                Framing::Payload {
                     kind,
                     stream,
                     left,
@@ -162,20 +161,12 @@ impl<IO> Watched<IO> {
                         self.framing = Framing::Head(Collected::default());
                     }
                 }
-                Framing::Skip(left) => {
-                    let take = (*left).min(bytes.len());
-                    *left -= take;
-                    bytes = &bytes[take..];
-                    if *left == 0 {
-                        self.framing = Framing::Head(Collected::default());
-                    }
-                }
             }
         }
     }
 
     /// The state after a complete frame header.
-    fn after_head(&mut self) -> Framing {
+    fn after_head(&self) -> Framing {
         let (Framing::First(head) | Framing::Head(head)) = &self.framing else {
             return Framing::Off;
         };
@@ -187,15 +178,11 @@ impl<IO> Watched<IO> {
         let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
         let kind = head[3];
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        match kind {
-            RST_STREAM | GOAWAY if len > 0 => Framing::Keep {
-                kind,
-                stream,
-                left: len,
-                got: Collected::default(),
-            },
-            _ if len == 0 => Framing::Head(Collected::default()),
-            _ => Framing::Skip(len),
+        Framing::Payload {
+            kind,
+            stream,
+            left: len,
+            got: Collected::default(),
         }
     }
 }

@@ -75,11 +75,16 @@ impl Shared {
             self.sources.policy_file.clone(),
             self.sources.mattermost_override.clone(),
         );
-        let loaded = tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             crate::config::load(file.as_deref(), mattermost.as_deref())
         })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        .await;
+        let loaded = match built {
+            Ok(loaded) => loaded,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down, and nothing is put in force.
+            Err(_) => return None,
+        };
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {

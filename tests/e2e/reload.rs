@@ -193,6 +193,17 @@ async fn report_mode_forwards_unchanged_and_says_what_it_would_do() {
     assert_eq!(audit[0]["removed"], serde_json::json!(["query:uc"]));
     assert_eq!(audit[1]["decision"], "would_block");
     assert_eq!(audit[1]["feature"], "diagnostics");
+    // The path too leaves as it came; the record names it as the receiver routes it.
+    let out = env
+        .curl(&[
+            "--path-as-is",
+            &format!("https://{SECURITY}/x/../security?id=x&uc=3"),
+        ])
+        .await;
+    assert_eq!(out.code, 200);
+    let got = env.upstream.requests().pop().expect("forwarded");
+    assert_eq!(got.path_and_query, "/x/../security?id=x&uc=3");
+    assert_eq!(env.audit().pop().expect("record")["path"], "/security");
     env.stop().await;
 }
 
