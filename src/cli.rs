@@ -308,6 +308,7 @@ fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
     };
     let mut bad = 0;
     let mut records = 0;
+    let mut recovered = 0;
     let mut nodes = Vec::new();
     for chain in &chains {
         let report = match audit::verify_chain(chain, &heads) {
@@ -340,8 +341,10 @@ fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
                 line,
                 seq,
                 reason,
+                intact,
             } => {
                 bad += 1;
+                records += intact;
                 let seq = seq.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
                 let file = if at == chain {
                     String::new()
@@ -349,10 +352,20 @@ fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
                     format!(" of {}", at.display())
                 };
                 println!(
-                    "{} (node {node}): broken at line {line}{file} (seq {seq}): {reason}",
+                    "{} (node {node}): {intact} records intact, then broken at line {line}{file} (seq {seq}): {reason}",
                     chain.display(),
                 );
             }
+        }
+        recovered += report.recoveries.len();
+        for recovery in &report.recoveries {
+            println!("{} (node {node}): recovered at {recovery}", chain.display());
+        }
+        if let Some(bytes) = report.torn_tail {
+            println!(
+                "{} (node {node}): ends in an incomplete record of {bytes} bytes (a crash mid-write, not a record; the proxy moves it aside at its next start)",
+                chain.display()
+            );
         }
         for problem in &report.witness_problems {
             bad += 1;
@@ -369,8 +382,12 @@ fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
     }
     nodes.sort();
     nodes.dedup();
+    let recovered = match recovered {
+        0 => String::new(),
+        n => format!(" ({n} recovered record(s): repairs and outages, said in the chain)"),
+    };
     println!(
-        "{} chain(s) of {} node(s), {records} records: {}",
+        "{} chain(s) of {} node(s), {records} records: {}{recovered}",
         chains.len(),
         nodes.len(),
         if bad == 0 { "intact" } else { "NOT intact" }

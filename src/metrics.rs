@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::audit::Entry;
+use crate::audit::{AuditMetrics, Entry};
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
 pub struct DecisionLabels {
@@ -49,10 +49,8 @@ pub struct Metrics {
     pub body_bytes: Family<DirectionLabels, Counter>,
     pub upstream_errors: Counter,
     pub leaf: LeafMetrics,
-    pub audit_records: Counter,
-    pub audit_failures: Counter,
-    /// The `seq` of this replica's newest audit record: a witness of the chain's length.
-    pub audit_seq: Gauge,
+    /// The audit writer's own: records, failures, unrecorded decisions, syncs, the head's seq.
+    pub audit: AuditMetrics,
     pub reloads: Family<OutcomeLabels, Counter>,
 }
 
@@ -82,7 +80,7 @@ impl Metrics {
         r.register(
             "audit_seq",
             "Sequence number of the newest audit record (a witness of the chain's length)",
-            self.audit_seq.clone(),
+            self.audit.seq.clone(),
         );
         r.register(
             "leaf_cache_hits",
@@ -101,13 +99,23 @@ impl Metrics {
         );
         r.register(
             "audit_records",
-            "Audit records written",
-            self.audit_records.clone(),
+            "Audit records written (outcomes and the proxy's own included)",
+            self.audit.records.clone(),
         );
         r.register(
             "audit_write_failures",
-            "Audit records that could not be written",
-            self.audit_failures.clone(),
+            "Audit log writes or syncs that failed",
+            self.audit.write_failures.clone(),
+        );
+        r.register(
+            "audit_unrecorded_decisions",
+            "Decisions refused because their audit record could not be written",
+            self.audit.unrecorded.clone(),
+        );
+        r.register(
+            "audit_syncs",
+            "fdatasync calls on the audit log ([audit] sync = \"data\")",
+            self.audit.syncs.clone(),
         );
         r.register(
             "policy_reloads",
@@ -117,7 +125,7 @@ impl Metrics {
         r
     }
 
-    /// Count one decision (and its body bytes) as it is audited.
+    /// Count one decision as it is audited.
     pub fn decision(&self, entry: &Entry) {
         let labels = DecisionLabels {
             listener: entry.listener.unwrap_or("-"),
@@ -125,7 +133,11 @@ impl Metrics {
             decision: entry.decision.as_str(),
         };
         self.decisions.get_or_create(&labels).inc();
-        for (direction, bytes) in [("in", entry.bytes_in), ("out", entry.bytes_out)] {
+    }
+
+    /// Count body bytes once they are known (a refusal's record, a forward's outcome).
+    pub fn bytes(&self, bytes_in: Option<u64>, bytes_out: Option<u64>) {
+        for (direction, bytes) in [("in", bytes_in), ("out", bytes_out)] {
             if let Some(n) = bytes {
                 self.body_bytes
                     .get_or_create(&DirectionLabels { direction })

@@ -80,32 +80,58 @@ pub(super) struct Line<'a> {
 }
 
 /// A record read back from a log (DESIGN §9), typed: what integration tests and tools assert
-/// on. Members that do not apply to a decision are `None`.
+/// on. Members that do not apply to a decision are `None` (or empty); an `outcome` record
+/// carries `of`, its status, byte counts and reason, and no policy or consent.
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq)]
 pub struct Record {
     pub seq: u64,
     pub time: String,
     pub node: String,
+    #[serde(default)]
     pub client: Option<String>,
+    #[serde(default)]
     pub listener: Option<String>,
+    #[serde(default)]
     pub method: Option<String>,
+    #[serde(default)]
     pub scheme: Option<String>,
+    #[serde(default)]
     pub host: Option<String>,
+    #[serde(default)]
     pub port: Option<u16>,
+    #[serde(default)]
     pub original_dst: Option<String>,
+    #[serde(default)]
     pub path: Option<String>,
+    #[serde(default)]
     pub feature: Option<String>,
     pub decision: Decision,
+    /// `""` where the record has none (`null`).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub reason: String,
+    #[serde(default)]
     pub removed: Vec<String>,
+    #[serde(default)]
     pub replaced: Vec<String>,
+    #[serde(default)]
     pub status: Option<u16>,
+    #[serde(default)]
     pub bytes_in: Option<u64>,
+    #[serde(default)]
     pub bytes_out: Option<u64>,
+    /// `outcome`: the `seq` of the record it completes.
+    #[serde(default)]
+    pub of: Option<u64>,
+    #[serde(default)]
     pub policy: String,
+    #[serde(default)]
     pub consent: String,
     pub prev: String,
     pub hash: String,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Every record of the log at `path` (this file only, not its rotated files), in order. A line

@@ -1,8 +1,6 @@
 use std::io;
 use std::path::Path;
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use super::record::ZERO_HASH;
 use super::summary::fold_indexes;
 use super::*;
@@ -22,8 +20,12 @@ fn verify(path: &Path) -> io::Result<Verdict> {
 }
 
 fn open(target: &AuditTarget) -> AuditLog {
+    open_with(target, SyncMode::Os)
+}
+
+fn open_with(target: &AuditTarget, sync: SyncMode) -> AuditLog {
     let (p, c) = ("sha256:p".to_string(), "sha256:c".to_string());
-    AuditLog::open(target, "node-a", p, c, Gauge::default()).expect("opens")
+    AuditLog::open(target, sync, "node-a", p, c, AuditMetrics::default()).expect("opens")
 }
 
 fn entry(reason: &str) -> Entry {
@@ -198,16 +200,178 @@ async fn records_carry_the_hashes_of_their_decision() {
 }
 
 #[test]
-fn a_cut_record_refuses_to_continue_the_chain() {
+fn a_damaged_whole_last_record_refuses_to_continue_the_chain() {
+    // A whole line (it ends with a newline) that is not a record is not a crash's signature:
+    // someone wrote it. The proxy does not guess where the chain went on.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
-    std::fs::write(&path, "{\"seq\":1,\"hash\":\"sha256:ab").expect("writes");
+    std::fs::write(&path, "{\"seq\":1,\"hash\":\"sha256:ab\n").expect("writes");
     let r = AuditLog::open(
         &AuditTarget::File(path, None),
+        SyncMode::Os,
         "node-a",
         String::new(),
         String::new(),
-        Gauge::default(),
+        AuditMetrics::default(),
     );
     assert!(matches!(r, Err(AuditError::DamagedTail { .. })));
+}
+
+/// A last line cut by a crash is moved aside (0600, its bytes kept), the log ends at its last
+/// whole record, and a `recovered` record continues the chain naming the fragment; verify
+/// passes and lists the repair. Before the repair, verify counts the intact records and names
+/// the torn tail without calling the chain broken.
+#[tokio::test]
+async fn a_torn_tail_is_moved_aside_and_the_chain_continues() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let target = AuditTarget::File(path.clone(), None);
+    let log = open(&target);
+    for reason in ["one", "two", "three"] {
+        log.write(&entry(reason)).await.expect("writes");
+    }
+    drop(log);
+    let whole = std::fs::read(&path).expect("reads");
+    let cut_at = whole.len() - 40;
+    let last_line = whole[..whole.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .expect("three lines")
+        + 1;
+    let fragment = whole[last_line..cut_at].to_vec();
+    std::fs::write(&path, &whole[..cut_at]).expect("writes");
+    let report = verify_chain(&path, &[]).expect("reads");
+    assert_eq!(
+        report.verdict,
+        Verdict::Intact {
+            records: 2,
+            files: 1,
+            first_seq: 1
+        }
+    );
+    assert_eq!(report.torn_tail, Some(fragment.len() as u64));
+
+    let log = open(&target);
+    log.write(&entry("four")).await.expect("writes");
+    drop(log);
+    let torn: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("lists")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().contains(".torn-"))
+        .collect();
+    assert_eq!(torn.len(), 1, "{torn:?}");
+    assert_eq!(std::fs::read(&torn[0]).expect("reads"), fragment);
+    let mode = std::fs::metadata(&torn[0]).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let records = read(&path).expect("reads");
+    let reasons: Vec<(Decision, &str)> = records
+        .iter()
+        .map(|r| (r.decision, r.reason.as_str()))
+        .collect();
+    assert_eq!(reasons[..2], [(Decision::Allowed, "one"), (Decision::Allowed, "two")]);
+    assert_eq!(reasons[2].0, Decision::Recovered);
+    assert!(reasons[2].1.contains(&format!("{} bytes", fragment.len())), "{}", reasons[2].1);
+    assert!(reasons[2].1.contains(&sha256(&fragment)));
+    assert!(reasons[2].1.contains(&*torn[0].to_string_lossy()));
+    assert_eq!(reasons[3], (Decision::Allowed, "four"));
+    let report = verify_chain(&path, &[]).expect("reads");
+    assert!(matches!(report.verdict, Verdict::Intact { records: 4, .. }), "{report:?}");
+    assert_eq!(report.recoveries.len(), 1);
+    assert_eq!(report.torn_tail, None);
+    // The fragment beside the log is not taken for a log of its own.
+    assert_eq!(chains(&[dir.path().to_path_buf()]).expect("lists"), [path.clone()]);
+
+    // An edit still breaks the chain, after the records before it.
+    let text = std::fs::read_to_string(&path).expect("reads");
+    std::fs::write(&path, text.replacen("\"two\"", "\"tvo\"", 1)).expect("writes");
+    match verify(&path).expect("reads") {
+        Verdict::Broken {
+            line: 2,
+            seq: Some(2),
+            intact: 1,
+            ..
+        } => {}
+        v => panic!("{v:?}"),
+    }
+}
+
+/// An outcome goes out in the same write as the next record, before it, naming the record it
+/// completes; with nothing after it, a flush writes it.
+#[tokio::test]
+async fn outcomes_ride_with_the_next_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = open(&AuditTarget::File(path.clone(), None));
+    let first = log.write(&entry("ahead")).await.expect("writes");
+    log.outcome(Outcome {
+        of: first,
+        status: Some(200),
+        bytes_in: Some(10),
+        bytes_out: Some(7),
+        reason: None,
+    });
+    assert_eq!(read(&path).expect("reads").len(), 1, "an outcome waits");
+    let second = log.write(&entry("next")).await.expect("writes");
+    assert_eq!(second, 3);
+    log.outcome(Outcome {
+        of: second,
+        status: Some(502),
+        reason: Some("upstream connection failed".into()),
+        ..Outcome::default()
+    });
+    log.flush().expect("flushes");
+    let records = read(&path).expect("reads");
+    let got: Vec<(u64, Decision, Option<u64>, Option<u16>)> = records
+        .iter()
+        .map(|r| (r.seq, r.decision, r.of, r.status))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, Decision::Allowed, None, None),
+            (2, Decision::Outcome, Some(1), Some(200)),
+            (3, Decision::Allowed, None, None),
+            (4, Decision::Outcome, Some(3), Some(502)),
+        ]
+    );
+    assert_eq!((records[1].bytes_in, records[1].bytes_out), (Some(10), Some(7)));
+    assert_eq!(records[3].reason, "upstream connection failed");
+    let line = std::fs::read_to_string(&path).expect("reads");
+    let outcome: serde_json::Value =
+        serde_json::from_str(line.lines().nth(1).expect("line")).expect("json");
+    assert!(outcome.get("policy").is_none(), "{outcome}");
+    assert!(matches!(verify(&path).expect("reads"), Verdict::Intact { records: 4, .. }));
+}
+
+/// `sync = "data"`: a write returns only once its record is synced, and concurrent writes
+/// share syncs (one serves every record written while the previous one ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_sync_is_shared_by_concurrent_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = open_with(&AuditTarget::File(path.clone(), None), SyncMode::Data);
+    let writes = 64;
+    let tasks: Vec<_> = (0..writes)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let seq = log.write(&entry(&format!("w{i}"))).await.expect("writes");
+                // What the exchange would do next happens only now: the record is synced.
+                assert!(log.synced_seq() >= seq, "returned before its sync");
+                seq
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("joins");
+    }
+    let syncs = log.syncs();
+    assert!(syncs >= 1, "data mode syncs");
+    assert!(syncs < writes, "{syncs} syncs for {writes} concurrent records: none shared");
+    assert_eq!(read(&path).expect("reads").len(), 64);
+    // The default mode never syncs.
+    let os = open(&AuditTarget::File(dir.path().join("os.jsonl"), None));
+    os.write(&entry("x")).await.expect("writes");
+    assert_eq!(os.syncs(), 0);
 }

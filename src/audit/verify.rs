@@ -5,6 +5,7 @@ use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::record::{chain_files, sha256, Head, ZERO_HASH};
+use super::repair::is_fragment;
 
 /// What `audit verify` found.
 #[derive(Debug, Eq, PartialEq)]
@@ -16,12 +17,13 @@ pub enum Verdict {
         files: usize,
         first_seq: u64,
     },
-    /// The first record that does not.
+    /// The first record that does not, after `intact` records that did.
     Broken {
         file: PathBuf,
         line: u64,
         seq: Option<u64>,
         reason: String,
+        intact: u64,
     },
 }
 
@@ -36,6 +38,12 @@ pub struct ChainReport {
     pub last_seq: Option<u64>,
     /// Witnessed heads of this node the chain does not hold: truncation or rewriting.
     pub witness_problems: Vec<String>,
+    /// `recovered` records (a crash repaired at start, a time the log could not be written),
+    /// as `seq: reason`: part of an intact chain, and said so.
+    pub recoveries: Vec<String>,
+    /// The newest file ends in an incomplete line of this many bytes: a crash mid-write the
+    /// proxy has not yet repaired (it does at its next start). Not a record, so not a break.
+    pub torn_tail: Option<u64>,
 }
 
 /// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …), and
@@ -49,24 +57,37 @@ pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> 
     let mut last_seq: Option<u64> = None;
     let mut first_seq = None;
     let mut n = 0;
-    for file_path in &files {
-        let file = File::open(file_path)?;
-        for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line?;
+    let mut recoveries = Vec::new();
+    let mut torn_tail = None;
+    for (k, file_path) in files.iter().enumerate() {
+        let mut reader = BufReader::new(File::open(file_path)?);
+        let mut raw = Vec::new();
+        for i in 0u64.. {
+            raw.clear();
+            if reader.read_until(b'\n', &mut raw)? == 0 {
+                break;
+            }
             let broken = |node: &Option<String>, seq, reason: &str| ChainReport {
                 path: path.to_path_buf(),
                 node: node.clone(),
                 verdict: Verdict::Broken {
                     file: file_path.clone(),
-                    line: i as u64 + 1,
+                    line: i + 1,
                     seq,
                     reason: reason.to_string(),
+                    intact: n,
                 },
                 last_seq,
                 witness_problems: Vec::new(),
+                recoveries: recoveries.clone(),
+                torn_tail: None,
             };
+            if raw.last() != Some(&b'\n') && k + 1 == files.len() {
+                torn_tail = Some(raw.len() as u64);
+                break;
+            }
             let Ok(serde_json::Value::Object(mut record)) =
-                serde_json::from_str::<serde_json::Value>(&line)
+                serde_json::from_slice::<serde_json::Value>(&raw)
             else {
                 return Ok(broken(&node, None, "not a JSON record"));
             };
@@ -119,6 +140,10 @@ pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> 
                     ))
                 }
             }
+            if record.get("decision").and_then(|d| d.as_str()) == Some("recovered") {
+                let why = record.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+                recoveries.push(format!("seq {}: {why}", seq.unwrap_or(0)));
+            }
             first_seq = first_seq.or(seq);
             last_seq = seq;
             prev = Some(hash);
@@ -155,6 +180,8 @@ pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> 
         },
         last_seq,
         witness_problems,
+        recoveries,
+        torn_tail,
     })
 }
 
@@ -166,7 +193,7 @@ pub fn chains(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
         if path.is_dir() {
             for entry in std::fs::read_dir(path)? {
                 let entry = entry?;
-                if entry.file_type()?.is_file() {
+                if entry.file_type()?.is_file() && !is_fragment(&entry.path()) {
                     files.push(entry.path());
                 }
             }

@@ -1,18 +1,40 @@
-//! The writer: opens (or continues) a chain, appends one record a decision under one lock with
-//! one `write(2)`, rotates by size, and keeps the head for `/audit/head`.
+//! The writer: opens (or continues, repairing a torn tail) a chain, appends records under one
+//! lock with one `write(2)` a decision, rotates by size, and keeps the head for `/audit/head`.
+//!
+//! Write-ahead (DESIGN §9): a decision's record is in the kernel (`sync = "os"`) or on the disk
+//! (`sync = "data"`) before [`AuditLog::write`] returns, and the caller lets nothing leave
+//! before that. What is known later is an [`Outcome`]: queued, and written in the same
+//! `write(2)` as the next record, or by [`AuditLog::flush`] (every [`FLUSH_EVERY`] from
+//! [`AuditLog::keep`], and at shutdown with the final record).
+//!
+//! A write that fails is rolled back to the offset it started at, so no partial line remains;
+//! from then on the log is unhealthy (`/readyz` fails, every decision is refused) and every
+//! write (each decision's, and [`AuditLog::keep`]'s) tries again. The first that succeeds
+//! starts with a `recovered` record naming what went unrecorded and when.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 use super::record::{rotated_name, sha256, Entry, Head, Line, ZERO_HASH};
+use super::repair::{self, Torn};
 use crate::decide::Decision;
+
+/// Outcomes wait at most this long for the next record before they are written on their own;
+/// an unhealthy log is tried again as often.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Where records go: standard output, or a file.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -28,6 +50,32 @@ pub enum AuditTarget {
 pub struct Rotation {
     pub max_bytes: u64,
     pub keep: usize,
+}
+
+/// `[audit] sync`: how far a record has gone before what it records may leave.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum SyncMode {
+    /// Written (`write(2)`): in the kernel, which survives the process dying.
+    #[default]
+    Os,
+    /// Also on the disk (`fdatasync`, one serving every record written while the previous one
+    /// ran): survives the machine losing power.
+    Data,
+}
+
+/// The writer's counters, registered by [`crate::metrics`].
+#[derive(Clone, Debug, Default)]
+pub struct AuditMetrics {
+    /// Records written (outcomes and the proxy's own included).
+    pub records: Counter,
+    /// Writes (or syncs) that failed.
+    pub write_failures: Counter,
+    /// Decisions refused because their record could not be written.
+    pub unrecorded: Counter,
+    /// `fdatasync` calls (`sync = "data"`).
+    pub syncs: Counter,
+    /// The `seq` of the newest record: a witness of the chain's length.
+    pub seq: Gauge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,31 +94,55 @@ pub enum AuditError {
     Write(#[source] io::Error),
 }
 
+/// What became known about a decision after its record was written (DESIGN §9, `outcome`).
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct Outcome {
+    /// The `seq` of the record it completes.
+    pub of: u64,
+    pub status: Option<u16>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    /// A failure after the request left, or how a tunnel ended.
+    pub reason: Option<String>,
+}
+
 /// A handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    writer: Arc<Mutex<WriterState>>,
-    healthy: Arc<AtomicBool>,
-    head: Arc<Mutex<Head>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<WriterState>,
+    healthy: AtomicBool,
+    head: Mutex<Head>,
+    /// `sync = "data"`: the group commit.
+    syncs: Option<Syncs>,
+    metrics: AuditMetrics,
+}
+
+/// Group commit: whoever holds `turn` syncs everything written so far; those who waited for
+/// the turn find their record already synced.
+struct Syncs {
+    turn: tokio::sync::Mutex<()>,
+    /// The newest `seq` known to be on the disk.
+    synced: AtomicU64,
 }
 
 impl AuditLog {
     /// Open (or continue) the log. An existing file's chain is continued from its last record
-    /// (or from the newest rotated file's, when the current one is empty).
+    /// (or from the newest rotated file's, when the current one is empty); a last line cut
+    /// short by a crash is moved aside first ([`repair`]) and a `recovered` record says so.
     pub fn open(
         target: &AuditTarget,
+        sync: SyncMode,
         node: &str,
         policy_hash: String,
         consent_hash: String,
-        seq_gauge: Gauge,
+        metrics: AuditMetrics,
     ) -> Result<AuditLog, AuditError> {
-        let (sink, seq, prev, time) = match target {
-            AuditTarget::Stdout => (
-                Sink::Stdout(io::stdout()),
-                0,
-                ZERO_HASH.to_string(),
-                String::new(),
-            ),
+        let (sink, tail, torn) = match target {
+            AuditTarget::Stdout => (Sink::Stdout(io::stdout()), None, None),
             AuditTarget::File(path, rotation) => {
                 let open_err = |source| AuditError::Open {
                     path: path.clone(),
@@ -83,36 +155,39 @@ impl AuditLog {
                     return Err(AuditError::NotAFile { path: path.clone() });
                 }
                 let mut file = open_append(path).map_err(open_err)?;
-                let mut tail = last_line(&mut file).map_err(open_err)?;
+                let torn = repair::cut_torn_tail(&mut file, path).map_err(open_err)?;
+                let mut tail = repair::last_line(&mut file).map_err(open_err)?;
                 if tail.is_none() {
-                    let rotated = rotated_name(path, 1);
-                    if let Ok(mut older) = File::open(&rotated) {
-                        tail = last_line(&mut older).map_err(open_err)?;
+                    if let Ok(mut older) = File::open(rotated_name(path, 1)) {
+                        tail = repair::last_line(&mut older).map_err(open_err)?;
                     }
                 }
-                let (seq, prev, time) = match tail {
-                    None => (0, ZERO_HASH.to_string(), String::new()),
-                    Some(line) => chain_tail(&line)
-                        .ok_or_else(|| AuditError::DamagedTail { path: path.clone() })?,
+                let tail = match tail {
+                    None => None,
+                    Some(line) => Some(
+                        chain_tail(&line)
+                            .ok_or_else(|| AuditError::DamagedTail { path: path.clone() })?,
+                    ),
                 };
-                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let size = file.metadata().map_err(open_err)?.len();
                 let sink = Sink::File {
-                    file,
+                    file: Arc::new(file),
                     path: path.clone(),
                     rotation: *rotation,
                     size,
+                    dirty: false,
                 };
-                (sink, seq, prev, time)
+                (sink, tail, torn)
             }
         };
-        let healthy = Arc::new(AtomicBool::new(true));
-        seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
-        let head = Arc::new(Mutex::new(Head {
+        let (seq, prev, time) = tail.unwrap_or((0, ZERO_HASH.to_string(), String::new()));
+        metrics.seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
+        let head = Mutex::new(Head {
             node: node.to_string(),
             seq,
             hash: prev.clone(),
-            time,
-        }));
+            time: time.clone(),
+        });
         let state = WriterState {
             sink,
             node: node.to_string(),
@@ -120,19 +195,36 @@ impl AuditLog {
             prev,
             policy: policy_hash,
             consent: consent_hash,
-            head: head.clone(),
-            seq_gauge,
-            buf: Vec::with_capacity(2048),
+            buf: Vec::with_capacity(4096),
+            time,
+            pending: Vec::new(),
+            trouble: None,
+            owed: None,
         };
-        Ok(AuditLog {
-            writer: Arc::new(Mutex::new(state)),
-            healthy,
-            head,
-        })
+        let log = AuditLog {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                healthy: AtomicBool::new(true),
+                head,
+                syncs: (sync == SyncMode::Data).then(|| Syncs {
+                    turn: tokio::sync::Mutex::new(()),
+                    synced: AtomicU64::new(seq),
+                }),
+                metrics,
+            }),
+        };
+        if let Some(torn) = torn {
+            warn!(fragment = %torn.file.display(), bytes = torn.len, "audit log ended in an incomplete record (a crash mid-write); moved aside");
+            let entry = Entry::new(Decision::Recovered, torn.reason(seq));
+            log.append(Some((&entry, None))).map_err(AuditError::Write)?;
+            log.sync_now().map_err(AuditError::Write)?;
+        }
+        Ok(log)
     }
 
-    /// Write one record; returns once the kernel has it.
-    pub async fn write(&self, entry: &Entry) -> Result<(), AuditError> {
+    /// Write a decision's record; returns its `seq` once it is as durable as `[audit] sync`
+    /// asks. On an error nothing of it is in the log, and the decision must be refused.
+    pub async fn write(&self, entry: &Entry) -> Result<u64, AuditError> {
         self.send(entry, None).await
     }
 
@@ -142,7 +234,7 @@ impl AuditLog {
         reason: String,
         policy_hash: String,
         consent_hash: String,
-    ) -> Result<(), AuditError> {
+    ) -> Result<u64, AuditError> {
         self.send(
             &Entry::new(Decision::PolicyLoaded, reason),
             Some((policy_hash, consent_hash)),
@@ -150,31 +242,230 @@ impl AuditLog {
         .await
     }
 
+    /// Queue what became known about record `of`: it goes out with the next record's write,
+    /// or within [`FLUSH_EVERY`].
+    pub fn outcome(&self, outcome: Outcome) {
+        let now = OffsetDateTime::now_utc();
+        self.inner.lock().pending.push((now, outcome));
+    }
+
+    /// Write queued outcomes now (and, while the log is unhealthy, try it again).
+    pub fn flush(&self) -> Result<(), AuditError> {
+        self.append(None).map(drop).map_err(AuditError::Write)
+    }
+
+    /// Flush every [`FLUSH_EVERY`] until `stop`, then once more: what keeps outcomes from
+    /// waiting on traffic, and an unhealthy log probed while no decision comes. A file moved
+    /// or removed under the proxy is noticed here (within a second) and the chain continued in
+    /// a new file at the path, with a `recovered` record.
+    pub async fn keep(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks % 20 == 0 {
+                self.reopen_if_moved();
+            }
+            let idle = {
+                let state = self.inner.lock();
+                state.pending.is_empty() && state.trouble.is_none()
+            };
+            if !idle {
+                let _ = self.flush();
+            }
+        }
+        let _ = self.flush();
+    }
+
     /// The newest record written.
     pub fn head(&self) -> Head {
-        self.head.lock().map(|h| h.clone()).unwrap_or_default()
+        self.inner
+            .head
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
     }
 
-    /// False once a write failed: inspected traffic must then be blocked.
+    /// False while records cannot be written: nothing may then leave.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.inner.healthy.load(Ordering::Relaxed)
     }
 
-    /// Append one record. The lock is held for one `write(2)` of one line (the page cache
-    /// takes it; a disk that stalls it stalls every decision, which is what fail closed asks).
-    /// Handing records to a writer thread cost two thread wake-ups a request, more than the
-    /// write itself.
+    /// Write `entry` (after what is queued), then wait for it to be synced if the mode asks.
     async fn send(
         &self,
         entry: &Entry,
         hashes: Option<(String, String)>,
-    ) -> Result<(), AuditError> {
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = writer.append(entry, hashes);
-        if written.is_err() {
-            self.healthy.store(false, Ordering::Relaxed);
+    ) -> Result<u64, AuditError> {
+        let seq = self
+            .append(Some((entry, hashes)))
+            .map_err(AuditError::Write)?;
+        if let Some(syncs) = &self.inner.syncs {
+            self.synced(syncs, seq).await.map_err(AuditError::Write)?;
         }
-        written.map_err(AuditError::Write)
+        Ok(seq)
+    }
+
+    /// Append what is owed (a `recovered` record, queued outcomes) and `record`, in one write.
+    /// The lock is held for that one `write(2)` (the page cache takes it; a disk that stalls it
+    /// stalls every decision, which is what fail closed asks). Handing records to a writer
+    /// thread cost two thread wake-ups a request, more than the write itself.
+    fn append(&self, record: Option<(&Entry, Option<(String, String)>)>) -> io::Result<u64> {
+        // A decision of the proxy's own (a policy taking effect) is not a refused request.
+        let decision = record
+            .as_ref()
+            .is_some_and(|(e, _)| e.decision != Decision::PolicyLoaded);
+        let mut state = self.inner.lock();
+        let before = state.seq;
+        match state.append(record) {
+            Ok(seq) => {
+                if seq != before {
+                    self.inner.metrics.records.inc_by(seq - before);
+                    self.inner
+                        .metrics
+                        .seq
+                        .set(i64::try_from(seq).unwrap_or(i64::MAX));
+                    if let Ok(mut head) = self.inner.head.lock() {
+                        head.seq = seq;
+                        head.hash.clone_from(&state.prev);
+                        head.time.clone_from(&state.time);
+                    }
+                }
+                if !self.inner.healthy.swap(true, Ordering::Relaxed) {
+                    info!("audit log written again; traffic resumes");
+                }
+                Ok(seq)
+            }
+            Err(e) => {
+                self.inner.metrics.write_failures.inc();
+                if decision {
+                    self.inner.metrics.unrecorded.inc();
+                }
+                state.failed(&e, decision);
+                if self.inner.healthy.swap(false, Ordering::Relaxed) {
+                    error!(error = %e, "audit log cannot be written; everything that would leave is refused until it can");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Wait until record `seq` is on the disk: sync everything written so far, unless a sync
+    /// that started after it was written has done it already.
+    async fn synced(&self, syncs: &Syncs, seq: u64) -> io::Result<()> {
+        if syncs.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        let _turn = syncs.turn.lock().await;
+        if syncs.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        let (file, upto) = {
+            let state = self.inner.lock();
+            (state.sink.file(), state.seq)
+        };
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let done = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        self.inner.metrics.syncs.inc();
+        match done {
+            Ok(()) => {
+                syncs.synced.fetch_max(upto, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.metrics.write_failures.inc();
+                self.inner.healthy.store(false, Ordering::Relaxed);
+                self.inner.lock().failed(&e, false);
+                error!(error = %e, "audit log cannot be synced; everything that would leave is refused until it can");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sync what is written, without waiting for a turn (start-up and tests).
+    fn sync_now(&self) -> io::Result<()> {
+        let Some(syncs) = &self.inner.syncs else {
+            return Ok(());
+        };
+        let (file, upto) = {
+            let state = self.inner.lock();
+            (state.sink.file(), state.seq)
+        };
+        if let Some(file) = file {
+            file.sync_data()?;
+            self.inner.metrics.syncs.inc();
+        }
+        syncs.synced.fetch_max(upto, Ordering::Release);
+        Ok(())
+    }
+
+    /// `fdatasync` calls made so far (`sync = "data"`).
+    pub fn syncs(&self) -> u64 {
+        self.inner.metrics.syncs.get()
+    }
+
+    /// The newest `seq` known to be on the disk (`sync = "data"`), else the newest written.
+    pub fn synced_seq(&self) -> u64 {
+        match &self.inner.syncs {
+            Some(s) => s.synced.load(Ordering::Acquire),
+            None => self.inner.lock().seq,
+        }
+    }
+
+    /// If the path no longer names the file being written (moved, as log rotators do, or
+    /// removed), continue the chain in a new file there, opened with a `recovered` record.
+    fn reopen_if_moved(&self) {
+        let mut state = self.inner.lock();
+        let Sink::File { file, path, .. } = &state.sink else {
+            return;
+        };
+        let same = match (std::fs::metadata(&*path), file.metadata()) {
+            (Ok(at_path), Ok(ours)) => at_path.ino() == ours.ino() && at_path.dev() == ours.dev(),
+            (Err(e), _) if e.kind() == io::ErrorKind::NotFound => false,
+            // Cannot tell: leave it to the writes to fail or not.
+            _ => true,
+        };
+        if same {
+            return;
+        }
+        let path = path.clone();
+        match open_append(&path) {
+            Ok(new) => {
+                warn!(path = %path.display(), "audit log file was moved or removed under the proxy; continuing the chain in a new file");
+                let reason = format!(
+                    "the audit log file was moved or removed under the proxy; the chain continues here from seq {} (records written to the old file after it was moved are in it, or lost with it if it was removed)",
+                    state.seq
+                );
+                state.owed.get_or_insert_with(Vec::new).push(reason);
+                if let Sink::File {
+                    file, size, dirty, ..
+                } = &mut state.sink
+                {
+                    *size = new.metadata().map(|m| m.len()).unwrap_or(0);
+                    *file = Arc::new(new);
+                    *dirty = false;
+                }
+            }
+            Err(e) => {
+                state.failed(&e, false);
+                self.inner.healthy.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -182,28 +473,42 @@ impl AuditLog {
 enum Sink {
     Stdout(io::Stdout),
     File {
-        file: File,
+        file: Arc<File>,
         path: PathBuf,
         rotation: Option<Rotation>,
+        /// The file's length: where the next write starts, and where a failed one is cut back.
         size: u64,
+        /// A failed write may have left bytes past `size` that could not be cut yet.
+        dirty: bool,
     },
 }
 
 impl Sink {
-    /// Write one line; a file is rotated once it has reached its size.
-    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+    /// Write these whole lines or nothing: a failed or short write is cut back to where it
+    /// started (and, if even that fails, before the next write). A file is rotated once it has
+    /// reached its size (after syncing it, so a rotated file holds only what is on the disk).
+    fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
         match self {
-            Sink::Stdout(out) => out.write_all(line).and_then(|()| out.flush()),
+            Sink::Stdout(out) => out.write_all(lines).and_then(|()| out.flush()),
             Sink::File {
                 file,
                 path,
                 rotation,
                 size,
+                dirty,
             } => {
-                file.write_all(line)?;
-                *size += line.len() as u64;
+                if *dirty {
+                    file.set_len(*size)?;
+                    *dirty = false;
+                }
+                if let Err(e) = (&**file).write_all(lines) {
+                    *dirty = file.set_len(*size).is_err();
+                    return Err(e);
+                }
+                *size += lines.len() as u64;
                 match rotation {
                     Some(r) if *size >= r.max_bytes => {
+                        file.sync_data()?;
                         // FILE.(k) -> FILE.(k+1), oldest dropped; FILE -> FILE.1; a new FILE.
                         let _ = std::fs::remove_file(rotated_name(path, r.keep));
                         for k in (1..r.keep).rev() {
@@ -211,7 +516,7 @@ impl Sink {
                                 std::fs::rename(rotated_name(path, k), rotated_name(path, k + 1));
                         }
                         std::fs::rename(&*path, rotated_name(path, 1))?;
-                        *file = open_append(path)?;
+                        *file = Arc::new(open_append(path)?);
                         *size = 0;
                         Ok(())
                     }
@@ -220,14 +525,32 @@ impl Sink {
             }
         }
     }
+
+    /// The file being written, to sync outside the lock.
+    fn file(&self) -> Option<Arc<File>> {
+        match self {
+            Sink::File { file, .. } => Some(file.clone()),
+            Sink::Stdout(_) => None,
+        }
+    }
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
+        .mode(0o600)
         .open(path)
+}
+
+/// Why records could not be written, since when: what the `recovered` record will say.
+struct Trouble {
+    since: OffsetDateTime,
+    last: OffsetDateTime,
+    unrecorded: u64,
+    error: String,
 }
 
 struct WriterState {
@@ -235,82 +558,193 @@ struct WriterState {
     node: String,
     seq: u64,
     prev: String,
+    /// The newest record's time.
+    time: String,
     policy: String,
     consent: String,
-    head: Arc<Mutex<Head>>,
-    seq_gauge: Gauge,
-    /// The line being written, reused.
+    /// The lines being written, reused.
     buf: Vec<u8>,
+    /// Outcomes not yet written, with when they became known.
+    pending: Vec<(OffsetDateTime, Outcome)>,
+    /// Set while writes fail.
+    trouble: Option<Trouble>,
+    /// `recovered` records owed for events found outside a write (a file moved away).
+    owed: Option<Vec<String>>,
+}
+
+/// An outcome record as laid out in the log.
+#[derive(Serialize)]
+struct OutcomeLine<'a> {
+    seq: u64,
+    time: &'a str,
+    node: &'a str,
+    decision: Decision,
+    of: u64,
+    status: Option<u16>,
+    bytes_in: Option<u64>,
+    bytes_out: Option<u64>,
+    reason: Option<&'a str>,
+    prev: &'a str,
 }
 
 impl WriterState {
-    /// Chain one record onto the log; on failure the chain state (hashes in force included)
-    /// is left as it was. `hashes`: the policy and consent hashes in force from this record on.
-    fn append(&mut self, entry: &Entry, hashes: Option<(String, String)>) -> io::Result<()> {
+    /// Chain what is owed and `record` onto the log in one write; returns the newest `seq`.
+    /// On failure the chain state (hashes in force, queued outcomes) is left as it was.
+    /// `hashes`: the policy and consent hashes in force from `record` on.
+    fn append(&mut self, record: Option<(&Entry, Option<(String, String)>)>) -> io::Result<u64> {
         let now = OffsetDateTime::now_utc();
-        let time = now
-            .replace_nanosecond(now.microsecond() * 1000)
-            .unwrap_or(now)
-            .format(&Rfc3339)
-            .unwrap_or_default();
-        // A decision carries the hashes it was made under; a record without them (the proxy's
-        // own events) names those in force.
-        let (policy, consent) = match (&entry.under, &hashes) {
-            (Some((p, c)), _) => (&**p, &**c),
-            (None, Some((p, c))) => (p.as_str(), c.as_str()),
-            (None, None) => (self.policy.as_str(), self.consent.as_str()),
+        let time = stamp(now);
+        let mut owed: Vec<String> = self.owed.clone().unwrap_or_default();
+        if let Some(t) = &self.trouble {
+            owed.push(format!(
+                "the audit log could not be written from {} to {} ({}): {} decision(s) went unrecorded, each refused",
+                stamp(t.since),
+                stamp(t.last),
+                t.error,
+                t.unrecorded
+            ));
+        }
+        if owed.is_empty() && self.pending.is_empty() && record.is_none() {
+            return Ok(self.seq);
+        }
+        let mut chain = Chain {
+            buf: std::mem::take(&mut self.buf),
+            seq: self.seq,
+            prev: self.prev.clone(),
         };
-        let seq = self.seq + 1;
-        let record = Line {
-            seq,
-            time: &time,
-            node: &self.node,
-            entry,
-            policy,
-            consent,
-            prev: &self.prev,
-        };
-        let buf = &mut self.buf;
-        buf.clear();
-        serde_json::to_writer(&mut *buf, &record)?;
-        let hash = sha256(buf);
-        buf.pop();
-        buf.extend_from_slice(b",\"hash\":\"");
-        buf.extend_from_slice(hash.as_bytes());
-        buf.extend_from_slice(b"\"}\n");
-        self.sink.write_line(buf)?;
-        if let Some((policy, consent)) = hashes {
+        chain.buf.clear();
+        let written = (|| {
+            for reason in owed {
+                let e = Entry::new(Decision::Recovered, reason);
+                self.push_entry(&mut chain, &time, &e, None)?;
+            }
+            for (at, o) in &self.pending {
+                let at = stamp(*at);
+                let seq = chain.seq + 1;
+                let line = OutcomeLine {
+                    seq,
+                    time: &at,
+                    node: &self.node,
+                    decision: Decision::Outcome,
+                    of: o.of,
+                    status: o.status,
+                    bytes_in: o.bytes_in,
+                    bytes_out: o.bytes_out,
+                    reason: o.reason.as_deref(),
+                    prev: &chain.prev,
+                };
+                let hash = push_line(&mut chain.buf, &line)?;
+                chain.advance(hash);
+            }
+            if let Some((entry, hashes)) = &record {
+                self.push_entry(&mut chain, &time, entry, hashes.as_ref())?;
+            }
+            self.sink.write_lines(&chain.buf)
+        })();
+        let Chain { buf, seq, prev } = chain;
+        self.buf = buf;
+        written?;
+        if let Some((_, Some((policy, consent)))) = record {
             self.policy = policy;
             self.consent = consent;
         }
         self.seq = seq;
-        self.seq_gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
-        if let Ok(mut head) = self.head.lock() {
-            head.seq = seq;
-            head.hash.clone_from(&hash);
-            head.time = time;
-        }
-        self.prev = hash;
+        self.prev = prev;
+        self.time = time;
+        self.pending.clear();
+        self.trouble = None;
+        self.owed = None;
+        Ok(seq)
+    }
+
+    /// One entry's line: a decision carries the hashes it was made under; a record without
+    /// them (the proxy's own events) names those in force, or those it brings.
+    fn push_entry(
+        &self,
+        chain: &mut Chain,
+        time: &str,
+        entry: &Entry,
+        hashes: Option<&(String, String)>,
+    ) -> io::Result<()> {
+        let (policy, consent) = match (&entry.under, hashes) {
+            (Some((p, c)), _) => (&**p, &**c),
+            (None, Some((p, c))) => (p.as_str(), c.as_str()),
+            (None, None) => (self.policy.as_str(), self.consent.as_str()),
+        };
+        let line = Line {
+            seq: chain.seq + 1,
+            time,
+            node: &self.node,
+            entry,
+            policy,
+            consent,
+            prev: &chain.prev,
+        };
+        let hash = push_line(&mut chain.buf, &line)?;
+        chain.advance(hash);
         Ok(())
+    }
+
+    /// Note a failed write: `decision` when a decision's record was among it.
+    fn failed(&mut self, e: &io::Error, decision: bool) {
+        let now = OffsetDateTime::now_utc();
+        let t = self.trouble.get_or_insert_with(|| Trouble {
+            since: now,
+            last: now,
+            unrecorded: 0,
+            error: e.to_string(),
+        });
+        t.last = now;
+        t.unrecorded += u64::from(decision);
     }
 }
 
-/// The last non-empty line of a file (read from its last 1 MiB).
-fn last_line(file: &mut File) -> io::Result<Option<String>> {
-    let len = file.seek(SeekFrom::End(0))?;
-    let start = len.saturating_sub(1 << 20);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail)?;
-    if !tail.is_empty() && !tail.ends_with('\n') {
-        // A record cut short by a crash: refuse to continue the chain from it.
-        return Ok(Some(String::new()));
+/// Lines being chained: each one's `prev` is the one before's hash.
+struct Chain {
+    buf: Vec<u8>,
+    seq: u64,
+    prev: String,
+}
+
+impl Chain {
+    /// A line was pushed: it is the newest.
+    fn advance(&mut self, hash: String) {
+        self.seq += 1;
+        self.prev = hash;
     }
-    Ok(tail
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(str::to_string))
+}
+
+/// Append `line` (a record with its `seq` and `prev`) to `buf`, closed with its hash; returns
+/// the hash.
+fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) -> io::Result<String> {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, line)?;
+    let hash = sha256(&buf[start..]);
+    buf.pop();
+    buf.extend_from_slice(b",\"hash\":\"");
+    buf.extend_from_slice(hash.as_bytes());
+    buf.extend_from_slice(b"\"}\n");
+    Ok(hash)
+}
+
+/// RFC 3339 to the microsecond, as records carry it.
+fn stamp(at: OffsetDateTime) -> String {
+    at.replace_nanosecond(at.microsecond() * 1000)
+        .unwrap_or(at)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Torn {
+    /// The `recovered` record's reason for a fragment moved aside at start.
+    fn reason(&self, seq: u64) -> String {
+        format!(
+            "crash recovery: the log ended in an incomplete record ({} bytes, {}), moved to {}; the chain continues from seq {seq}",
+            self.len,
+            self.sha256,
+            self.file.display()
+        )
+    }
 }
 
 fn chain_tail(line: &str) -> Option<(u64, String, String)> {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::mattermost;
 use super::{
-    consent_hash, AuditTarget, Config, ConfigError, Limits, Listen, Roots, Rotation,
+    consent_hash, AuditTarget, Config, ConfigError, Limits, Listen, Roots, Rotation, SyncMode,
     UpstreamSettings, CATEGORIES,
 };
 use crate::decide::path::normalize;
@@ -105,6 +105,15 @@ struct AuditFile {
     node: Option<String>,
     rotate_bytes: Option<u64>,
     rotate_keep: Option<usize>,
+    sync: SyncFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SyncFile {
+    #[default]
+    Os,
+    Data,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,6 +334,10 @@ impl File {
                 resolve,
             },
             audit,
+            audit_sync: match self.audit.sync {
+                SyncFile::Os => SyncMode::Os,
+                SyncFile::Data => SyncMode::Data,
+            },
             node,
             limits,
             consent_hash,

@@ -18,7 +18,7 @@ mod file;
 pub mod mattermost;
 
 use crate::audit::sha256;
-pub use crate::audit::{AuditTarget, Rotation};
+pub use crate::audit::{AuditTarget, Rotation, SyncMode};
 use crate::decide::policy::{Consent, Policy};
 pub use file::selector;
 use file::File;
@@ -53,6 +53,8 @@ pub struct Config {
     pub ca_key: PathBuf,
     pub upstream: UpstreamSettings,
     pub audit: AuditTarget,
+    /// `[audit] sync`: how far a record has gone before what it records may leave.
+    pub audit_sync: SyncMode,
     /// `[audit] node`: the replica named in every record (default: the host name).
     pub node: String,
     pub limits: Limits,

@@ -23,6 +23,10 @@ pub enum Decision {
     WouldBlock,
     WouldStrip,
     PolicyLoaded,
+    /// What became known about an earlier record (`of`): status, byte counts, a failure.
+    Outcome,
+    /// The log was repaired (a torn tail at start) or could not be written for a while.
+    Recovered,
 }
 
 impl Decision {
@@ -37,6 +41,8 @@ impl Decision {
             Decision::WouldBlock => "would_block",
             Decision::WouldStrip => "would_strip",
             Decision::PolicyLoaded => "policy_loaded",
+            Decision::Outcome => "outcome",
+            Decision::Recovered => "recovered",
         }
     }
 }

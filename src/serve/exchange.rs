@@ -1,6 +1,7 @@
 //! The exchange: one request decided ([`plan_request`]), its body read only when a rule must
-//! read it, rewritten ([`plan::rewrite`]), sent to the upstream over verified TLS, recorded once
-//! the response head is in, and the response streamed back. What RFC 9112 leaves a receiver free
+//! read it, rewritten ([`plan::rewrite`]), recorded (write-ahead), sent to the upstream over
+//! verified TLS, its outcome noted once the response head is in, and the response streamed
+//! back. What RFC 9112 leaves a receiver free
 //! to read another way is refused here, strictly, before any decision.
 
 use std::borrow::Cow;
@@ -18,7 +19,7 @@ use tracing::warn;
 
 use super::respond::response;
 use super::shared::{Peer, Shared, Target, TargetForm};
-use crate::audit::Entry;
+use crate::audit::{Entry, Outcome};
 use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
 use crate::decide::policy::{normalize_host, Mode};
@@ -70,12 +71,6 @@ impl Shared {
                     .await;
             }
         }
-        // Nothing leaves unaudited: once a record could not be written, every request stops here.
-        if !self.audit.is_healthy() {
-            return self
-                .refuse_draining(entry, body, Refusal::AuditUnavailable, None)
-                .await;
-        }
         let (feature, rules, withheld) = match plan_request(&active.policy, &target.host, path) {
             RequestPlan::Refuse { refusal, feature } => {
                 let name = feature.map(|f| f.name.as_str());
@@ -86,6 +81,14 @@ impl Shared {
                 reason,
                 feature,
             } => {
+                if feature.is_none() && target.pinned.is_none() {
+                    if let Err(feature) = self.admit_name(&target).await {
+                        let refusal = Refusal::FeatureAddress;
+                        return self
+                            .refuse_draining(entry, body, refusal, Some(&feature))
+                            .await;
+                    }
+                }
                 if let Some(f) = feature {
                     entry.feature = Some(f.name.clone());
                     if let Some(normal) = &normal_path {
@@ -93,7 +96,8 @@ impl Shared {
                     }
                 }
                 entry.decide(decision, reason);
-                return self.forward(entry, &target, parts, streamed(body)).await;
+                let body = Forwarded::Streamed(streamed(body));
+                return self.forward(entry, &target, parts, body).await;
             }
             RequestPlan::Rewrite {
                 feature,
@@ -145,7 +149,10 @@ impl Shared {
             parts.uri = with_target(&parts.uri, path, query);
         }
         parts.headers = headers;
-        let out = body.map(without_trailers).unwrap_or_else(|| full(read));
+        let out = match body {
+            Some(body) => Forwarded::Streamed(without_trailers(body)),
+            None => Forwarded::Read(read),
+        };
         self.forward(entry, &target, parts, out).await
     }
 
@@ -190,15 +197,27 @@ impl Shared {
         }
     }
 
-    /// Send the request upstream; audit once the response head is in; stream the body back.
+    /// Record the decision (write-ahead: before anything leaves), send the request upstream,
+    /// note its outcome once the response head is in, and stream the body back.
     async fn forward(
         &self,
         mut entry: Entry,
         target: &Target,
         parts: Parts,
-        body: OutBody,
+        body: Forwarded,
     ) -> Response<OutBody> {
-        // What passed is counted as the upstream reads it: a streamed body is known only so.
+        // A body the rules read leaves whole: its length is known now. A streamed one is known
+        // only as the upstream reads it, in the outcome.
+        let body = match body {
+            Forwarded::Read(bytes) => {
+                entry.bytes_out = Some(bytes.len() as u64);
+                full(bytes)
+            }
+            Forwarded::Streamed(body) => body,
+        };
+        let Ok(seq) = self.record_ahead(&entry).await else {
+            return response(&Refusal::AuditUnavailable, entry.feature.as_deref());
+        };
         let sent_bytes = Arc::new(AtomicU64::new(0));
         let body = Counted::new(body, sent_bytes.clone()).boxed();
         let mut req = Request::new(body);
@@ -228,25 +247,43 @@ impl Shared {
             };
         let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
         let passed = sent_bytes.load(Ordering::Relaxed);
-        entry.bytes_out = Some(passed);
-        entry.bytes_in.get_or_insert(passed);
-        let resp = match result {
-            Err(_) => return self.refuse(entry, Refusal::UpstreamTimeout, None).await,
-            Ok(Err((refusal, feature))) => {
-                warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
-                return self.refuse(entry, refusal, feature.as_deref()).await;
-            }
-            Ok(Ok(resp)) => resp,
+        let bytes_in = entry.bytes_in.unwrap_or(passed);
+        self.metrics.bytes(Some(bytes_in), Some(passed));
+        let mut outcome = Outcome {
+            of: seq,
+            bytes_in: Some(bytes_in),
+            bytes_out: Some(passed),
+            ..Outcome::default()
         };
-        entry.status = Some(resp.status().as_u16());
-        if self.record(&entry).await.is_err() {
-            return response(&Refusal::AuditUnavailable, entry.feature.as_deref());
-        }
+        let resp = match result {
+            Ok(Ok(resp)) => resp,
+            failure => {
+                let (refusal, feature) = match failure {
+                    Ok(Err(failed)) => failed,
+                    _ => (Refusal::UpstreamTimeout, None),
+                };
+                warn!(host = %target.host, reason = %refusal.reason(), "upstream request failed");
+                self.metrics.upstream_errors.inc();
+                outcome.status = Some(refusal.status().as_u16());
+                outcome.reason = Some(refusal.reason());
+                self.audit.outcome(outcome);
+                let feature = feature.as_deref().or(entry.feature.as_deref());
+                return response(&refusal, feature);
+            }
+        };
+        outcome.status = Some(resp.status().as_u16());
+        self.audit.outcome(outcome);
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, body.map_err(Into::into).boxed())
     }
+}
+
+/// A request body on its way upstream: read by the rules (and whole), or streamed.
+enum Forwarded {
+    Read(Bytes),
+    Streamed(OutBody),
 }
 
 /// The body length a request declares in `Content-Length`, if any.

@@ -22,7 +22,7 @@ use super::exchange::connect_refusal;
 use super::respond::{empty, response};
 use super::shared::{Peer, Shared, Target, TargetForm};
 use super::tunnel::Ends;
-use crate::audit::Entry;
+use crate::audit::{Entry, Outcome};
 use crate::decide::plan::{admit, plan_connect, ConnectPlan};
 use crate::decide::policy::normalize_host;
 use crate::decide::{Decision, Reason, Refusal};
@@ -171,26 +171,37 @@ impl Shared {
         };
         entry.decide(Decision::Tunneled, Reason::NoFeature);
         entry.status = Some(200);
-        if self.record(&entry).await.is_err() {
+        let Ok(seq) = self.record_ahead(&entry).await else {
             return response(&Refusal::AuditUnavailable, None);
-        }
+        };
         let this = self.clone();
         self.tracker.spawn(async move {
-            let Ok(upgraded) = hyper::upgrade::on(req).await else {
-                return;
-            };
-            let ends = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    // What the client sent after its CONNECT, read with it, goes first.
-                    let mut upstream = upstream;
-                    if upstream.write_all(&parts.read_buf).await.is_err() {
-                        return;
+            let ends = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => {
+                        // What the client sent after its CONNECT, read with it, goes first.
+                        let mut upstream = upstream;
+                        let first = parts.read_buf;
+                        if upstream.write_all(&first).await.is_err() {
+                            Err("upstream closed before the first bytes")
+                        } else {
+                            Ok((Ends::Sockets(parts.io.into_inner(), upstream), first.len()))
+                        }
                     }
-                    Ends::Sockets(parts.io.into_inner(), upstream)
-                }
-                Err(upgraded) => Ends::Streams(TokioIo::new(upgraded), upstream),
+                    Err(upgraded) => Ok((Ends::Streams(TokioIo::new(upgraded), upstream), 0)),
+                },
+                Err(_) => Err("the client left before the tunnel opened"),
             };
-            this.relay(peer, target, ends).await;
+            match ends {
+                Ok((ends, sent)) => this.relay(peer, target, ends, seq, sent as u64).await,
+                Err(how) => this.audit.outcome(Outcome {
+                    of: seq,
+                    bytes_in: Some(0),
+                    bytes_out: Some(0),
+                    reason: Some(how.into()),
+                    ..Outcome::default()
+                }),
+            }
         });
         empty(StatusCode::OK)
     }

@@ -75,12 +75,19 @@ pub struct Started {
 pub struct Running {
     pub started: Started,
     shared: Arc<Shared>,
+    /// Writes queued outcomes within [`crate::audit::FLUSH_EVERY`] and probes a log that
+    /// cannot be written; stopped after the final record.
+    audit_keeper: (CancellationToken, tokio::task::JoinHandle<()>),
 }
 
 impl Running {
     /// Stop accepting, let in-flight requests finish (up to `deadline`), record the stop.
     pub async fn shutdown(self, deadline: Duration) {
-        let Running { shared, .. } = self;
+        let Running {
+            shared,
+            audit_keeper: (stop_keeper, keeper),
+            ..
+        } = self;
         shared.token.cancel();
         shared.tracker.close();
         let finished = tokio::time::timeout(deadline, shared.tracker.wait())
@@ -96,6 +103,7 @@ impl Running {
         } else {
             "shutting down: connections still open at the deadline were closed; no policy is in force from here"
         };
+        // The final record: after every outcome (those still queued go out in its write).
         let active = shared.current();
         let _ = shared
             .audit
@@ -105,7 +113,14 @@ impl Running {
                 active.consent_hash.to_string(),
             )
             .await;
-        // Every record is in the file once `write` returned: nothing is left to flush.
+        stop_keeper.cancel();
+        let _ = keeper.await;
+    }
+
+    /// Write the `outcome` records queued now rather than with the next record (or within
+    /// [`crate::audit::FLUSH_EVERY`]): for a reader that needs them at once.
+    pub fn flush_audit(&self) -> Result<(), AuditError> {
+        self.shared.audit.flush()
     }
 
     /// Leave a fleet cleanly (SIGTERM): `/readyz` fails at once, so the balancer's health check
@@ -147,10 +162,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?;
     let audit = AuditLog::open(
         &config.audit,
+        config.audit_sync,
         &config.node,
         config.policy_hash.clone(),
         config.consent_hash.clone(),
-        metrics.audit_seq.clone(),
+        metrics.audit.clone(),
     )?;
     let listener = TcpListener::bind(config.listen.proxy)
         .await
@@ -202,6 +218,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             mattermost: config.mattermost_config.clone(),
         },
     });
+    let stop_keeper = CancellationToken::new();
+    let keeper = tokio::spawn(shared.audit.clone().keep(stop_keeper.clone()));
     tracker.spawn(reload::watch(shared.clone(), config.loaded));
     if let Some(l) = admin {
         tracker.spawn(admin::serve(shared.clone(), l));
@@ -218,6 +236,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             ca_origin,
         },
         shared,
+        audit_keeper: (stop_keeper, keeper),
     })
 }
 

@@ -116,7 +116,9 @@ impl Shared {
             })
             .inc();
         info!(%reason, "policy reloaded");
-        let loaded = self
+        // A record that cannot be written is counted by the writer; the policy takes effect all
+        // the same (every decision under it is refused until the log is written again).
+        let _ = self
             .audit
             .policy_loaded(
                 reason,
@@ -124,10 +126,6 @@ impl Shared {
                 new.consent_hash.to_string(),
             )
             .await;
-        match loaded {
-            Ok(()) => self.metrics.audit_records.inc(),
-            Err(_) => self.metrics.audit_failures.inc(),
-        };
         self.active.send_replace(new);
         read
     }

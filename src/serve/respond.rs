@@ -40,8 +40,16 @@ impl Shared {
         e
     }
 
-    /// Write an audit record and count the decision.
-    pub(super) async fn record(&self, entry: &Entry) -> Result<(), AuditError> {
+    /// Write a decision's final record (a refusal, a connection closed) and count it.
+    pub(super) async fn record(&self, entry: &Entry) -> Result<u64, AuditError> {
+        self.metrics.bytes(entry.bytes_in, entry.bytes_out);
+        self.record_ahead(entry).await
+    }
+
+    /// Write a decision's record before anything it lets through leaves (write-ahead, DESIGN
+    /// §9); returns its `seq`, which the [`crate::audit::Outcome`] completing it names. On an error nothing
+    /// may leave.
+    pub(super) async fn record_ahead(&self, entry: &Entry) -> Result<u64, AuditError> {
         self.metrics.decision(entry);
         debug!(
             decision = entry.decision.as_str(),
@@ -49,12 +57,7 @@ impl Shared {
             host = entry.host.as_deref().unwrap_or("-"),
             "recorded"
         );
-        let written = self.audit.write(entry).await;
-        match &written {
-            Ok(()) => self.metrics.audit_records.inc(),
-            Err(_) => self.metrics.audit_failures.inc(),
-        };
-        written
+        self.audit.write(entry).await
     }
 
     /// Audit a refusal and answer it.

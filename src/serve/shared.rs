@@ -107,6 +107,26 @@ impl Shared {
         self.gate.admit(host, addr).await
     }
 
+    /// `Err(feature)`: a name of no feature resolves to `feature`'s address. The dialer checks
+    /// this for every connection it makes; asked before a request's record is written, a
+    /// refusal stays one record (else it is the `outcome` of a forward). A name that does not
+    /// resolve here is left to the dialer.
+    pub(super) async fn admit_name(&self, target: &Target) -> Result<(), String> {
+        let host = target.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
+            Err(_) => self
+                .upstream
+                .resolve(host, target.port)
+                .await
+                .unwrap_or_default(),
+        };
+        for addr in addrs {
+            self.gate.admit(Some(&target.host), addr).await?;
+        }
+        Ok(())
+    }
+
     /// Whether a CONNECT or absolute-form target names one of the proxy's own listeners under
     /// any name or address (a loop that would cost a connection per hop). Only a target on one
     /// of the listening ports is looked up.

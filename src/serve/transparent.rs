@@ -29,6 +29,7 @@ use super::accept::{accept_each, until_cancelled};
 use super::rewind::Rewind;
 use super::shared::{Peer, Shared, Target, TargetForm};
 use super::tunnel::Ends;
+use crate::audit::Outcome;
 use crate::decide::plan::{admit, plan_connect, ConnectPlan};
 use crate::decide::policy::{canonical, normalize_host};
 use crate::decide::{Decision, Reason, Refusal};
@@ -171,11 +172,23 @@ async fn tunnel(
     };
     let _ = upstream.set_nodelay(true);
     entry.decide(Decision::Tunneled, Reason::NoFeature);
-    if shared.record(&entry).await.is_err() || upstream.write_all(&prefix).await.is_err() {
+    let Ok(seq) = shared.record_ahead(&entry).await else {
+        return;
+    };
+    if upstream.write_all(&prefix).await.is_err() {
+        shared.audit.outcome(Outcome {
+            of: seq,
+            bytes_in: Some(prefix.len() as u64),
+            bytes_out: Some(0),
+            reason: Some("upstream closed before the first bytes".into()),
+            ..Outcome::default()
+        });
         return;
     }
+    let ends = Ends::Sockets(client, upstream);
+    let sent = prefix.len() as u64;
     shared
-        .relay::<TcpStream>(peer, target, Ends::Sockets(client, upstream))
+        .relay::<TcpStream>(peer, target, ends, seq, sent)
         .await;
 }
 

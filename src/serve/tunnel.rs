@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::shared::{Peer, Shared, Target};
 use crate::decide::plan::{plan_connect, ConnectPlan};
+use crate::audit::Outcome;
 use crate::decide::{Decision, Reason};
 
 /// Each direction of a copied tunnel reads through a buffer this large (tokio's default is
@@ -46,14 +47,14 @@ pub(super) enum Ends<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Ends<IO> {
     /// Move bytes both ways until both ways have ended or either fails; returns the bytes
-    /// moved client to upstream and upstream to client. Every delivery is noted in `activity`.
+    /// moved client to upstream and upstream to client. Every delivery is counted in `activity`.
     pub(super) async fn pump(self, activity: &Activity) -> io::Result<(u64, u64)> {
         match self {
             Ends::Sockets(client, upstream) => match (pipe(), pipe()) {
                 (Ok(up), Ok(down)) => {
                     tokio::try_join!(
-                        splice_one_way(&client, &upstream, &up, activity),
-                        splice_one_way(&upstream, &client, &down, activity),
+                        splice_one_way(&client, &upstream, &up, &activity.0.up),
+                        splice_one_way(&upstream, &client, &down, &activity.0.down),
                     )
                 }
                 // Out of descriptors for pipes: the same tunnel, copied.
@@ -69,8 +70,8 @@ async fn copy<IO: AsyncRead + AsyncWrite + Unpin>(
     upstream: TcpStream,
     activity: &Activity,
 ) -> io::Result<(u64, u64)> {
-    let mut client = activity.watch(client);
-    let mut upstream = activity.watch(upstream);
+    let mut client = activity.watch(client, Direction::Up);
+    let mut upstream = activity.watch(upstream, Direction::Down);
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
         .await
 }
@@ -91,7 +92,7 @@ async fn splice_one_way(
     from: &TcpStream,
     to: &TcpStream,
     (out, into): &(OwnedFd, OwnedFd),
-    activity: &Activity,
+    moved_so_far: &AtomicU64,
 ) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut moved = 0u64;
@@ -110,7 +111,6 @@ async fn splice_one_way(
             )?;
             return Ok(moved);
         }
-        activity.note();
         let mut left = read;
         while left > 0 {
             let sent = retry(to, Interest::WRITABLE, || {
@@ -123,6 +123,7 @@ async fn splice_one_way(
             left -= sent;
         }
         moved += read as u64;
+        moved_so_far.fetch_add(read as u64, Ordering::Relaxed);
     }
 }
 
@@ -141,71 +142,128 @@ async fn retry(
     }
 }
 
-/// Whether either side of a tunnel delivered bytes since the idle check last looked: one
-/// relaxed store a delivery, no clock read on the byte path.
+/// The bytes a tunnel moved each way so far: what its outcome record counts, and what the idle
+/// check watches. One relaxed add a delivery, no clock read on the byte path.
 #[derive(Clone, Default)]
-pub(super) struct Activity(Arc<AtomicBool>);
+pub(super) struct Activity(Arc<Moved>);
+
+#[derive(Default)]
+struct Moved {
+    /// Client to upstream.
+    up: AtomicU64,
+    /// Upstream to client.
+    down: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Up,
+    Down,
+}
 
 impl Activity {
-    /// `inner`, noting each of its reads here; writes pass through.
-    fn watch<T: AsyncRead>(&self, inner: T) -> InspectReader<T, impl FnMut(&[u8])> {
+    /// `inner`, counting its reads (bytes going `way`); writes pass through.
+    fn watch<T: AsyncRead>(&self, inner: T, way: Direction) -> InspectReader<T, impl FnMut(&[u8])> {
         let activity = self.clone();
-        InspectReader::new(inner, move |_: &[u8]| activity.note())
+        InspectReader::new(inner, move |bytes: &[u8]| {
+            let counter = match way {
+                Direction::Up => &activity.0.up,
+                Direction::Down => &activity.0.down,
+            };
+            counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        })
     }
 
-    fn note(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether bytes moved since the last call.
-    pub(super) fn moved(&self) -> bool {
-        self.0.swap(false, Ordering::Relaxed)
+    /// Bytes moved (up, down) so far.
+    pub(super) fn moved(&self) -> (u64, u64) {
+        (
+            self.0.up.load(Ordering::Relaxed),
+            self.0.down.load(Ordering::Relaxed),
+        )
     }
 }
 
 impl Shared {
     /// Move bytes both ways until either side closes, the proxy shuts down, or a new policy
     /// would not tunnel the destination (then the tunnel is closed and audited: a feature must
-    /// not keep flowing around the policy over an old tunnel).
-    pub(super) async fn relay<IO>(&self, peer: Peer, target: Target, ends: Ends<IO>)
+    /// not keep flowing around the policy over an old tunnel). The tunnel's record is `seq`;
+    /// its outcome (the bytes each way, how it ended) is noted when it ends. `sent` bytes went
+    /// upstream before the relay began (what the client sent with its CONNECT, or while the
+    /// transparent listener sniffed).
+    pub(super) async fn relay<IO>(
+        &self,
+        peer: Peer,
+        target: Target,
+        ends: Ends<IO>,
+        seq: u64,
+        sent: u64,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let activity = Activity::default();
+        let how = self.relay_until_done(peer, &target, ends, &activity).await;
+        let (up, down) = activity.moved();
+        let up = up + sent;
+        self.audit.outcome(Outcome {
+            of: seq,
+            status: None,
+            bytes_in: Some(up),
+            bytes_out: Some(up),
+            reason: Some(format!("{how}; {down} bytes back from the upstream")),
+        });
+    }
+
+    /// The relay's loop; returns how the tunnel ended.
+    async fn relay_until_done<IO>(
+        &self,
+        peer: Peer,
+        target: &Target,
+        ends: Ends<IO>,
+        activity: &Activity,
+    ) -> &'static str
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let mut policy = self.active.subscribe();
-        let activity = Activity::default();
-        let copy = ends.pump(&activity);
+        let copy = ends.pump(activity);
         tokio::pin!(copy);
         let idle = self.limits.tunnel_idle_timeout;
         let every = (idle / 4).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut quiet = Duration::ZERO;
+        let mut seen = (0, 0);
         loop {
             tokio::select! {
                 r = &mut copy => {
-                    if let Ok((up, down)) = r {
-                        debug!(bytes_up = up, bytes_down = down, "tunnel closed");
-                    }
-                    return;
+                    return match r {
+                        Ok((up, down)) => {
+                            debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                            "closed"
+                        }
+                        Err(_) => "closed with an error",
+                    };
                 }
-                () = self.hard_stop.cancelled() => return,
+                () = self.hard_stop.cancelled() => return "closed at shutdown",
                 _ = tick.tick() => {
-                    quiet = if activity.moved() { Duration::ZERO } else { quiet + every };
+                    let now = activity.moved();
+                    quiet = if now != seen { Duration::ZERO } else { quiet + every };
+                    seen = now;
                     if quiet >= idle {
                         debug!("idle tunnel closed");
-                        return;
+                        return "closed when idle";
                     }
                 }
                 changed = policy.changed() => {
                     if changed.is_err() {
-                        return;
+                        return "closed at shutdown";
                     }
                     let active = policy.borrow_and_update().clone();
                     if !matches!(plan_connect(&active.policy, Some(&target.host)), ConnectPlan::Tunnel) {
-                        let entry = self.entry(&active, peer, Some(&target), Some(&Method::CONNECT), None);
+                        let entry = self.entry(&active, peer, Some(target), Some(&Method::CONNECT), None);
                         let feature = active.policy.feature_for_host(&target.host).map(|f| f.name.clone());
                         let reason = Reason::TunnelClosed.into();
                         self.record_closed(entry, Decision::Blocked, reason, feature).await;
-                        return;
+                        return "closed: a new policy would not tunnel it";
                     }
                 }
             }

@@ -133,7 +133,8 @@ async fn audit_verify_and_summary_on_a_real_log() {
 
     let (code, out) = run(bin().args(["audit", "verify"]).arg(&log));
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("intact, 6 records"), "{out}");
+    // The start, four forwards and their outcomes, one refusal.
+    assert!(out.contains("intact, 10 records"), "{out}");
 
     let (code, out) = run(bin().args(["audit", "summary"]).arg(&log));
     assert_eq!(code, 0, "{out}");

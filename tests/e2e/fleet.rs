@@ -280,8 +280,14 @@ async fn audit_verify_and_summary_read_several_replicas_with_a_witness() {
     // Truncate replica-1 behind its witnessed head; edit a record of replica-2.
     let one = logs.path().join("replica-1.jsonl");
     let text = std::fs::read_to_string(&one).expect("read");
-    let kept: Vec<&str> = text.lines().collect();
-    std::fs::write(&one, kept[..kept.len() - 2].join("\n") + "\n").expect("truncate");
+    let witnessed: u64 = witness
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|h| h["node"] == "replica-1")
+        .and_then(|h| h["seq"].as_u64())
+        .expect("replica-1 witnessed");
+    let kept: Vec<&str> = text.lines().take_while(|l| !l.contains(&format!("{{\"seq\":{witnessed},"))).collect();
+    std::fs::write(&one, kept.join("\n") + "\n").expect("truncate");
     let (code, out) = run(bin().args(["audit", "verify"]).arg(logs.path()));
     assert_eq!(
         code, 0,
@@ -306,6 +312,9 @@ async fn audit_verify_and_summary_read_several_replicas_with_a_witness() {
     .expect("edit");
     let (code, out) = run(bin().args(["audit", "verify"]).arg(&one).arg(&two));
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("(node replica-2): broken at line"), "{out}");
+    assert!(
+        out.contains("(node replica-2): 1 records intact, then broken at line 2 (seq 2)"),
+        "{out}"
+    );
     assert!(out.contains("(node replica-1): intact"), "{out}");
 }

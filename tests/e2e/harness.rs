@@ -390,26 +390,80 @@ impl Env {
             .expect("TLS with the minted leaf")
     }
 
+    /// The audit log as written, queued outcomes included.
     pub fn audit_text(&self) -> String {
+        self.flush();
         std::fs::read_to_string(self.dir.path().join("audit.jsonl")).expect("audit log")
     }
 
-    /// Audit records after the start-up `policy_loaded` one, read back typed by the library.
+    /// Decision records (not the proxy's own), read back typed by the library, each with what
+    /// its `outcome` record said (status, byte counts) folded in.
     pub fn records(&self) -> Vec<consent_proxy::audit::Record> {
-        consent_proxy::audit::read(&self.dir.path().join("audit.jsonl"))
-            .expect("every line is an audit record")
-            .into_iter()
-            .filter(|r| r.decision != Decision::PolicyLoaded)
+        self.flush();
+        let all = consent_proxy::audit::read(&self.dir.path().join("audit.jsonl"))
+            .expect("every line is an audit record");
+        let outcomes: std::collections::HashMap<u64, consent_proxy::audit::Record> = all
+            .iter()
+            .filter(|r| r.decision == Decision::Outcome)
+            .filter_map(|r| Some((r.of?, r.clone())))
+            .collect();
+        all.into_iter()
+            .filter(|r| {
+                !matches!(
+                    r.decision,
+                    Decision::PolicyLoaded | Decision::Outcome | Decision::Recovered
+                )
+            })
+            .map(|mut r| {
+                if let Some(o) = outcomes.get(&r.seq) {
+                    r.status = r.status.or(o.status);
+                    r.bytes_in = o.bytes_in.or(r.bytes_in);
+                    r.bytes_out = o.bytes_out.or(r.bytes_out);
+                }
+                r
+            })
             .collect()
     }
 
-    /// Audit records after the start-up `policy_loaded` one.
+    /// Decision records as JSON, each with its `outcome` folded in (`status`, byte counts, and
+    /// its reason as `outcome_reason`).
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        self.audit_text()
+        self.flush();
+        let all: Vec<serde_json::Value> = self
+            .audit_text()
             .lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .filter(|r: &serde_json::Value| r["decision"] != "policy_loaded")
+            .collect();
+        let outcomes: std::collections::HashMap<u64, &serde_json::Value> = all
+            .iter()
+            .filter(|r| r["decision"] == "outcome")
+            .filter_map(|r| Some((r["of"].as_u64()?, r)))
+            .collect();
+        all.iter()
+            .filter(|r| !["policy_loaded", "outcome", "recovered"].contains(&r["decision"].as_str().unwrap_or("")))
+            .map(|r| {
+                let mut r = r.clone();
+                if let Some(o) = r["seq"].as_u64().and_then(|s| outcomes.get(&s)) {
+                    if r["status"].is_null() {
+                        r["status"] = o["status"].clone();
+                    }
+                    for key in ["bytes_in", "bytes_out"] {
+                        if !o[key].is_null() {
+                            r[key] = o[key].clone();
+                        }
+                    }
+                    r["outcome_reason"] = o["reason"].clone();
+                }
+                r
+            })
             .collect()
+    }
+
+    /// Write the outcomes the proxy has queued (they wait up to 50 ms for the next record).
+    pub fn flush(&self) {
+        if let Some(r) = &self.running {
+            r.flush_audit().expect("audit log writable");
+        }
     }
 
     /// Stop the proxy (it writes its final record); returns its folder, which lives on while
