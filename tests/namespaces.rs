@@ -621,29 +621,112 @@ async fn inner_audit_failure() {
     drop(file);
 
     // Records still fit in the audit file's last page; the first that does not is refused
-    // with 503 (that request had reached the upstream: its record carries the upstream's
-    // status). From then on every inspected request is refused before it leaves.
-    let mut failed = false;
+    // with 503 before its request leaves (write-ahead). From then on every inspected request
+    // is refused before it leaves, and no partial line is left in the log.
+    let log = small.join("audit.jsonl");
+    let mut refused = 0;
     for _ in 0..200 {
         match push("{\"message\":\"two\"}").await.as_str() {
             "200" => {}
             "503" => {
-                failed = true;
+                refused += 1;
                 break;
             }
             other => panic!("unexpected status {other}"),
         }
     }
-    assert!(failed, "the audit log never failed to write");
+    assert_eq!(refused, 1, "the audit log never failed to write");
     let left = upstream.requests().len();
     assert_eq!(readyz().await, "503");
     for _ in 0..3 {
         assert_eq!(push("{\"message\":\"three\"}").await, "503");
+        refused += 1;
     }
+    // A tunnel does not open either.
+    let (echo, echoed) = echo_server_on("127.0.0.1:0".parse().expect("addr")).await;
+    let tunnel = run_async(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "--max-time",
+            "5",
+            "--proxy",
+            &format!("http://{proxy}"),
+            &format!("https://{echo}/"),
+        ],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&tunnel.stdout), "503");
+    assert!(
+        echoed.lock().expect("lock").is_empty(),
+        "bytes went through"
+    );
+    refused += 1;
     assert_eq!(
         upstream.requests().len(),
         left,
         "requests left while the audit log was unwritable"
+    );
+    let text = std::fs::read(&log).expect("log");
+    assert_eq!(
+        text.last(),
+        Some(&b'\n'),
+        "a partial line was left in the log"
+    );
+    let records_while_full = text.split(|&b| b == b'\n').count();
+
+    // Space comes back: traffic and /readyz recover by themselves, and the first record after
+    // says how many decisions went unrecorded.
+    std::fs::remove_file(&filler).expect("free space");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while readyz().await != "200" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(push("{\"message\":\"four\"}").await, "200");
+    assert_eq!(upstream.requests().len(), left + 1);
+    running.flush_audit().expect("writable again");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line a whole record"))
+        .collect();
+    let recovered = &records[records_while_full - 1];
+    assert_eq!(recovered["decision"], "recovered", "{recovered}");
+    let reason = recovered["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains(&format!("{refused} decision(s) went unrecorded")),
+        "{reason}"
+    );
+    // Every request the upstream received has its record.
+    let forwarded = records
+        .iter()
+        .filter(|r| r["feature"] == "push_notifications" && r["decision"] != "blocked")
+        .count();
+    assert_eq!(forwarded, upstream.requests().len());
+    let metrics = run_async("curl", &["-sS", &format!("http://{admin}/metrics")]).await;
+    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    assert!(
+        metrics.contains(&format!(
+            "consent_proxy_audit_unrecorded_decisions_total {refused}"
+        )),
+        "{metrics}"
+    );
+    let verified = run(
+        env!("CARGO_BIN_EXE_consent-proxy"),
+        &["audit", "verify", &log.display().to_string()],
+    );
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
     );
     running.shutdown(Duration::from_secs(5)).await;
     must("umount", &[&small.display().to_string()]);

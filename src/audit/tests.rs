@@ -262,25 +262,41 @@ async fn a_torn_tail_is_moved_aside_and_the_chain_continues() {
         .collect();
     assert_eq!(torn.len(), 1, "{torn:?}");
     assert_eq!(std::fs::read(&torn[0]).expect("reads"), fragment);
-    let mode = std::fs::metadata(&torn[0]).expect("stat").permissions().mode();
+    let mode = std::fs::metadata(&torn[0])
+        .expect("stat")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let records = read(&path).expect("reads");
     let reasons: Vec<(Decision, &str)> = records
         .iter()
         .map(|r| (r.decision, r.reason.as_str()))
         .collect();
-    assert_eq!(reasons[..2], [(Decision::Allowed, "one"), (Decision::Allowed, "two")]);
+    assert_eq!(
+        reasons[..2],
+        [(Decision::Allowed, "one"), (Decision::Allowed, "two")]
+    );
     assert_eq!(reasons[2].0, Decision::Recovered);
-    assert!(reasons[2].1.contains(&format!("{} bytes", fragment.len())), "{}", reasons[2].1);
+    assert!(
+        reasons[2].1.contains(&format!("{} bytes", fragment.len())),
+        "{}",
+        reasons[2].1
+    );
     assert!(reasons[2].1.contains(&sha256(&fragment)));
     assert!(reasons[2].1.contains(&*torn[0].to_string_lossy()));
     assert_eq!(reasons[3], (Decision::Allowed, "four"));
     let report = verify_chain(&path, &[]).expect("reads");
-    assert!(matches!(report.verdict, Verdict::Intact { records: 4, .. }), "{report:?}");
+    assert!(
+        matches!(report.verdict, Verdict::Intact { records: 4, .. }),
+        "{report:?}"
+    );
     assert_eq!(report.recoveries.len(), 1);
     assert_eq!(report.torn_tail, None);
     // The fragment beside the log is not taken for a log of its own.
-    assert_eq!(chains(&[dir.path().to_path_buf()]).expect("lists"), [path.clone()]);
+    assert_eq!(
+        chains(&[dir.path().to_path_buf()]).expect("lists"),
+        std::slice::from_ref(&path)
+    );
 
     // An edit still breaks the chain, after the records before it.
     let text = std::fs::read_to_string(&path).expect("reads");
@@ -335,13 +351,19 @@ async fn outcomes_ride_with_the_next_record() {
             (4, Decision::Outcome, Some(3), Some(502)),
         ]
     );
-    assert_eq!((records[1].bytes_in, records[1].bytes_out), (Some(10), Some(7)));
+    assert_eq!(
+        (records[1].bytes_in, records[1].bytes_out),
+        (Some(10), Some(7))
+    );
     assert_eq!(records[3].reason, "upstream connection failed");
     let line = std::fs::read_to_string(&path).expect("reads");
     let outcome: serde_json::Value =
         serde_json::from_str(line.lines().nth(1).expect("line")).expect("json");
     assert!(outcome.get("policy").is_none(), "{outcome}");
-    assert!(matches!(verify(&path).expect("reads"), Verdict::Intact { records: 4, .. }));
+    assert!(matches!(
+        verify(&path).expect("reads"),
+        Verdict::Intact { records: 4, .. }
+    ));
 }
 
 /// `sync = "data"`: a write returns only once its record is synced, and concurrent writes
@@ -368,10 +390,55 @@ async fn data_sync_is_shared_by_concurrent_records() {
     }
     let syncs = log.syncs();
     assert!(syncs >= 1, "data mode syncs");
-    assert!(syncs < writes, "{syncs} syncs for {writes} concurrent records: none shared");
+    assert!(
+        syncs < writes,
+        "{syncs} syncs for {writes} concurrent records: none shared"
+    );
     assert_eq!(read(&path).expect("reads").len(), 64);
     // The default mode never syncs.
     let os = open(&AuditTarget::File(dir.path().join("os.jsonl"), None));
     os.write(&entry("x")).await.expect("writes");
     assert_eq!(os.syncs(), 0);
+}
+
+/// A log file moved away under the proxy (as a log rotator does) is noticed within a second:
+/// the chain continues in a new file at the path, opened with a `recovered` record, and the
+/// two files verify as one chain.
+#[tokio::test]
+async fn a_log_moved_away_continues_in_a_new_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = open(&AuditTarget::File(path.clone(), None));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keeper = tokio::spawn(log.clone().keep(stop.clone()));
+    log.write(&entry("before")).await.expect("writes");
+    std::fs::rename(&path, dir.path().join("audit.jsonl.1")).expect("moves");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "never reopened");
+        tokio::time::sleep(FLUSH_EVERY).await;
+    }
+    log.write(&entry("after")).await.expect("writes");
+    stop.cancel();
+    keeper.await.expect("keeper ends");
+    let records = read(&path).expect("reads");
+    assert_eq!(records[0].decision, Decision::Recovered);
+    assert!(
+        records[0].reason.contains("moved or removed"),
+        "{}",
+        records[0].reason
+    );
+    assert_eq!(records[1].reason, "after");
+    let report = verify_chain(&path, &[]).expect("reads");
+    assert!(
+        matches!(
+            report.verdict,
+            Verdict::Intact {
+                records: 3,
+                files: 2,
+                ..
+            }
+        ),
+        "{report:?}"
+    );
 }

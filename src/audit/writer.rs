@@ -92,6 +92,14 @@ pub enum AuditError {
     NotAFile { path: PathBuf },
     #[error("cannot write the audit log")]
     Write(#[source] io::Error),
+    /// Record `seq` was written but could not be synced (`sync = "data"`): what it decided
+    /// must not go ahead, and its outcome says so.
+    #[error("cannot sync the audit log")]
+    Sync {
+        seq: u64,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What became known about a decision after its record was written (DESIGN §9, `outcome`).
@@ -216,7 +224,8 @@ impl AuditLog {
         if let Some(torn) = torn {
             warn!(fragment = %torn.file.display(), bytes = torn.len, "audit log ended in an incomplete record (a crash mid-write); moved aside");
             let entry = Entry::new(Decision::Recovered, torn.reason(seq));
-            log.append(Some((&entry, None))).map_err(AuditError::Write)?;
+            log.append(Some((&entry, None)))
+                .map_err(AuditError::Write)?;
             log.sync_now().map_err(AuditError::Write)?;
         }
         Ok(log)
@@ -273,7 +282,7 @@ impl AuditLog {
             }
             let idle = {
                 let state = self.inner.lock();
-                state.pending.is_empty() && state.trouble.is_none()
+                state.pending.is_empty() && state.trouble.is_none() && state.owed.is_none()
             };
             if !idle {
                 let _ = self.flush();
@@ -306,7 +315,9 @@ impl AuditLog {
             .append(Some((entry, hashes)))
             .map_err(AuditError::Write)?;
         if let Some(syncs) = &self.inner.syncs {
-            self.synced(syncs, seq).await.map_err(AuditError::Write)?;
+            self.synced(syncs, seq)
+                .await
+                .map_err(|source| AuditError::Sync { seq, source })?;
         }
         Ok(seq)
     }
@@ -428,7 +439,7 @@ impl AuditLog {
         let Sink::File { file, path, .. } = &state.sink else {
             return;
         };
-        let same = match (std::fs::metadata(&*path), file.metadata()) {
+        let same = match (std::fs::metadata(path), file.metadata()) {
             (Ok(at_path), Ok(ours)) => at_path.ino() == ours.ino() && at_path.dev() == ours.dev(),
             (Err(e), _) if e.kind() == io::ErrorKind::NotFound => false,
             // Cannot tell: leave it to the writes to fail or not.

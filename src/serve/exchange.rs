@@ -215,8 +215,9 @@ impl Shared {
             }
             Forwarded::Streamed(body) => body,
         };
-        let Ok(seq) = self.record_ahead(&entry).await else {
-            return response(&Refusal::AuditUnavailable, entry.feature.as_deref());
+        let seq = match self.record_ahead(&entry).await {
+            Ok(seq) => seq,
+            Err(e) => return self.audit_unavailable(&e, entry.feature.as_deref()),
         };
         let sent_bytes = Arc::new(AtomicU64::new(0));
         let body = Counted::new(body, sent_bytes.clone()).boxed();

@@ -19,7 +19,7 @@ use tracing::{debug, info, Instrument};
 use super::accept::{accept_each, until_cancelled};
 use super::balancer;
 use super::exchange::connect_refusal;
-use super::respond::{empty, response};
+use super::respond::empty;
 use super::shared::{Peer, Shared, Target, TargetForm};
 use super::tunnel::Ends;
 use crate::audit::{Entry, Outcome};
@@ -171,8 +171,9 @@ impl Shared {
         };
         entry.decide(Decision::Tunneled, Reason::NoFeature);
         entry.status = Some(200);
-        let Ok(seq) = self.record_ahead(&entry).await else {
-            return response(&Refusal::AuditUnavailable, None);
+        let seq = match self.record_ahead(&entry).await {
+            Ok(seq) => seq,
+            Err(e) => return self.audit_unavailable(&e, None),
         };
         let this = self.clone();
         self.tracker.spawn(async move {

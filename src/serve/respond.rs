@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use super::active::Active;
 use super::shared::{Peer, Shared, Target};
-use crate::audit::{AuditError, Entry};
+use crate::audit::{AuditError, Entry, Outcome};
 use crate::decide::{Decision, Refusal};
 use crate::upstream::OutBody;
 
@@ -58,6 +58,25 @@ impl Shared {
             "recorded"
         );
         self.audit.write(entry).await
+    }
+
+    /// The answer when a decision's record could not be written (or synced): nothing leaves.
+    /// A record written but not synced is completed by an outcome saying so.
+    pub(super) fn audit_unavailable(
+        &self,
+        e: &AuditError,
+        feature: Option<&str>,
+    ) -> Response<OutBody> {
+        if let AuditError::Sync { seq, .. } = e {
+            self.audit.outcome(Outcome {
+                of: *seq,
+                status: Some(Refusal::AuditUnavailable.status().as_u16()),
+                bytes_out: Some(0),
+                reason: Some(Refusal::AuditUnavailable.reason()),
+                ..Outcome::default()
+            });
+        }
+        response(&Refusal::AuditUnavailable, feature)
     }
 
     /// Audit a refusal and answer it.

@@ -172,8 +172,13 @@ async fn tunnel(
     };
     let _ = upstream.set_nodelay(true);
     entry.decide(Decision::Tunneled, Reason::NoFeature);
-    let Ok(seq) = shared.record_ahead(&entry).await else {
-        return;
+    let seq = match shared.record_ahead(&entry).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            // The connection closes without a byte through; the reason is the refusal's.
+            let _ = shared.audit_unavailable(&e, None);
+            return;
+        }
     };
     if upstream.write_all(&prefix).await.is_err() {
         shared.audit.outcome(Outcome {

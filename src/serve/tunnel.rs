@@ -22,8 +22,8 @@ use tokio_util::io::InspectReader;
 use tracing::debug;
 
 use super::shared::{Peer, Shared, Target};
-use crate::decide::plan::{plan_connect, ConnectPlan};
 use crate::audit::Outcome;
+use crate::decide::plan::{plan_connect, ConnectPlan};
 use crate::decide::{Decision, Reason};
 
 /// Each direction of a copied tunnel reads through a buffer this large (tokio's default is

@@ -286,7 +286,10 @@ async fn audit_verify_and_summary_read_several_replicas_with_a_witness() {
         .find(|h| h["node"] == "replica-1")
         .and_then(|h| h["seq"].as_u64())
         .expect("replica-1 witnessed");
-    let kept: Vec<&str> = text.lines().take_while(|l| !l.contains(&format!("{{\"seq\":{witnessed},"))).collect();
+    let kept: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.contains(&format!("{{\"seq\":{witnessed},")))
+        .collect();
     std::fs::write(&one, kept.join("\n") + "\n").expect("truncate");
     let (code, out) = run(bin().args(["audit", "verify"]).arg(logs.path()));
     assert_eq!(

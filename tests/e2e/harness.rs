@@ -139,13 +139,25 @@ impl UpstreamPki {
     }
 
     /// Start a recording HTTPS upstream offering the given ALPN protocols.
+    #[allow(dead_code)] // tests/namespaces.rs
     pub async fn serve(&self, alpn: &[&[u8]]) -> Upstream {
         self.serve_on("127.0.0.1:0".parse().expect("addr"), alpn)
             .await
     }
 
     /// The same, on a given address.
+    #[allow(dead_code)] // tests/namespaces.rs
     pub async fn serve_on(&self, bind: SocketAddr, alpn: &[&[u8]]) -> Upstream {
+        self.serve_slowly(bind, alpn, Duration::ZERO).await
+    }
+
+    /// The same, recording each request as it arrives and answering it `delay` later.
+    pub async fn serve_slowly(
+        &self,
+        bind: SocketAddr,
+        alpn: &[&[u8]],
+        delay: Duration,
+    ) -> Upstream {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -189,6 +201,7 @@ impl UpstreamPki {
                                 body,
                                 version: parts.version,
                             });
+                            tokio::time::sleep(delay).await;
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
                                 b"{\"status\":\"OK\"}",
                             ))))
@@ -260,6 +273,8 @@ pub struct Setup<'a> {
     pub proxy_protocol: bool,
     /// `[audit] node`.
     pub node: Option<&'a str>,
+    /// The fake upstream answers each request this long after it arrived.
+    pub upstream_delay: Duration,
 }
 
 impl Default for Setup<'_> {
@@ -272,6 +287,7 @@ impl Default for Setup<'_> {
             admin: false,
             proxy_protocol: false,
             node: None,
+            upstream_delay: Duration::ZERO,
         }
     }
 }
@@ -282,7 +298,10 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = UpstreamPki::new();
         std::fs::write(dir.path().join("upstream-ca.pem"), &pki.ca_pem).expect("write");
-        let upstream = pki.serve(setup.upstream_alpn).await;
+        let bind = "127.0.0.1:0".parse().expect("addr");
+        let upstream = pki
+            .serve_slowly(bind, setup.upstream_alpn, setup.upstream_delay)
+            .await;
         let mut resolve: Vec<String> = HOSTS[..5]
             .iter()
             .map(|h| format!("\"{h}:443\" = \"{}\"", upstream.addr))
@@ -440,7 +459,10 @@ impl Env {
             .filter_map(|r| Some((r["of"].as_u64()?, r)))
             .collect();
         all.iter()
-            .filter(|r| !["policy_loaded", "outcome", "recovered"].contains(&r["decision"].as_str().unwrap_or("")))
+            .filter(|r| {
+                !["policy_loaded", "outcome", "recovered"]
+                    .contains(&r["decision"].as_str().unwrap_or(""))
+            })
             .map(|r| {
                 let mut r = r.clone();
                 if let Some(o) = r["seq"].as_u64().and_then(|s| outcomes.get(&s)) {
