@@ -3,7 +3,7 @@
 //! `bench/run.sh [--secs N] [--runs N] [--rate R] [--every N] [SCENARIO...]` builds this and
 //! the proxy and runs it. `--rate R` paces the load at R requests a second in all (a soak below
 //! the peak); `--every N` prints req/s and the proxy's RSS every N seconds of each run;
-//! `--proxy-only` skips the direct runs. It
+//! `--proxy-only` skips the direct runs; `--audit-sync os|data` sets the proxy's `[audit] sync`. It
 //! starts a fake HTTPS upstream (this program, `upstream` subcommand, its own process), then for
 //! each scenario the proxy (restarted per scenario, so its peak RSS is that scenario's own) and
 //! a closed-loop load generator: N connections, each with one request in flight. It prints
@@ -124,6 +124,7 @@ fn main() -> Result<(), Error> {
         rate: None,
         every: None,
         proxy_only: false,
+        audit_sync: None,
     };
     let mut wanted = Vec::new();
     let mut it = args.into_iter();
@@ -135,6 +136,7 @@ fn main() -> Result<(), Error> {
             "--rate" => opts.rate = Some(value("R")?.parse()?),
             "--every" => opts.every = Some(Duration::from_secs(value("N")?.parse()?)),
             "--proxy-only" => opts.proxy_only = true,
+            "--audit-sync" => opts.audit_sync = Some(value("os|data")?),
             name if SCENARIOS.iter().any(|s| s.name == name) => wanted.push(name.to_string()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -158,6 +160,8 @@ struct Options {
     every: Option<Duration>,
     /// Skip the direct runs (a soak of the proxy alone).
     proxy_only: bool,
+    /// `[audit] sync` for the proxy (unset: its default, and a proxy without the key runs).
+    audit_sync: Option<String>,
 }
 
 /// One measured run: what the load generator saw, and what the proxy used.
@@ -237,6 +241,7 @@ async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
             &pki,
             upstream_port,
             s.host == Host::Minted,
+            opts.audit_sync.as_deref(),
         )?;
         let trust = match s.host {
             Host::Tunnel => pki.upstream_ca.clone(),
@@ -329,6 +334,7 @@ impl Load {
             let warm_up = Options {
                 secs: Duration::from_secs(1),
                 every: None,
+                audit_sync: None,
                 ..*opts
             };
             self.drive(&tls, &names, &warm_up, None).await?;
@@ -563,6 +569,7 @@ impl Proxy {
         pki: &Pki,
         upstream_port: u16,
         minted: bool,
+        audit_sync: Option<&str>,
     ) -> Result<Proxy, Error> {
         let port = free_port()?;
         let policy = dir.join("policy.toml");
@@ -591,7 +598,11 @@ extra_ca = ["{upstream_ca}"]
 [audit]
 path = "{audit}"
 node = "bench"
+{sync}
 {FEATURE}"#,
+                sync = audit_sync
+                    .map(|m| format!("sync = \"{m}\""))
+                    .unwrap_or_default(),
                 ca_cert = dir.join("proxy-ca.pem").display(),
                 ca_key = dir.join("proxy-ca.key").display(),
                 upstream_ca = pki.upstream_ca_path.display(),

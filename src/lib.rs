@@ -4,10 +4,12 @@
 //! serve/ listener (explicit: CONNECT | transparent: SO_ORIGINAL_DST + SNI/Host)
 //!    → decide/ admit (access check) → plan_connect (destination decision, pure)
 //!    ├─ refuse    → serve/respond: response (or closed connection) + audit/
-//!    ├─ tunnel    → serve/tunnel: bytes both ways + audit/ (closed if a reload would refuse it)
+//!    ├─ tunnel    → audit/ (write-ahead) → serve/tunnel: bytes both ways (closed if a reload
+//!    │              would refuse it) → audit/ outcome (bytes, how it ended)
 //!    └─ intercept → serve/intercept: TLS accept with a minted leaf (ca) → for each request:
 //!           decide/ plan_request (as in force now) → rewrite/ (pure)
-//!           → serve/exchange: upstream (verified TLS) → audit/ (hash chain) → response back
+//!           → serve/exchange: audit/ (write-ahead, hash chain) → upstream (verified TLS)
+//!           → audit/ outcome (status, bytes) → response back
 //! serve/reload: policy file / Mattermost config.json / SIGHUP → new policy in force + audit/
 //! serve/admin:  /metrics, /healthz, /readyz, /audit/head
 //! ```

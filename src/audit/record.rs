@@ -66,17 +66,47 @@ impl Entry {
 }
 
 /// A record as the writer lays it out: the entry between the chain's members (`hash` is
-/// appended after, over these bytes).
-#[derive(Serialize)]
+/// appended after, over these bytes). Serialized member by member, in [`Entry`]'s order: the
+/// same bytes a flattened struct gives, without serde's map detour for `flatten`.
 pub(super) struct Line<'a> {
     pub(super) seq: u64,
     pub(super) time: &'a str,
     pub(super) node: &'a str,
-    #[serde(flatten)]
     pub(super) entry: &'a Entry,
     pub(super) policy: &'a str,
     pub(super) consent: &'a str,
     pub(super) prev: &'a str,
+}
+
+impl Serialize for Line<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let e = self.entry;
+        let mut r = s.serialize_struct("Line", 22)?;
+        r.serialize_field("seq", &self.seq)?;
+        r.serialize_field("time", self.time)?;
+        r.serialize_field("node", self.node)?;
+        r.serialize_field("client", &e.client)?;
+        r.serialize_field("listener", &e.listener)?;
+        r.serialize_field("method", &e.method)?;
+        r.serialize_field("scheme", &e.scheme)?;
+        r.serialize_field("host", &e.host)?;
+        r.serialize_field("port", &e.port)?;
+        r.serialize_field("original_dst", &e.original_dst)?;
+        r.serialize_field("path", &e.path)?;
+        r.serialize_field("feature", &e.feature)?;
+        r.serialize_field("decision", &e.decision)?;
+        r.serialize_field("reason", &e.reason)?;
+        r.serialize_field("removed", &e.removed)?;
+        r.serialize_field("replaced", &e.replaced)?;
+        r.serialize_field("status", &e.status)?;
+        r.serialize_field("bytes_in", &e.bytes_in)?;
+        r.serialize_field("bytes_out", &e.bytes_out)?;
+        r.serialize_field("policy", self.policy)?;
+        r.serialize_field("consent", self.consent)?;
+        r.serialize_field("prev", self.prev)?;
+        r.end()
+    }
 }
 
 /// A record read back from a log (DESIGN §9), typed: what integration tests and tools assert

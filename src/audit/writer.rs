@@ -4,8 +4,8 @@
 //! Write-ahead (DESIGN §9): a decision's record is in the kernel (`sync = "os"`) or on the disk
 //! (`sync = "data"`) before [`AuditLog::write`] returns, and the caller lets nothing leave
 //! before that. What is known later is an [`Outcome`]: queued, and written in the same
-//! `write(2)` as the next record, or by [`AuditLog::flush`] (every [`FLUSH_EVERY`] from
-//! [`AuditLog::keep`], and at shutdown with the final record).
+//! `write(2)` as the next record, or by [`AuditLog::keep`] within [`FLUSH_EVERY`] when no
+//! record comes (and at shutdown with the final record).
 //!
 //! A write that fails is rolled back to the offset it started at, so no partial line remains;
 //! from then on the log is unhealthy (`/readyz` fails, every decision is refused) and every
@@ -23,7 +23,6 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -35,6 +34,9 @@ use crate::decide::Decision;
 /// Outcomes wait at most this long for the next record before they are written on their own;
 /// an unhealthy log is tried again as often.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// How often an idle writer looks whether its file is still at its path.
+const MOVED_CHECK: Duration = Duration::from_secs(1);
 
 /// Where records go: standard output, or a file.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -63,7 +65,7 @@ pub enum SyncMode {
     Data,
 }
 
-/// The writer's counters, registered by [`crate::metrics`].
+/// The writer's counters, registered with the proxy's metrics.
 #[derive(Clone, Debug, Default)]
 pub struct AuditMetrics {
     /// Records written (outcomes and the proxy's own included).
@@ -127,6 +129,8 @@ struct Inner {
     /// `sync = "data"`: the group commit.
     syncs: Option<Syncs>,
     metrics: AuditMetrics,
+    /// Wakes [`AuditLog::keep`]: an outcome is waiting, or a write failed.
+    wake: tokio::sync::Notify,
 }
 
 /// Group commit: whoever holds `turn` syncs everything written so far; those who waited for
@@ -140,7 +144,7 @@ struct Syncs {
 impl AuditLog {
     /// Open (or continue) the log. An existing file's chain is continued from its last record
     /// (or from the newest rotated file's, when the current one is empty); a last line cut
-    /// short by a crash is moved aside first ([`repair`]) and a `recovered` record says so.
+    /// short by a crash is moved aside first (to `<path>.torn-<UTC time>`) and a `recovered` record says so.
     pub fn open(
         target: &AuditTarget,
         sync: SyncMode,
@@ -219,6 +223,7 @@ impl AuditLog {
                     synced: AtomicU64::new(seq),
                 }),
                 metrics,
+                wake: tokio::sync::Notify::new(),
             }),
         };
         if let Some(torn) = torn {
@@ -255,7 +260,14 @@ impl AuditLog {
     /// or within [`FLUSH_EVERY`].
     pub fn outcome(&self, outcome: Outcome) {
         let now = OffsetDateTime::now_utc();
-        self.inner.lock().pending.push((now, outcome));
+        let first = {
+            let mut state = self.inner.lock();
+            state.pending.push((now, outcome));
+            state.pending.len() == 1
+        };
+        if first {
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Write queued outcomes now (and, while the log is unhealthy, try it again).
@@ -263,29 +275,37 @@ impl AuditLog {
         self.append(None).map(drop).map_err(AuditError::Write)
     }
 
-    /// Flush every [`FLUSH_EVERY`] until `stop`, then once more: what keeps outcomes from
-    /// waiting on traffic, and an unhealthy log probed while no decision comes. A file moved
-    /// or removed under the proxy is noticed here (within a second) and the chain continued in
-    /// a new file at the path, with a `recovered` record.
+    /// Until `stop` (then one last flush): woken by the first outcome queued after a write,
+    /// give it [`FLUSH_EVERY`] to ride with the next record, then write what is still queued;
+    /// while the log cannot be written, try it every [`FLUSH_EVERY`]. Idle, it wakes once a
+    /// second to notice a file moved or removed under the proxy (the chain then continues in a
+    /// new file at the path, with a `recovered` record). Under load it sleeps: outcomes go out
+    /// with the records, and a wake-up already pending costs a queued outcome one atomic.
     pub async fn keep(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks = 0u32;
+        let mut checked = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let woken = tokio::select! {
+                () = self.inner.wake.notified() => true,
+                () = tokio::time::sleep(MOVED_CHECK) => false,
                 () = stop.cancelled() => break,
+            };
+            if woken {
+                tokio::select! {
+                    () = tokio::time::sleep(FLUSH_EVERY) => {}
+                    () = stop.cancelled() => break,
+                }
             }
-            ticks = ticks.wrapping_add(1);
-            if ticks % 20 == 0 {
+            if checked.elapsed() >= MOVED_CHECK {
                 self.reopen_if_moved();
+                checked = tokio::time::Instant::now();
             }
             let idle = {
                 let state = self.inner.lock();
                 state.pending.is_empty() && state.trouble.is_none() && state.owed.is_none()
             };
-            if !idle {
-                let _ = self.flush();
+            if !idle && self.flush().is_err() {
+                // Probe again after the next FLUSH_EVERY.
+                self.inner.wake.notify_one();
             }
         }
         let _ = self.flush();
@@ -327,10 +347,10 @@ impl AuditLog {
     /// stalls every decision, which is what fail closed asks). Handing records to a writer
     /// thread cost two thread wake-ups a request, more than the write itself.
     fn append(&self, record: Option<(&Entry, Option<(String, String)>)>) -> io::Result<u64> {
-        // A decision of the proxy's own (a policy taking effect) is not a refused request.
-        let decision = record
-            .as_ref()
-            .is_some_and(|(e, _)| e.decision != Decision::PolicyLoaded);
+        // The proxy's own records (a policy taking effect, a repair) are not refused requests.
+        let decision = record.as_ref().is_some_and(|(e, _)| {
+            !matches!(e.decision, Decision::PolicyLoaded | Decision::Recovered)
+        });
         let mut state = self.inner.lock();
         let before = state.seq;
         match state.append(record) {
@@ -358,6 +378,7 @@ impl AuditLog {
                     self.inner.metrics.unrecorded.inc();
                 }
                 state.failed(&e, decision);
+                self.inner.wake.notify_one();
                 if self.inner.healthy.swap(false, Ordering::Relaxed) {
                     error!(error = %e, "audit log cannot be written; everything that would leave is refused until it can");
                 }
@@ -396,6 +417,7 @@ impl AuditLog {
                 self.inner.metrics.write_failures.inc();
                 self.inner.healthy.store(false, Ordering::Relaxed);
                 self.inner.lock().failed(&e, false);
+                self.inner.wake.notify_one();
                 error!(error = %e, "audit log cannot be synced; everything that would leave is refused until it can");
                 Err(e)
             }
@@ -457,6 +479,7 @@ impl AuditLog {
                     state.seq
                 );
                 state.owed.get_or_insert_with(Vec::new).push(reason);
+                self.inner.wake.notify_one();
                 if let Sink::File {
                     file, size, dirty, ..
                 } = &mut state.sink
@@ -496,17 +519,13 @@ enum Sink {
 
 impl Sink {
     /// Write these whole lines or nothing: a failed or short write is cut back to where it
-    /// started (and, if even that fails, before the next write). A file is rotated once it has
-    /// reached its size (after syncing it, so a rotated file holds only what is on the disk).
+    /// started (and, if even that fails, before the next write). A file that has reached its
+    /// size is then rotated.
     fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
         match self {
             Sink::Stdout(out) => out.write_all(lines).and_then(|()| out.flush()),
             Sink::File {
-                file,
-                path,
-                rotation,
-                size,
-                dirty,
+                file, size, dirty, ..
             } => {
                 if *dirty {
                     file.set_len(*size)?;
@@ -517,22 +536,48 @@ impl Sink {
                     return Err(e);
                 }
                 *size += lines.len() as u64;
-                match rotation {
-                    Some(r) if *size >= r.max_bytes => {
-                        file.sync_data()?;
-                        // FILE.(k) -> FILE.(k+1), oldest dropped; FILE -> FILE.1; a new FILE.
-                        let _ = std::fs::remove_file(rotated_name(path, r.keep));
-                        for k in (1..r.keep).rev() {
-                            let _ =
-                                std::fs::rename(rotated_name(path, k), rotated_name(path, k + 1));
-                        }
-                        std::fs::rename(&*path, rotated_name(path, 1))?;
-                        *file = Arc::new(open_append(path)?);
-                        *size = 0;
-                        Ok(())
-                    }
-                    _ => Ok(()),
+                if let Err(e) = self.rotate_if_due() {
+                    // The lines are written; rotation is tried again with the next write.
+                    warn!(error = %e, "audit log rotation failed; writing on in the same file");
                 }
+                Ok(())
+            }
+        }
+    }
+
+    /// Rotate a file that has reached its size: synced first (a record waiting for its sync
+    /// must not be left in a file no one syncs), `FILE.(k)` → `FILE.(k+1)` (the oldest
+    /// dropped), `FILE` → `FILE.1`, a new `FILE`.
+    fn rotate_if_due(&mut self) -> io::Result<()> {
+        let Sink::File {
+            file,
+            path,
+            rotation: Some(r),
+            size,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if *size < r.max_bytes {
+            return Ok(());
+        }
+        file.sync_data()?;
+        let _ = std::fs::remove_file(rotated_name(path, r.keep));
+        for k in (1..r.keep).rev() {
+            let _ = std::fs::rename(rotated_name(path, k), rotated_name(path, k + 1));
+        }
+        std::fs::rename(&*path, rotated_name(path, 1))?;
+        match open_append(path) {
+            Ok(new) => {
+                *file = Arc::new(new);
+                *size = 0;
+                Ok(())
+            }
+            Err(e) => {
+                // Keep writing the file we have, under its name.
+                let _ = std::fs::rename(rotated_name(path, 1), &*path);
+                Err(e)
             }
         }
     }
@@ -583,21 +628,6 @@ struct WriterState {
     owed: Option<Vec<String>>,
 }
 
-/// An outcome record as laid out in the log.
-#[derive(Serialize)]
-struct OutcomeLine<'a> {
-    seq: u64,
-    time: &'a str,
-    node: &'a str,
-    decision: Decision,
-    of: u64,
-    status: Option<u16>,
-    bytes_in: Option<u64>,
-    bytes_out: Option<u64>,
-    reason: Option<&'a str>,
-    prev: &'a str,
-}
-
 impl WriterState {
     /// Chain what is owed and `record` onto the log in one write; returns the newest `seq`.
     /// On failure the chain state (hashes in force, queued outcomes) is left as it was.
@@ -630,21 +660,7 @@ impl WriterState {
                 self.push_entry(&mut chain, &time, &e, None)?;
             }
             for (at, o) in &self.pending {
-                let at = stamp(*at);
-                let seq = chain.seq + 1;
-                let line = OutcomeLine {
-                    seq,
-                    time: &at,
-                    node: &self.node,
-                    decision: Decision::Outcome,
-                    of: o.of,
-                    status: o.status,
-                    bytes_in: o.bytes_in,
-                    bytes_out: o.bytes_out,
-                    reason: o.reason.as_deref(),
-                    prev: &chain.prev,
-                };
-                let hash = push_line(&mut chain.buf, &line)?;
+                let hash = push_outcome(&mut chain, &stamp(*at), &self.node, o)?;
                 chain.advance(hash);
             }
             if let Some((entry, hashes)) = &record {
@@ -730,20 +746,80 @@ impl Chain {
 fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) -> io::Result<String> {
     let start = buf.len();
     serde_json::to_writer(&mut *buf, line)?;
+    Ok(close_line(buf, start))
+}
+
+/// Append the next outcome record to the chain's lines, written by hand (one rides with every
+/// forwarded request): the bytes serde_json gives for it, compact, members in DESIGN's order
+/// (`{"seq","time","node","decision":"outcome","of","status","bytes_in","bytes_out","reason",
+/// "prev"}`), which is what `audit verify` hashes again.
+fn push_outcome(chain: &mut Chain, time: &str, node: &str, o: &Outcome) -> io::Result<String> {
+    let buf = &mut chain.buf;
+    let start = buf.len();
+    let number = |buf: &mut Vec<u8>, n: Option<u64>| match n {
+        Some(n) => buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+        None => buf.extend_from_slice(b"null"),
+    };
+    buf.extend_from_slice(b"{\"seq\":");
+    number(buf, Some(chain.seq + 1));
+    buf.extend_from_slice(b",\"time\":");
+    serde_json::to_writer(&mut *buf, time)?;
+    buf.extend_from_slice(b",\"node\":");
+    serde_json::to_writer(&mut *buf, node)?;
+    buf.extend_from_slice(b",\"decision\":\"outcome\",\"of\":");
+    number(buf, Some(o.of));
+    buf.extend_from_slice(b",\"status\":");
+    number(buf, o.status.map(u64::from));
+    buf.extend_from_slice(b",\"bytes_in\":");
+    number(buf, o.bytes_in);
+    buf.extend_from_slice(b",\"bytes_out\":");
+    number(buf, o.bytes_out);
+    buf.extend_from_slice(b",\"reason\":");
+    serde_json::to_writer(&mut *buf, &o.reason)?;
+    buf.extend_from_slice(b",\"prev\":");
+    serde_json::to_writer(&mut *buf, &chain.prev)?;
+    buf.push(b'}');
+    Ok(close_line(buf, start))
+}
+
+/// Hash the line that starts at `start` (a JSON object) and close it with its `hash` member
+/// and a newline; returns the hash.
+fn close_line(buf: &mut Vec<u8>, start: usize) -> String {
     let hash = sha256(&buf[start..]);
     buf.pop();
     buf.extend_from_slice(b",\"hash\":\"");
     buf.extend_from_slice(hash.as_bytes());
     buf.extend_from_slice(b"\"}\n");
-    Ok(hash)
+    hash
 }
 
-/// RFC 3339 to the microsecond, as records carry it.
+/// RFC 3339 in UTC to the microsecond (`2026-12-07T03:45:27.123456Z`), as records carry it:
+/// written by hand, as it is on every record's path.
 fn stamp(at: OffsetDateTime) -> String {
-    at.replace_nanosecond(at.microsecond() * 1000)
-        .unwrap_or(at)
-        .format(&Rfc3339)
-        .unwrap_or_default()
+    fn digits(out: &mut String, n: u32, width: u32) {
+        for k in (0..width).rev() {
+            out.push(char::from(
+                b'0' + u8::try_from(n / 10u32.pow(k) % 10).unwrap_or(0),
+            ));
+        }
+    }
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let mut out = String::with_capacity(27);
+    digits(&mut out, u32::try_from(at.year()).unwrap_or(0), 4);
+    out.push('-');
+    digits(&mut out, u32::from(u8::from(at.month())), 2);
+    out.push('-');
+    digits(&mut out, u32::from(at.day()), 2);
+    out.push('T');
+    digits(&mut out, u32::from(at.hour()), 2);
+    out.push(':');
+    digits(&mut out, u32::from(at.minute()), 2);
+    out.push(':');
+    digits(&mut out, u32::from(at.second()), 2);
+    out.push('.');
+    digits(&mut out, at.microsecond(), 6);
+    out.push('Z');
+    out
 }
 
 impl Torn {

@@ -33,6 +33,7 @@ fn an_overlay_merges_settings_adds_features_and_replaces_consent() {
         resolve = { "Push.Mattermost.com:443" = "127.0.0.1:9443" }
         [audit]
         path = "logs/audit.jsonl"
+        sync = "data"
         [consent]
         diagnostics = "granted"
         acme = "granted"
@@ -59,6 +60,7 @@ fn an_overlay_merges_settings_adds_features_and_replaces_consent() {
         c.audit,
         AuditTarget::File("/etc/consent/logs/audit.jsonl".into(), None)
     );
+    assert_eq!(c.audit_sync, SyncMode::Data);
     assert_eq!(c.policy.features.len(), 4);
     assert_eq!(
         c.policy.consent.granted.iter().collect::<Vec<_>>(),
@@ -82,6 +84,7 @@ fn bad_policies_name_file_key_and_reason() {
         ("[listen]\nproxy = \"localhost\"", "listen.proxy"),
         ("[clients]\nallow = [\"10.0.0.0/33\"]", "clients.allow"),
         ("mode = \"relaxed\"", "unknown variant `relaxed`"),
+        ("[audit]\nsync = \"fast\"", "unknown variant `fast`, expected `os` or `data`"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nreplace = { \"header:x-id\" = \"a\\nb\" }", "feature[3] (x).rule[0].replace: the replacement for header:x-id is not a valid header value"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/v1/../v2/\"]", "feature[3] (x).paths: \"/v1/../v2/\" is not a path prefix as receivers route it"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/%76%31/\"]", "is not a path prefix as receivers route it"),

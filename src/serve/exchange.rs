@@ -19,7 +19,7 @@ use tracing::warn;
 
 use super::respond::response;
 use super::shared::{Peer, Shared, Target, TargetForm};
-use crate::audit::{Entry, Outcome};
+use crate::audit::{AuditLog, Entry, Outcome};
 use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
 use crate::decide::policy::{normalize_host, Mode};
@@ -246,7 +246,14 @@ impl Shared {
                     }),
                 }
             };
+        let mut unanswered = Unanswered {
+            audit: &self.audit,
+            seq,
+            sent: &sent_bytes,
+            bytes_in: entry.bytes_in,
+        };
         let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
+        unanswered.seq = 0;
         let passed = sent_bytes.load(Ordering::Relaxed);
         let bytes_in = entry.bytes_in.unwrap_or(passed);
         self.metrics.bytes(Some(bytes_in), Some(passed));
@@ -278,6 +285,35 @@ impl Shared {
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, body.map_err(Into::into).boxed())
+    }
+}
+
+/// A forwarded request's record waiting for its upstream's answer: dropped with the exchange
+/// before that answer (the client went away, the proxy stopped), it queues the outcome saying
+/// so, with the bytes that had left. `seq` 0: answered, nothing to say.
+struct Unanswered<'a> {
+    audit: &'a AuditLog,
+    seq: u64,
+    sent: &'a AtomicU64,
+    bytes_in: Option<u64>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.seq == 0 {
+            return;
+        }
+        let sent = self.sent.load(Ordering::Relaxed);
+        self.audit.outcome(Outcome {
+            of: self.seq,
+            status: None,
+            bytes_in: Some(self.bytes_in.unwrap_or(sent)),
+            bytes_out: Some(sent),
+            reason: Some(
+                "interrupted before the upstream answered (the client left or the proxy stopped)"
+                    .into(),
+            ),
+        });
     }
 }
 

@@ -243,3 +243,90 @@ async fn a_torn_tail_heals_at_the_next_start() {
     let (code, out) = verify(&log);
     assert_eq!(code, 1, "an edit still fails: {out}");
 }
+
+/// Shutdown (SIGTERM's drain) lets a request in flight finish, and its outcome is written
+/// before the final record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_record_comes_after_every_outcome() {
+    let env = Env::start(Setup {
+        policy: POLICY,
+        upstream_delay: Duration::from_millis(800),
+        ..Setup::default()
+    })
+    .await;
+    let (proxy, ca) = (env.proxy, env.ca_pem.clone());
+    let inflight = tokio::spawn(async move {
+        curl_many(proxy, &ca, &[format!("https://{SEGMENT}/crash/drain")]).await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env.upstream.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = env.stop().await;
+    inflight.await.expect("client");
+    let all = records(&dir.path().join("audit.jsonl"));
+    let forwarded = all
+        .iter()
+        .find(|r| r["path"] == "/crash/drain")
+        .expect("the request's record");
+    let outcome = all
+        .iter()
+        .position(|r| r["of"] == forwarded["seq"])
+        .expect("its outcome");
+    assert_eq!(all[outcome]["status"], 200);
+    let last = all.last().expect("records");
+    assert_eq!(last["decision"], "policy_loaded");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("shutting down")),
+        "{last}"
+    );
+    assert!(outcome < all.len() - 1);
+}
+
+/// A client that leaves while its request waits for the upstream: the record written ahead is
+/// completed by an outcome saying the exchange was interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_exchange_is_completed() {
+    let env = Env::start(Setup {
+        policy: POLICY,
+        upstream_delay: Duration::from_secs(3),
+        ..Setup::default()
+    })
+    .await;
+    let out = env
+        .curl(&[
+            "--http2",
+            "--max-time",
+            "1",
+            &format!("https://{SEGMENT}/crash/gone"),
+        ])
+        .await;
+    assert_eq!(out.code, 0, "curl gave up: {out:?}");
+    assert_eq!(env.upstream.requests().len(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = records(&env.dir.path().join("audit.jsonl"));
+        let sent = all
+            .iter()
+            .find(|r| r["path"] == "/crash/gone")
+            .expect("written ahead");
+        if let Some(o) = all.iter().find(|r| r["of"] == sent["seq"]) {
+            assert!(o["status"].is_null(), "{o}");
+            assert!(
+                o["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("interrupted")),
+                "{o}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no outcome: {all:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
