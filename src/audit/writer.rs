@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -131,6 +131,10 @@ struct Inner {
     metrics: AuditMetrics,
     /// Wakes [`AuditLog::keep`]: an outcome is waiting, or a write failed.
     wake: tokio::sync::Notify,
+    /// Outcomes on their way to the writer, which takes them at its next write.
+    outcomes: mpsc::Sender<(OffsetDateTime, Outcome)>,
+    /// Set by the first outcome queued since the writer last took them.
+    queued: AtomicBool,
 }
 
 /// Group commit: whoever holds `turn` syncs everything written so far; those who waited for
@@ -200,8 +204,10 @@ impl AuditLog {
             hash: prev.clone(),
             time: time.clone(),
         });
+        let (outcomes, arriving) = mpsc::channel();
         let state = WriterState {
             sink,
+            arriving,
             node: node.to_string(),
             seq,
             prev,
@@ -224,6 +230,8 @@ impl AuditLog {
                 }),
                 metrics,
                 wake: tokio::sync::Notify::new(),
+                outcomes,
+                queued: AtomicBool::new(false),
             }),
         };
         if let Some(torn) = torn {
@@ -258,14 +266,13 @@ impl AuditLog {
 
     /// Queue what became known about record `of`: it goes out with the next record's write,
     /// or within [`FLUSH_EVERY`].
+    /// Queued without the writer's lock (a request queues one as its response goes back, while
+    /// others write their records).
     pub fn outcome(&self, outcome: Outcome) {
         let now = OffsetDateTime::now_utc();
-        let first = {
-            let mut state = self.inner.lock();
-            state.pending.push((now, outcome));
-            state.pending.len() == 1
-        };
-        if first {
+        // The receiver lives as long as `inner`: a send cannot fail while `self` exists.
+        let _ = self.inner.outcomes.send((now, outcome));
+        if !self.inner.queued.swap(true, Ordering::AcqRel) {
             self.inner.wake.notify_one();
         }
     }
@@ -299,7 +306,7 @@ impl AuditLog {
                 self.reopen_if_moved();
                 checked = tokio::time::Instant::now();
             }
-            let idle = {
+            let idle = !self.inner.queued.load(Ordering::Acquire) && {
                 let state = self.inner.lock();
                 state.pending.is_empty() && state.trouble.is_none() && state.owed.is_none()
             };
@@ -352,6 +359,9 @@ impl AuditLog {
             !matches!(e.decision, Decision::PolicyLoaded | Decision::Recovered)
         });
         let mut state = self.inner.lock();
+        self.inner.queued.store(false, Ordering::Release);
+        let state_ref = &mut *state;
+        state_ref.pending.extend(state_ref.arriving.try_iter());
         let before = state.seq;
         match state.append(record) {
             Ok(seq) => {
@@ -620,6 +630,8 @@ struct WriterState {
     consent: String,
     /// The lines being written, reused.
     buf: Vec<u8>,
+    /// Outcomes queued by [`AuditLog::outcome`], taken into `pending` at each write.
+    arriving: mpsc::Receiver<(OffsetDateTime, Outcome)>,
     /// Outcomes not yet written, with when they became known.
     pending: Vec<(OffsetDateTime, Outcome)>,
     /// Set while writes fail.
