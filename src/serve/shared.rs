@@ -112,16 +112,7 @@ impl Shared {
     /// refusal stays one record (else it is the `outcome` of a forward). A name that does not
     /// resolve here is left to the dialer.
     pub(super) async fn admit_name(&self, target: &Target) -> Result<(), String> {
-        let host = target.host.trim_start_matches('[').trim_end_matches(']');
-        let addrs = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
-            Err(_) => self
-                .upstream
-                .resolve(host, target.port)
-                .await
-                .unwrap_or_default(),
-        };
-        for addr in addrs {
+        for addr in self.addresses(target).await {
             self.gate.admit(Some(&target.host), addr).await?;
         }
         Ok(())
@@ -134,16 +125,22 @@ impl Shared {
         if !self.own.on_port(target.port) {
             return false;
         }
+        let addrs = self.addresses(target).await;
+        addrs.into_iter().any(|a| self.own.includes(a))
+    }
+
+    /// The addresses a target names: its IP literal, or what its name resolves to (none when
+    /// it does not resolve).
+    async fn addresses(&self, target: &Target) -> Vec<SocketAddr> {
         let host = target.host.trim_start_matches('[').trim_end_matches(']');
-        let addrs = match host.parse::<IpAddr>() {
+        match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, target.port)],
             Err(_) => self
                 .upstream
                 .resolve(host, target.port)
                 .await
                 .unwrap_or_default(),
-        };
-        addrs.into_iter().any(|a| self.own.includes(a))
+        }
     }
 
     /// The Prometheus text exposition of every metric.
