@@ -21,6 +21,49 @@ pub(super) struct Torn {
     pub(super) file: PathBuf,
 }
 
+/// How a `recovered` record names a fragment moved aside: `crash recovery: … ({len} bytes,
+/// {sha256}), moved to {file}; …`, read back by [`check_fragment`].
+const MOVED_TO: &str = ", moved to ";
+const CONTINUES: &str = "; the chain continues from seq ";
+
+impl Torn {
+    /// The `recovered` record's reason for this fragment.
+    pub(super) fn reason(&self, seq: u64) -> String {
+        format!(
+            "crash recovery: the log ended in an incomplete record ({} bytes, {}){MOVED_TO}{}{CONTINUES}{seq}",
+            self.len,
+            self.sha256,
+            self.file.display()
+        )
+    }
+}
+
+/// For a `recovered` record's reason that names a fragment moved aside at start: whether the
+/// fragment is still there, where it was written or beside `log` (a copied folder), with the
+/// bytes the record names. `None` for other reasons.
+pub(super) fn check_fragment(reason: &str, log: &Path) -> Option<String> {
+    let rest = reason.strip_prefix("crash recovery: ")?;
+    let (counted, rest) = rest.split_once(" bytes, ")?;
+    let len: u64 = counted.rsplit('(').next()?.parse().ok()?;
+    let (hash, rest) = rest.split_once(')')?;
+    let file = rest.strip_prefix(MOVED_TO)?.split(CONTINUES).next()?;
+    let named = PathBuf::from(file);
+    let beside = log.with_file_name(named.file_name()?);
+    let Some(found) = [named, beside].into_iter().find(|p| p.is_file()) else {
+        return Some(format!("its fragment {file} is not found beside the log"));
+    };
+    Some(match std::fs::read(&found) {
+        Ok(bytes) if bytes.len() as u64 == len && sha256(&bytes) == hash => {
+            format!("its fragment {} is kept, unchanged", found.display())
+        }
+        Ok(_) => format!(
+            "its fragment {} differs from what was moved aside",
+            found.display()
+        ),
+        Err(e) => format!("its fragment {} cannot be read: {e}", found.display()),
+    })
+}
+
 /// Backwards from the end, this much at a time, looking for the last newline.
 const STEP: u64 = 64 * 1024;
 

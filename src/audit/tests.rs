@@ -291,7 +291,21 @@ async fn a_torn_tail_is_moved_aside_and_the_chain_continues() {
         "{report:?}"
     );
     assert_eq!(report.recoveries.len(), 1);
+    assert!(
+        report.recoveries[0].ends_with("is kept, unchanged)"),
+        "{}",
+        report.recoveries[0]
+    );
     assert_eq!(report.torn_tail, None);
+    // A fragment altered after the repair is named as such (the chain itself stays intact).
+    std::fs::write(&torn[0], b"something else").expect("writes");
+    let report = verify_chain(&path, &[]).expect("reads");
+    assert!(
+        report.recoveries[0].ends_with("differs from what was moved aside)"),
+        "{}",
+        report.recoveries[0]
+    );
+    std::fs::write(&torn[0], &fragment).expect("writes");
     // The fragment beside the log is not taken for a log of its own.
     assert_eq!(
         chains(&[dir.path().to_path_buf()]).expect("lists"),

@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::record::{chain_files, sha256, Head, ZERO_HASH};
-use super::repair::is_fragment;
+use super::repair::{check_fragment, is_fragment};
 
 /// What `audit verify` found.
 #[derive(Debug, Eq, PartialEq)]
@@ -142,7 +142,10 @@ pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> 
             }
             if record.get("decision").and_then(|d| d.as_str()) == Some("recovered") {
                 let why = record.get("reason").and_then(|r| r.as_str()).unwrap_or("");
-                recoveries.push(format!("seq {}: {why}", seq.unwrap_or(0)));
+                let fragment = check_fragment(why, file_path)
+                    .map(|f| format!(" ({f})"))
+                    .unwrap_or_default();
+                recoveries.push(format!("seq {}: {why}{fragment}", seq.unwrap_or(0)));
             }
             first_seq = first_seq.or(seq);
             last_seq = seq;

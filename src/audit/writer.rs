@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::record::{rotated_name, sha256, Entry, Head, Line, ZERO_HASH};
-use super::repair::{self, Torn};
+use super::repair;
 use crate::decide::Decision;
 
 /// Outcomes wait at most this long for the next record before they are written on their own;
@@ -832,18 +832,6 @@ fn stamp(at: OffsetDateTime) -> String {
     digits(&mut out, at.microsecond(), 6);
     out.push('Z');
     out
-}
-
-impl Torn {
-    /// The `recovered` record's reason for a fragment moved aside at start.
-    fn reason(&self, seq: u64) -> String {
-        format!(
-            "crash recovery: the log ended in an incomplete record ({} bytes, {}), moved to {}; the chain continues from seq {seq}",
-            self.len,
-            self.sha256,
-            self.file.display()
-        )
-    }
 }
 
 fn chain_tail(line: &str) -> Option<(u64, String, String)> {

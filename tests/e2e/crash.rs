@@ -237,6 +237,7 @@ async fn a_torn_tail_heals_at_the_next_start() {
         let (code, out) = verify(&log);
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("recovered at seq"), "{out}");
+        assert!(out.contains("is kept, unchanged"), "{out}");
     }
     let text = std::fs::read_to_string(&log).expect("log");
     std::fs::write(&log, text.replacen("/crash/1", "/crash/9", 1)).expect("edit");
