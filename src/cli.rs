@@ -352,7 +352,7 @@ fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
                     format!(" of {}", at.display())
                 };
                 println!(
-                    "{} (node {node}): {intact} records intact, then broken at line {line}{file} (seq {seq}): {reason}",
+                    "{} (node {node}): {intact} record(s) intact, then broken at line {line}{file} (seq {seq}): {reason}",
                     chain.display(),
                 );
             }

@@ -316,7 +316,7 @@ async fn audit_verify_and_summary_read_several_replicas_with_a_witness() {
     let (code, out) = run(bin().args(["audit", "verify"]).arg(&one).arg(&two));
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("(node replica-2): 1 records intact, then broken at line 2 (seq 2)"),
+        out.contains("(node replica-2): 1 record(s) intact, then broken at line 2 (seq 2)"),
         "{out}"
     );
     assert!(out.contains("(node replica-1): intact"), "{out}");
