@@ -577,7 +577,17 @@ impl Sink {
         for k in (1..r.keep).rev() {
             let _ = std::fs::rename(rotated_name(path, k), rotated_name(path, k + 1));
         }
-        std::fs::rename(&*path, rotated_name(path, 1))?;
+        // Should the current file not move (or no new one open), the older files move back:
+        // `chain_files` reads `FILE.1`, `FILE.2`, … up to the first gap.
+        let unshift = |path: &Path| {
+            for k in 1..r.keep {
+                let _ = std::fs::rename(rotated_name(path, k + 1), rotated_name(path, k));
+            }
+        };
+        if let Err(e) = std::fs::rename(&*path, rotated_name(path, 1)) {
+            unshift(path);
+            return Err(e);
+        }
         match open_append(path) {
             Ok(new) => {
                 *file = Arc::new(new);
@@ -587,6 +597,7 @@ impl Sink {
             Err(e) => {
                 // Keep writing the file we have, under its name.
                 let _ = std::fs::rename(rotated_name(path, 1), &*path);
+                unshift(path);
                 Err(e)
             }
         }
