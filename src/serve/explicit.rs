@@ -184,20 +184,20 @@ impl Shared {
                         let mut upstream = upstream;
                         let first = parts.read_buf;
                         if upstream.write_all(&first).await.is_err() {
-                            Err("upstream closed before the first bytes")
+                            Err(("upstream closed before the first bytes", first.len()))
                         } else {
                             Ok((Ends::Sockets(parts.io.into_inner(), upstream), first.len()))
                         }
                     }
                     Err(upgraded) => Ok((Ends::Streams(TokioIo::new(upgraded), upstream), 0)),
                 },
-                Err(_) => Err("the client left before the tunnel opened"),
+                Err(_) => Err(("the client left before the tunnel opened", 0)),
             };
             match ends {
                 Ok((ends, sent)) => this.relay(peer, target, ends, seq, sent as u64).await,
-                Err(how) => this.audit.outcome(Outcome {
+                Err((how, received)) => this.audit.outcome(Outcome {
                     of: seq,
-                    bytes_in: Some(0),
+                    bytes_in: Some(received as u64),
                     bytes_out: Some(0),
                     reason: Some(how.into()),
                     ..Outcome::default()
