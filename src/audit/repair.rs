@@ -134,7 +134,7 @@ fn fragment_path(path: &Path) -> PathBuf {
 }
 
 /// Whether a file name is a fragment moved aside (not a log of its own).
-pub(crate) fn is_fragment(path: &Path) -> bool {
+pub(super) fn is_fragment(path: &Path) -> bool {
     path.file_name()
         .is_some_and(|n| n.to_string_lossy().contains(".torn-"))
 }

@@ -125,7 +125,6 @@ pub struct AuditLog {
 struct Inner {
     state: Mutex<WriterState>,
     healthy: AtomicBool,
-    head: Mutex<Head>,
     /// `sync = "data"`: the group commit.
     syncs: Option<Syncs>,
     metrics: AuditMetrics,
@@ -198,12 +197,6 @@ impl AuditLog {
         };
         let (seq, prev, time) = tail.unwrap_or((0, ZERO_HASH.to_string(), String::new()));
         metrics.seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
-        let head = Mutex::new(Head {
-            node: node.to_string(),
-            seq,
-            hash: prev.clone(),
-            time: time.clone(),
-        });
         let (outcomes, arriving) = mpsc::channel();
         let state = WriterState {
             sink,
@@ -217,13 +210,12 @@ impl AuditLog {
             time,
             pending: Vec::new(),
             trouble: None,
-            owed: None,
+            owed: Vec::new(),
         };
         let log = AuditLog {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 healthy: AtomicBool::new(true),
-                head,
                 syncs: (sync == SyncMode::Data).then(|| Syncs {
                     turn: tokio::sync::Mutex::new(()),
                     synced: AtomicU64::new(seq),
@@ -265,9 +257,8 @@ impl AuditLog {
     }
 
     /// Queue what became known about record `of`: it goes out with the next record's write,
-    /// or within [`FLUSH_EVERY`].
-    /// Queued without the writer's lock (a request queues one as its response goes back, while
-    /// others write their records).
+    /// or within [`FLUSH_EVERY`]. Queued without the writer's lock (a request queues one as its
+    /// response goes back, while others write their records).
     pub fn outcome(&self, outcome: Outcome) {
         let now = OffsetDateTime::now_utc();
         // The receiver lives as long as `inner`: a send cannot fail while `self` exists.
@@ -306,25 +297,22 @@ impl AuditLog {
                 self.reopen_if_moved();
                 checked = tokio::time::Instant::now();
             }
-            let idle = !self.inner.queued.load(Ordering::Acquire) && {
-                let state = self.inner.lock();
-                state.pending.is_empty() && state.trouble.is_none() && state.owed.is_none()
-            };
-            if !idle && self.flush().is_err() {
-                // Probe again after the next FLUSH_EVERY.
-                self.inner.wake.notify_one();
-            }
+            // Writes nothing when nothing is owed; a failure wakes this loop again, to probe
+            // after the next FLUSH_EVERY.
+            let _ = self.flush();
         }
         let _ = self.flush();
     }
 
     /// The newest record written.
     pub fn head(&self) -> Head {
-        self.inner
-            .head
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default()
+        let state = self.inner.lock();
+        Head {
+            node: state.node.clone(),
+            seq: state.seq,
+            hash: state.prev.clone(),
+            time: state.time.clone(),
+        }
     }
 
     /// False while records cannot be written: nothing may then leave.
@@ -371,11 +359,6 @@ impl AuditLog {
                         .metrics
                         .seq
                         .set(i64::try_from(seq).unwrap_or(i64::MAX));
-                    if let Ok(mut head) = self.inner.head.lock() {
-                        head.seq = seq;
-                        head.hash.clone_from(&state.prev);
-                        head.time.clone_from(&state.time);
-                    }
                 }
                 if !self.inner.healthy.swap(true, Ordering::Relaxed) {
                     info!("audit log written again; traffic resumes");
@@ -383,15 +366,7 @@ impl AuditLog {
                 Ok(seq)
             }
             Err(e) => {
-                self.inner.metrics.write_failures.inc();
-                if decision {
-                    self.inner.metrics.unrecorded.inc();
-                }
-                state.failed(&e, decision);
-                self.inner.wake.notify_one();
-                if self.inner.healthy.swap(false, Ordering::Relaxed) {
-                    error!(error = %e, "audit log cannot be written; everything that would leave is refused until it can");
-                }
+                self.inner.failed(&mut state, &e, decision);
                 Err(e)
             }
         }
@@ -407,11 +382,7 @@ impl AuditLog {
         if syncs.synced.load(Ordering::Acquire) >= seq {
             return Ok(());
         }
-        let (file, upto) = {
-            let state = self.inner.lock();
-            (state.sink.file(), state.seq)
-        };
-        let Some(file) = file else {
+        let (Some(file), upto) = self.inner.written() else {
             return Ok(());
         };
         let done = tokio::task::spawn_blocking(move || file.sync_data())
@@ -424,11 +395,7 @@ impl AuditLog {
                 Ok(())
             }
             Err(e) => {
-                self.inner.metrics.write_failures.inc();
-                self.inner.healthy.store(false, Ordering::Relaxed);
-                self.inner.lock().failed(&e, false);
-                self.inner.wake.notify_one();
-                error!(error = %e, "audit log cannot be synced; everything that would leave is refused until it can");
+                self.inner.failed(&mut self.inner.lock(), &e, false);
                 Err(e)
             }
         }
@@ -439,10 +406,7 @@ impl AuditLog {
         let Some(syncs) = &self.inner.syncs else {
             return Ok(());
         };
-        let (file, upto) = {
-            let state = self.inner.lock();
-            (state.sink.file(), state.seq)
-        };
+        let (file, upto) = self.inner.written();
         if let Some(file) = file {
             file.sync_data()?;
             self.inner.metrics.syncs.inc();
@@ -488,7 +452,7 @@ impl AuditLog {
                     "the audit log file was moved or removed under the proxy; the chain continues here from seq {} (records written to the old file after it was moved are in it, or lost with it if it was removed)",
                     state.seq
                 );
-                state.owed.get_or_insert_with(Vec::new).push(reason);
+                state.owed.push(reason);
                 self.inner.wake.notify_one();
                 if let Sink::File {
                     file, size, dirty, ..
@@ -499,10 +463,7 @@ impl AuditLog {
                     *dirty = false;
                 }
             }
-            Err(e) => {
-                state.failed(&e, false);
-                self.inner.healthy.store(false, Ordering::Relaxed);
-            }
+            Err(e) => self.inner.failed(&mut state, &e, false),
         }
     }
 }
@@ -510,6 +471,35 @@ impl AuditLog {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, WriterState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The file being written and the newest `seq` in it: what a sync covers.
+    fn written(&self) -> (Option<Arc<File>>, u64) {
+        let state = self.lock();
+        (state.sink.file(), state.seq)
+    }
+
+    /// A write, sync or reopen failed: the log is unhealthy until a write succeeds (which the
+    /// keeper, woken here, tries every [`FLUSH_EVERY`]). `decision`: a decision's record was
+    /// among what failed, and that decision is refused unrecorded.
+    fn failed(&self, state: &mut WriterState, e: &io::Error, decision: bool) {
+        self.metrics.write_failures.inc();
+        if decision {
+            self.metrics.unrecorded.inc();
+        }
+        let now = OffsetDateTime::now_utc();
+        let t = state.trouble.get_or_insert_with(|| Trouble {
+            since: now,
+            last: now,
+            unrecorded: 0,
+            error: e.to_string(),
+        });
+        t.last = now;
+        t.unrecorded += u64::from(decision);
+        self.wake.notify_one();
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            error!(error = %e, "audit log cannot be written; everything that would leave is refused until it can");
+        }
     }
 }
 
@@ -648,7 +638,7 @@ struct WriterState {
     /// Set while writes fail.
     trouble: Option<Trouble>,
     /// `recovered` records owed for events found outside a write (a file moved away).
-    owed: Option<Vec<String>>,
+    owed: Vec<String>,
 }
 
 impl WriterState {
@@ -658,7 +648,7 @@ impl WriterState {
     fn append(&mut self, record: Option<(&Entry, Option<(String, String)>)>) -> io::Result<u64> {
         let now = OffsetDateTime::now_utc();
         let time = stamp(now);
-        let mut owed: Vec<String> = self.owed.clone().unwrap_or_default();
+        let mut owed = self.owed.clone();
         if let Some(t) = &self.trouble {
             owed.push(format!(
                 "the audit log could not be written from {} to {} ({}): {} decision(s) went unrecorded, each refused",
@@ -703,7 +693,7 @@ impl WriterState {
         self.time = time;
         self.pending.clear();
         self.trouble = None;
-        self.owed = None;
+        self.owed.clear();
         Ok(seq)
     }
 
@@ -733,19 +723,6 @@ impl WriterState {
         let hash = push_line(&mut chain.buf, &line)?;
         chain.advance(hash);
         Ok(())
-    }
-
-    /// Note a failed write: `decision` when a decision's record was among it.
-    fn failed(&mut self, e: &io::Error, decision: bool) {
-        let now = OffsetDateTime::now_utc();
-        let t = self.trouble.get_or_insert_with(|| Trouble {
-            since: now,
-            last: now,
-            unrecorded: 0,
-            error: e.to_string(),
-        });
-        t.last = now;
-        t.unrecorded += u64::from(decision);
     }
 }
 

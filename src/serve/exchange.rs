@@ -248,12 +248,12 @@ impl Shared {
             };
         let mut unanswered = Unanswered {
             audit: &self.audit,
-            seq,
+            seq: Some(seq),
             sent: &sent_bytes,
             bytes_in: entry.bytes_in,
         };
         let result = tokio::time::timeout(self.limits.upstream_timeout, sent).await;
-        unanswered.seq = 0;
+        unanswered.seq = None;
         let passed = sent_bytes.load(Ordering::Relaxed);
         let bytes_in = entry.bytes_in.unwrap_or(passed);
         self.metrics.bytes(Some(bytes_in), Some(passed));
@@ -290,22 +290,22 @@ impl Shared {
 
 /// A forwarded request's record waiting for its upstream's answer: dropped with the exchange
 /// before that answer (the client went away, the proxy stopped), it queues the outcome saying
-/// so, with the bytes that had left. `seq` 0: answered, nothing to say.
+/// so, with the bytes that had left. `seq` `None`: answered, nothing to say.
 struct Unanswered<'a> {
     audit: &'a AuditLog,
-    seq: u64,
+    seq: Option<u64>,
     sent: &'a AtomicU64,
     bytes_in: Option<u64>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if self.seq == 0 {
+        let Some(of) = self.seq else {
             return;
-        }
+        };
         let sent = self.sent.load(Ordering::Relaxed);
         self.audit.outcome(Outcome {
-            of: self.seq,
+            of,
             status: None,
             bytes_in: Some(self.bytes_in.unwrap_or(sent)),
             bytes_out: Some(sent),

@@ -61,12 +61,18 @@ impl Shared {
     }
 
     /// The answer when a decision's record could not be written (or synced): nothing leaves.
-    /// A record written but not synced is completed by an outcome saying so.
     pub(super) fn audit_unavailable(
         &self,
         e: &AuditError,
         feature: Option<&str>,
     ) -> Response<OutBody> {
+        self.unrecorded(e);
+        response(&Refusal::AuditUnavailable, feature)
+    }
+
+    /// A record that was written but not synced (`sync = "data"`) is completed by an outcome:
+    /// what it decided did not go ahead.
+    pub(super) fn unrecorded(&self, e: &AuditError) {
         if let AuditError::Sync { seq, .. } = e {
             self.audit.outcome(Outcome {
                 of: *seq,
@@ -76,7 +82,6 @@ impl Shared {
                 ..Outcome::default()
             });
         }
-        response(&Refusal::AuditUnavailable, feature)
     }
 
     /// Audit a refusal and answer it.
@@ -100,8 +105,8 @@ impl Shared {
             entry.feature = feature.map(str::to_string);
         }
         info!(decision = entry.decision.as_str(), reason = %entry.reason, "refused");
-        if self.record(&entry).await.is_err() {
-            return response(&Refusal::AuditUnavailable, feature);
+        if let Err(e) = self.record(&entry).await {
+            return self.audit_unavailable(&e, feature);
         }
         response(&refusal, feature)
     }

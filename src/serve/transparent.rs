@@ -175,8 +175,8 @@ async fn tunnel(
     let seq = match shared.record_ahead(&entry).await {
         Ok(seq) => seq,
         Err(e) => {
-            // The connection closes without a byte through; the reason is the refusal's.
-            let _ = shared.audit_unavailable(&e, None);
+            // The connection closes without a byte through.
+            shared.unrecorded(&e);
             return;
         }
     };

@@ -46,17 +46,16 @@ pub(super) enum Ends<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Ends<IO> {
-    /// Move bytes both ways until both ways have ended or either fails; returns the bytes
-    /// moved client to upstream and upstream to client. Every delivery is counted in `activity`.
-    pub(super) async fn pump(self, activity: &Activity) -> io::Result<(u64, u64)> {
+    /// Move bytes both ways until both ways have ended or either fails. Every delivery is
+    /// counted in `activity`.
+    pub(super) async fn pump(self, activity: &Activity) -> io::Result<()> {
         match self {
             Ends::Sockets(client, upstream) => match (pipe(), pipe()) {
-                (Ok(up), Ok(down)) => {
-                    tokio::try_join!(
-                        splice_one_way(&client, &upstream, &up, &activity.0.up),
-                        splice_one_way(&upstream, &client, &down, &activity.0.down),
-                    )
-                }
+                (Ok(up), Ok(down)) => tokio::try_join!(
+                    splice_one_way(&client, &upstream, &up, &activity.0.up),
+                    splice_one_way(&upstream, &client, &down, &activity.0.down),
+                )
+                .map(drop),
                 // Out of descriptors for pipes: the same tunnel, copied.
                 _ => copy(client, upstream, activity).await,
             },
@@ -69,11 +68,12 @@ async fn copy<IO: AsyncRead + AsyncWrite + Unpin>(
     client: IO,
     upstream: TcpStream,
     activity: &Activity,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     let mut client = activity.watch(client, Direction::Up);
     let mut upstream = activity.watch(upstream, Direction::Down);
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
         .await
+        .map(drop)
 }
 
 /// A pipe whose ends never block (readiness comes from the sockets; the pipe is always
@@ -87,15 +87,14 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// One direction: socket → pipe → socket until `from` ends (then `to` is shut down for writing)
 /// or either fails. The pipe is emptied before `from` is read again, so a splice into it that
-/// would block means that `from` has nothing to read.
+/// would block means that `from` has nothing to read. Each delivery is added to `moved`.
 async fn splice_one_way(
     from: &TcpStream,
     to: &TcpStream,
     (out, into): &(OwnedFd, OwnedFd),
-    moved_so_far: &AtomicU64,
-) -> io::Result<u64> {
+    moved: &AtomicU64,
+) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let mut moved = 0u64;
     loop {
         let read = retry(from, Interest::READABLE, || {
             nix::fcntl::splice(from, None, into, None, SPLICE_CHUNK, flags)
@@ -109,7 +108,7 @@ async fn splice_one_way(
                     e => Err(e),
                 },
             )?;
-            return Ok(moved);
+            return Ok(());
         }
         let mut left = read;
         while left > 0 {
@@ -122,8 +121,7 @@ async fn splice_one_way(
             }
             left -= sent;
         }
-        moved += read as u64;
-        moved_so_far.fetch_add(read as u64, Ordering::Relaxed);
+        moved.fetch_add(read as u64, Ordering::Relaxed);
     }
 }
 
@@ -235,13 +233,9 @@ impl Shared {
         loop {
             tokio::select! {
                 r = &mut copy => {
-                    return match r {
-                        Ok((up, down)) => {
-                            debug!(bytes_up = up, bytes_down = down, "tunnel closed");
-                            "closed"
-                        }
-                        Err(_) => "closed with an error",
-                    };
+                    let (up, down) = activity.moved();
+                    debug!(bytes_up = up, bytes_down = down, "tunnel closed");
+                    return if r.is_ok() { "closed" } else { "closed with an error" };
                 }
                 () = self.hard_stop.cancelled() => return "closed at shutdown",
                 _ = tick.tick() => {
