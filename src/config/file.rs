@@ -19,7 +19,7 @@ use crate::decide::path::normalize;
 use crate::decide::policy::{
     Consent, Feature, HostPattern, Mode, OnBlock, Policy, Rule, UnknownHosts,
 };
-use crate::rewrite::selector::{Action, JsonSelector, Selector};
+use crate::rewrite::selector::{Action, Condition, JsonSelector, Selector};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +163,20 @@ struct RuleFile {
     remove: Option<Vec<String>>,
     replace: Option<BTreeMap<String, String>>,
     keep: Option<Vec<String>>,
+    /// `{ "json:$.type" = "message" }`: the rule applies only when each member holds one of
+    /// the strings; `unless`: only when none does (or it is missing).
+    #[serde(default)]
+    when: BTreeMap<String, OneOrMore>,
+    #[serde(default)]
+    unless: BTreeMap<String, OneOrMore>,
+}
+
+/// A string, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMore {
+    One(String),
+    More(Vec<String>),
 }
 
 type ErrFn<'a> = &'a dyn Fn(&str, String) -> ConfigError;
@@ -415,11 +429,24 @@ impl FeatureFile {
                     ))
                 }
             };
+            let mut conditions = Vec::new();
+            for (table, negated) in [(&r.when, false), (&r.unless, true)] {
+                let k = key(if negated { "unless" } else { "when" });
+                for (s, values) in table {
+                    let values = match values {
+                        OneOrMore::One(v) => vec![v.clone()],
+                        OneOrMore::More(v) => v.clone(),
+                    };
+                    let sel = selector(s).map_err(|r| err(&k, r))?;
+                    conditions.push(Condition::new(sel, values, negated).map_err(|r| err(&k, r))?);
+                }
+            }
             rules.push(Rule {
                 index: j,
                 category: r.category,
                 paths: r.paths,
                 action,
+                conditions,
             });
         }
         if let Some((a, b)) = spelling_conflict(&rules) {

@@ -56,6 +56,8 @@ pub enum Reason<'a> {
     ConsentDenied,
     /// The destination belongs to no feature (`unknown_hosts = "tunnel"`).
     NoFeature,
+    /// Report mode: no rule of the feature reads this path while it withholds a category.
+    UnknownPath,
     /// The rules of these withheld categories changed the request (none: the feature's
     /// unconditional rules did).
     Withheld(&'a [&'a str]),
@@ -70,6 +72,9 @@ impl fmt::Display for Reason<'_> {
             Reason::ConsentGranted => f.write_str("consent granted"),
             Reason::ConsentDenied => f.write_str("consent denied"),
             Reason::NoFeature => f.write_str("destination belongs to no feature"),
+            Reason::UnknownPath => f.write_str(
+                "no rule of the feature reads this path, and it withholds categories (fail closed)",
+            ),
             Reason::Withheld([]) => f.write_str("the feature's unconditional rules"),
             Reason::Withheld(categories) => {
                 f.write_str("withheld: ")?;
@@ -111,6 +116,8 @@ pub enum Refusal {
     ConsentDenied(OnBlock),
     /// The destination belongs to no feature and `unknown_hosts = "deny"`.
     UnknownHost,
+    /// A path of a feature that withholds categories, and no rule of it reads the path.
+    UnknownPath,
     /// A rule must read a body larger than `max_body_bytes`.
     BodyTooLarge,
     /// A rule must read a body it cannot.
@@ -126,7 +133,9 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::ClientNotAllowed | Refusal::UnknownHost => StatusCode::FORBIDDEN,
+            Refusal::ClientNotAllowed | Refusal::UnknownHost | Refusal::UnknownPath => {
+                StatusCode::FORBIDDEN
+            }
             Refusal::ConsentDenied(OnBlock::Reject) => StatusCode::FORBIDDEN,
             Refusal::ConsentDenied(OnBlock::Sink) => StatusCode::OK,
             Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => {
@@ -165,6 +174,7 @@ impl Refusal {
             }
             Refusal::ConsentDenied(_) => Reason::ConsentDenied.to_string(),
             Refusal::UnknownHost => format!("{} and unknown_hosts = deny", Reason::NoFeature),
+            Refusal::UnknownPath => Reason::UnknownPath.to_string(),
             Refusal::BodyTooLarge => "body over max_body_bytes".into(),
             Refusal::Unreadable(e) => e.to_string(),
             Refusal::AuditUnavailable => "audit log cannot be written".into(),
@@ -178,7 +188,9 @@ impl Refusal {
         match self {
             Refusal::ClientNotAllowed => "client not allowed",
             Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => "bad request",
-            Refusal::ConsentDenied(_) | Refusal::UnknownHost => "blocked by consent policy",
+            Refusal::ConsentDenied(_) | Refusal::UnknownHost | Refusal::UnknownPath => {
+                "blocked by consent policy"
+            }
             Refusal::BodyTooLarge => "request body too large to inspect",
             Refusal::Unreadable(RewriteError::AmbiguousQuery) => "bad request",
             Refusal::Unreadable(RewriteError::TooLarge) => "request body too large to inspect",

@@ -121,6 +121,15 @@ pub fn plan_request<'p>(
             refusal: Refusal::ConsentDenied(feature.on_block),
             feature: Some(feature),
         },
+        Verdict::UnknownPath { feature } if report => RequestPlan::Forward {
+            decision: Decision::WouldBlock,
+            reason: Reason::UnknownPath,
+            feature: Some(feature),
+        },
+        Verdict::UnknownPath { feature } => RequestPlan::Refuse {
+            refusal: Refusal::UnknownPath,
+            feature: Some(feature),
+        },
         Verdict::Granted { feature, rules, .. } if rules.is_empty() => RequestPlan::Forward {
             decision: Decision::Allowed,
             reason: Reason::ConsentGranted,

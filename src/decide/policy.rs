@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::rewrite::selector::Action;
+use crate::rewrite::selector::{Action, Condition, Guarded};
 
 /// Whether decisions are enforced or only reported (`mode = "report"`: traffic leaves unchanged
 /// and the audit log says `would_block` / `would_strip`).
@@ -71,6 +71,8 @@ pub struct Rule {
     pub category: Option<String>,
     pub paths: Vec<String>,
     pub action: Action,
+    /// `when` / `unless`: the body members the rule's applying depends on.
+    pub conditions: Vec<Condition>,
 }
 
 /// A host name as written in a feature: exact, or `*.` for any subdomain.
@@ -103,6 +105,9 @@ pub enum Verdict<'p> {
         rules: Vec<&'p Rule>,
         withheld: Vec<&'p str>,
     },
+    /// Consent is granted with categories withheld, and no rule of the feature reads this path:
+    /// what the path carries is unknown, so the withheld categories cannot be enforced on it.
+    UnknownPath { feature: &'p Feature },
     /// The destination belongs to no feature.
     Unknown(UnknownHosts),
 }
@@ -152,6 +157,9 @@ impl Policy {
         if !self.consent.granted.contains(&feature.name) {
             return Verdict::Denied { feature };
         }
+        if !feature.knows_path(path) && feature.withholds_any(&self.consent) {
+            return Verdict::UnknownPath { feature };
+        }
         let rules: Vec<&Rule> = feature
             .rules
             .iter()
@@ -159,7 +167,7 @@ impl Policy {
                 None => true,
                 Some(c) => self.consent.withheld.contains(c),
             })
-            .filter(|r| r.paths.is_empty() || r.paths.iter().any(|p| path.starts_with(p.as_str())))
+            .filter(|r| r.applies_at(path))
             .collect();
         let mut withheld: Vec<&str> = Vec::new();
         for category in rules.iter().filter_map(|r| r.category.as_deref()) {
@@ -189,6 +197,21 @@ impl Policy {
 impl Feature {
     fn matches_host(&self, host: &str) -> bool {
         self.hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// Whether the feature's rules read requests at `path`: a rule without `paths` reads every
+    /// path, the others the paths they name (whatever their category). A feature without rules
+    /// knows no path, and needs to know none.
+    fn knows_path(&self, path: &str) -> bool {
+        self.rules.iter().any(|r| r.applies_at(path))
+    }
+
+    /// Whether the consent withholds a category some rule of the feature covers.
+    fn withholds_any(&self, consent: &Consent) -> bool {
+        self.rules
+            .iter()
+            .filter_map(|r| r.category.as_ref())
+            .any(|c| consent.withheld.contains(c))
     }
 
     fn path_match_len(&self, path: &str) -> Option<usize> {
@@ -253,10 +276,19 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// A rule is applied by its action: the rewriter takes rules as they are.
-impl AsRef<Action> for Rule {
-    fn as_ref(&self) -> &Action {
+impl Rule {
+    fn applies_at(&self, path: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+/// The rewriter takes rules as they are.
+impl Guarded for Rule {
+    fn action(&self) -> &Action {
         &self.action
+    }
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
     }
 }
 
@@ -295,12 +327,14 @@ mod tests {
                     category: None,
                     paths: vec![],
                     action: Action::Remove(vec![Selector::Query("u".into())]),
+                    conditions: vec![],
                 },
                 Rule {
                     index: 1,
                     category: Some("activity_counts".into()),
                     paths: vec!["/v1/".into()],
                     action: Action::Remove(vec![Selector::Query("c".into())]),
+                    conditions: vec![],
                 },
             ],
         }
@@ -398,6 +432,26 @@ mod tests {
             panic!("granted expected");
         };
         assert_eq!(rules.len(), 1);
+    }
+
+    #[test]
+    fn a_path_no_rule_reads_is_refused_while_a_category_is_withheld() {
+        let mut p = policy(&["a"], &["activity_counts"], UnknownHosts::Tunnel);
+        p.features[0].rules.remove(0);
+        assert!(matches!(
+            p.decide("a.example", "/v1/batch"),
+            Verdict::Granted { .. }
+        ));
+        assert!(matches!(
+            p.decide("a.example", "/v2/track"),
+            Verdict::UnknownPath { .. }
+        ));
+        // Nothing withheld: nothing to enforce, and the path passes.
+        p.consent.withheld.clear();
+        assert!(matches!(
+            p.decide("a.example", "/v2/track"),
+            Verdict::Granted { .. }
+        ));
     }
 
     #[test]

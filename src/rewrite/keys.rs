@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::error::RewriteError;
 use super::fold::fold;
-use super::selector::{Action, JsonSelector, Selector};
+use super::selector::{Guarded, JsonSelector, Selector};
 
 /// The member names a request's rules name, by folded form: how a member spelt another way
 /// (`Channel_Name`, `meſſage`) is found, as a Go receiver would bind it.
@@ -28,23 +28,24 @@ pub(super) struct Names {
 }
 
 impl Names {
-    pub(super) fn of<A: AsRef<Action>>(rules: &[A]) -> Self {
+    pub(super) fn of<A: Guarded>(rules: &[A]) -> Self {
         let mut names = Names::default();
-        for action in rules {
-            for sel in action.as_ref().selectors() {
-                if let Selector::Json(j) = sel {
-                    for name in &j.names {
-                        let folded = fold(name).into_owned();
-                        if !names.by_fold.contains_key(&folded) {
-                            let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
-                            if folded.is_ascii() {
-                                names.filter |= ascii_filter(folded.as_bytes());
-                                names.ascii.push((folded.as_bytes().into(), index));
-                            }
-                            names.by_fold.insert(folded, index);
-                            names.spellings.push(name.clone());
-                        }
+        for rule in rules {
+            let selected = rule.action().selectors().filter_map(|sel| match sel {
+                Selector::Json(j) => Some(j),
+                _ => None,
+            });
+            let conditions = rule.conditions().iter().map(|c| &c.selector);
+            for name in selected.chain(conditions).flat_map(|j| &j.names) {
+                let folded = fold(name).into_owned();
+                if !names.by_fold.contains_key(&folded) {
+                    let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
+                    if folded.is_ascii() {
+                        names.filter |= ascii_filter(folded.as_bytes());
+                        names.ascii.push((folded.as_bytes().into(), index));
                     }
+                    names.by_fold.insert(folded, index);
+                    names.spellings.push(name.clone());
                 }
             }
         }

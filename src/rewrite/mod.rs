@@ -33,7 +33,7 @@ pub use error::RewriteError;
 use keys::{summarize, summarize_count, Names, Step, MAX_PATHS};
 use multipart::Multipart;
 use params::{edit_params, form_edit, query_edit, Params};
-use selector::{Action, JsonSelector, Selector, SimplePath};
+use selector::{Action, Condition, Guarded, JsonSelector, Selector, SimplePath};
 use spans::{NodeId, SpanDoc};
 use tree::{parse_json, TreeDoc};
 
@@ -66,9 +66,11 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
 /// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each
 /// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body,
 /// and any body that was decoded, is encoded again with the same codings and carries a matching
-/// `Content-Length` and no `Transfer-Encoding`. `rules` are anything that holds an action (a policy's rules, or actions
-/// themselves), so the rewriter knows nothing of the policy.
-pub fn apply<A: AsRef<Action>>(
+/// `Content-Length` and no `Transfer-Encoding`. `rules` are anything that holds an action and
+/// its conditions (a policy's rules, or actions themselves), so the rewriter knows nothing of the
+/// policy. A rule whose conditions do not hold on the body as the rules before it left it is
+/// skipped.
+pub fn apply<A: Guarded>(
     rules: &[A],
     msg: &mut Message,
     max_body_bytes: u64,
@@ -85,8 +87,9 @@ enum Engine {
 }
 
 impl Engine {
-    fn for_rules<A: AsRef<Action>>(rules: &[A]) -> Engine {
-        let spans = rules.iter().all(|action| match action.as_ref() {
+    fn for_rules<A: Guarded>(rules: &[A]) -> Engine {
+        // Conditions are always in the span engine's subset (`Condition::new`).
+        let spans = rules.iter().all(|rule| match rule.action() {
             Action::Keep(s) => !s.iter().any(|s| matches!(s, Selector::Json(_))),
             action => action.selectors().all(|s| match s {
                 Selector::Json(j) => j.simple.is_some(),
@@ -102,7 +105,7 @@ impl Engine {
 }
 
 /// [`apply`] with the given engine for JSON bodies (tests run both on the same input).
-fn apply_with<A: AsRef<Action>>(
+fn apply_with<A: Guarded>(
     rules: &[A],
     msg: &mut Message,
     max_body_bytes: u64,
@@ -115,8 +118,11 @@ fn apply_with<A: AsRef<Action>>(
     };
     let mut edits = Edits::default();
     let mut body = Body::new(plain.clone(), Names::of(rules), engine);
-    for action in rules {
-        match action.as_ref() {
+    for rule in rules {
+        if !holds(rule.conditions(), &mut body)? {
+            continue;
+        }
+        match rule.action() {
             Action::Remove(selectors) => {
                 for sel in selectors {
                     remove(sel, msg, &mut body, &mut edits)?;
@@ -147,6 +153,21 @@ fn apply_with<A: AsRef<Action>>(
         msg.body = new_body;
     }
     Ok(edits)
+}
+
+/// Whether every condition holds on the body. A body with conditions on it must be JSON (or
+/// empty: no member is there).
+fn holds(conditions: &[Condition], body: &mut Body) -> Result<bool, RewriteError> {
+    for condition in conditions {
+        let found = match body.json()? {
+            Some(doc) => doc.strings(&condition.selector),
+            None => Vec::new(),
+        };
+        if !condition.holds(&found) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn remove(
@@ -396,9 +417,11 @@ fn form_of(value: &HeaderValue) -> Option<(FormType, &str)> {
 
 /// Whether applying `rules` to a request with these headers needs its body: a JSON selector
 /// does, and a parameter selector does when the body is a form.
-pub fn reads_body<A: AsRef<Action>>(rules: &[A], headers: &HeaderMap) -> bool {
-    rules.iter().any(|r| r.as_ref().reads_body())
-        || (rules.iter().any(|r| r.as_ref().reads_params())
+pub fn reads_body<A: Guarded>(rules: &[A], headers: &HeaderMap) -> bool {
+    rules
+        .iter()
+        .any(|r| r.action().reads_body() || !r.conditions().is_empty())
+        || (rules.iter().any(|r| r.action().reads_params())
             && !matches!(form_type(headers), Ok((FormType::None, _))))
 }
 
@@ -418,6 +441,18 @@ impl Doc {
                 .map(|id| d.path_of(id))
                 .collect(),
             Doc::Tree(d) => d.located(sel),
+        }
+    }
+
+    /// The strings held where `sel` matches (members holding another type are left out).
+    fn strings(&self, sel: &JsonSelector) -> Vec<String> {
+        match self {
+            Doc::Spans(d) => d
+                .located(sel, simple_path(sel))
+                .into_iter()
+                .filter_map(|id| d.string(id))
+                .collect(),
+            Doc::Tree(d) => d.strings(sel),
         }
     }
 

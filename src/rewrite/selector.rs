@@ -359,9 +359,78 @@ impl fmt::Display for Selector {
     }
 }
 
-impl AsRef<Action> for Action {
-    fn as_ref(&self) -> &Action {
+/// A condition on a member of a JSON body (`when` / `unless` of a rule): RFC 9535 cannot select
+/// the root by one of its members, so a rule that applies only to some kinds of body (a push of
+/// `type` `message`, not a session notice) says so here.
+#[derive(Clone, Debug)]
+pub struct Condition {
+    /// A member path of names only (`$.type`, `$.a.b`), the member bound as receivers bind it.
+    pub selector: JsonSelector,
+    /// The strings the member is compared with.
+    pub values: Vec<String>,
+    /// `unless`: the rule applies when the member is none of `values`, or missing.
+    pub negated: bool,
+}
+
+impl Condition {
+    /// A condition on `selector`, which must name one member by names alone.
+    pub fn new(selector: Selector, values: Vec<String>, negated: bool) -> Result<Self, String> {
+        let singular = |j: &JsonSelector| {
+            j.pattern.is_none()
+                && j.simple.as_ref().is_some_and(|s| {
+                    !s.segments.is_empty()
+                        && s.segments
+                            .iter()
+                            .all(|seg| matches!(seg, SimpleSegment::Names(n) if n.len() == 1))
+                })
+        };
+        match selector {
+            Selector::Json(j) if singular(&j) => {
+                if values.is_empty() {
+                    return Err(format!("json:{} is compared with no value", j.source));
+                }
+                Ok(Condition {
+                    selector: j,
+                    values,
+                    negated,
+                })
+            }
+            other => Err(format!(
+                "{other} is not a member of a JSON body named by names alone (like json:$.type)"
+            )),
+        }
+    }
+
+    /// Whether the condition holds when the member holds `found` (each string it holds; none
+    /// when it is missing or not a string).
+    pub fn holds(&self, found: &[String]) -> bool {
+        let matched = found.iter().any(|v| self.values.contains(v));
+        matched != self.negated
+    }
+}
+
+/// What the rewriter applies: an action, and the conditions on the body under which it applies.
+/// A policy's rules are this, and so is an action alone (no conditions), so the rewriter knows
+/// nothing of the policy.
+pub trait Guarded {
+    fn action(&self) -> &Action;
+    fn conditions(&self) -> &[Condition] {
+        &[]
+    }
+}
+
+impl Guarded for Action {
+    fn action(&self) -> &Action {
         self
+    }
+}
+
+impl<T: Guarded> Guarded for &T {
+    fn action(&self) -> &Action {
+        (**self).action()
+    }
+    fn conditions(&self) -> &[Condition] {
+        (**self).conditions()
     }
 }
 

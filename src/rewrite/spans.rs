@@ -263,11 +263,15 @@ impl SpanDoc {
         true
     }
 
+    /// A node's value, when it is a string.
+    pub(crate) fn string(&self, id: NodeId) -> Option<String> {
+        serde_json::from_slice(self.value_bytes(id)).ok()
+    }
+
     /// Replace a node's value with the string `text`; false when it already holds exactly
     /// that string.
     pub(crate) fn replace(&mut self, id: NodeId, text: &str) -> bool {
-        let current: Option<String> = serde_json::from_slice(self.value_bytes(id)).ok();
-        if current.as_deref() == Some(text) {
+        if self.string(id).as_deref() == Some(text) {
             return false;
         }
         let literal = serde_json::to_string(text)

@@ -264,6 +264,15 @@ impl TreeDoc {
         members
     }
 
+    /// The strings held where `sel` matches (a condition's path of names: positions as received
+    /// are positions now).
+    pub(super) fn strings(&self, sel: &JsonSelector) -> Vec<String> {
+        self.located(sel)
+            .iter()
+            .filter_map(|path| node(&self.value, path)?.as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Remove every member or item `sel` selects; what was removed, for the record.
     pub(super) fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
         let mut paths: Vec<Vec<Step>> = self
