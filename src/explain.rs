@@ -65,7 +65,7 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
             ConnectPlan::Intercept => {}
         }
     }
-    let (feature, rules, withheld) =
+    let (feature, rules, mut withheld) =
         match plan_request(policy, &host, path.as_deref().map_err(|e| *e)) {
             RequestPlan::Refuse { refusal, feature } => {
                 refused(&mut out, refusal, feature.map(|f| f.name.as_str()), "");
@@ -121,7 +121,8 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
         headers: req.headers.clone(),
         body: req.body.clone(),
     };
-    let outcome = match plan::rewrite(policy.mode, &rules, &withheld, &mut msg, max_body_bytes) {
+    let outcome = match plan::rewrite(policy.mode, &rules, &mut withheld, &mut msg, max_body_bytes)
+    {
         Ok(o) => o,
         Err(refusal) => {
             refused(&mut out, refusal, Some(&feature.name), "");

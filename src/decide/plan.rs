@@ -174,15 +174,23 @@ pub struct Rewritten<'w> {
 }
 
 /// Apply `rules` to `msg` (a body the rules read is the whole body, already within
-/// `max_body_bytes` as received). A request the rules cannot read is refused.
+/// `max_body_bytes` as received). A request the rules cannot read is refused. `withheld` is left
+/// holding the categories whose rules changed the request, which the reason names.
 pub fn rewrite<'w>(
     mode: Mode,
     rules: &[&Rule],
-    withheld: &'w [&'w str],
+    withheld: &'w mut Vec<&str>,
     msg: &mut Message,
     max_body_bytes: u64,
 ) -> Result<Rewritten<'w>, Refusal> {
     let edits = rewrite::apply(rules, msg, max_body_bytes).map_err(Refusal::Unreadable)?;
+    withheld.retain(|c| {
+        edits
+            .by
+            .iter()
+            .any(|i| rules.get(*i).and_then(|r| r.category.as_deref()) == Some(*c))
+    });
+    let withheld: &'w [&str] = withheld;
     let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
     let (decision, reason) = match (changed, mode) {
         (false, _) => (Decision::Allowed, Reason::ConsentGranted),

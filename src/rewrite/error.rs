@@ -15,6 +15,10 @@ pub enum RewriteError {
     DuplicateKey,
     #[error("JSON body has an object key with a control character")]
     BadKey,
+    #[error("body is not a Sentry envelope as its Content-Type says")]
+    NotEnvelope,
+    #[error("Sentry envelope has an item the rules cannot read")]
+    EnvelopeItem,
     #[error("form body cannot be read unambiguously")]
     AmbiguousForm,
     #[error("multipart/form-data body cannot be read unambiguously")]

@@ -9,11 +9,12 @@
 //! reads a request's body is chosen once, from its rules (`Engine`).
 //!
 //! The rooms, in the order a body meets them: [`selector`] (what a rule points at), [`codec`]
-//! (content codings), `params` (query and form), `keys` (member names as receivers bind
-//! them, shared by both engines), `spans` and `tree` (the JSON engines), [`fold`] (Go's case
-//! folding).
+//! (content codings), `params` (query and form), `envelope` (Sentry envelopes: a JSON document
+//! per part), `keys` (member names as receivers bind them, shared by both engines), `spans` and
+//! `tree` (the JSON engines), [`fold`] (Go's case folding).
 
 pub mod codec;
+mod envelope;
 mod error;
 pub mod fold;
 mod keys;
@@ -29,6 +30,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use envelope::Envelope;
 pub use error::RewriteError;
 use keys::{summarize, summarize_count, Names, Step, MAX_PATHS};
 use multipart::Multipart;
@@ -52,6 +54,8 @@ pub struct Message {
 pub struct Edits {
     pub removed: Vec<String>,
     pub replaced: Vec<String>,
+    /// The positions (in the rules given) of the rules that changed something.
+    pub by: Vec<usize>,
 }
 
 /// Headers an allowlist (`keep`) never removes: without them the request cannot be framed.
@@ -117,11 +121,17 @@ fn apply_with<A: Guarded>(
         (msg.body.clone(), Vec::new())
     };
     let mut edits = Edits::default();
-    let mut body = Body::new(plain.clone(), Names::of(rules), engine);
-    for rule in rules {
+    let envelope = msg
+        .headers
+        .get_all(CONTENT_TYPE)
+        .iter()
+        .any(|v| envelope::declared(v.as_bytes()));
+    let mut body = Body::new(plain.clone(), Names::of(rules), engine, envelope);
+    for (i, rule) in rules.iter().enumerate() {
         if !holds(rule.conditions(), &mut body)? {
             continue;
         }
+        let before = edits.removed.len() + edits.replaced.len();
         match rule.action() {
             Action::Remove(selectors) => {
                 for sel in selectors {
@@ -135,11 +145,14 @@ fn apply_with<A: Guarded>(
             }
             Action::Keep(selectors) => keep(selectors, msg, &mut body, &mut edits)?,
         }
+        if edits.removed.len() + edits.replaced.len() > before {
+            edits.by.push(i);
+        }
     }
     // A body that was decoded leaves encoded again by the proxy even when no rule changed it:
     // what a decoder skips (gzip's name, comment and extra fields, zstd's skippable frames,
     // brotli's metadata blocks) is not content the rules read, so it must not leave.
-    let changed = body.finish();
+    let changed = body.finish()?;
     if changed.is_some() || !codings.is_empty() {
         let new_body = changed.unwrap_or(plain);
         let new_body = if codings.is_empty() {
@@ -159,10 +172,11 @@ fn apply_with<A: Guarded>(
 /// empty: no member is there).
 fn holds(conditions: &[Condition], body: &mut Body) -> Result<bool, RewriteError> {
     for condition in conditions {
-        let found = match body.json()? {
-            Some(doc) => doc.strings(&condition.selector),
-            None => Vec::new(),
-        };
+        let found: Vec<String> = body
+            .json()?
+            .into_iter()
+            .flat_map(|part| part.doc.strings(&condition.selector))
+            .collect();
         if !condition.holds(&found) {
             return Ok(false);
         }
@@ -225,20 +239,22 @@ fn replace(
     Ok(())
 }
 
-/// Apply one edit to the JSON body (an empty body has nothing to edit); what it changed goes to
-/// `list`.
+/// Apply one edit to each JSON document of the body (an empty body has none); what it changed
+/// goes to `list`, named within its part of an envelope.
 fn edit_json(
     body: &mut Body,
     list: &mut Vec<String>,
-    edit: impl FnOnce(&mut Doc) -> Vec<String>,
+    mut edit: impl FnMut(&mut Doc) -> Vec<String>,
 ) -> Result<(), RewriteError> {
-    let changed = match body.json()? {
-        Some(doc) => edit(doc),
-        None => Vec::new(),
-    };
-    if !changed.is_empty() {
-        body.touch();
-        list.extend(changed);
+    for part in body.json()? {
+        let changed = edit(part.doc);
+        if !changed.is_empty() {
+            *part.changed = true;
+            match part.within {
+                None => list.extend(changed),
+                Some(within) => list.extend(changed.iter().map(|c| format!("{within}:{c}"))),
+            }
+        }
     }
     Ok(())
 }
@@ -340,27 +356,30 @@ fn keep(
         note("header", drop.len());
     }
     if !json.is_empty() {
-        if let Some(doc) = body.json()? {
-            let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| doc.located(j)).collect();
-            let n = doc.prune(&kept);
-            if n > 0 {
-                body.touch();
+        let mut n = 0;
+        for part in body.json()? {
+            let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| part.doc.located(j)).collect();
+            let pruned = part.doc.prune(&kept);
+            if pruned > 0 {
+                *part.changed = true;
             }
-            note("json", n);
+            n += pruned;
         }
+        note("json", n);
     }
     Ok(())
 }
 
 /// The body, parsed on first use by whichever kind of rule reads it.
 enum Body {
-    /// Not parsed yet.
-    Raw(Bytes, Names, Engine),
+    /// Not parsed yet; `true`: its `Content-Type` declares a Sentry envelope.
+    Raw(Bytes, Names, Engine, bool),
     Empty,
     Json {
         doc: Doc,
         changed: bool,
     },
+    Envelope(Envelope),
     /// An urlencoded body, as text.
     Form {
         params: Option<String>,
@@ -500,31 +519,70 @@ impl Doc {
     }
 }
 
+/// One JSON document of a body: the body, or a part of an envelope.
+struct JsonPart<'b> {
+    doc: &'b mut Doc,
+    changed: &'b mut bool,
+    /// Where in an envelope (`envelope.items[0]`), for the record.
+    within: Option<String>,
+}
+
 impl Body {
-    fn new(raw: Bytes, names: Names, engine: Engine) -> Self {
+    fn new(raw: Bytes, names: Names, engine: Engine, envelope: bool) -> Self {
         if raw.is_empty() {
             Body::Empty
         } else {
-            Body::Raw(raw, names, engine)
+            Body::Raw(raw, names, engine, envelope)
         }
     }
 
-    /// The JSON document, or `None` for an empty body (nothing to strip).
-    fn json(&mut self) -> Result<Option<&mut Doc>, RewriteError> {
-        if let Body::Raw(raw, names, engine) = self {
+    /// The JSON documents: the body's, or each part of an envelope; none for an empty body
+    /// (nothing to strip).
+    fn json(&mut self) -> Result<Vec<JsonPart<'_>>, RewriteError> {
+        if let Body::Raw(raw, names, engine, envelope) = self {
             let names = std::mem::take(names);
-            let doc = match engine {
-                Engine::Spans => Doc::Spans(SpanDoc::parse(raw, names)?),
-                Engine::Tree => Doc::Tree(parse_json(raw, names)?),
+            let engine = *engine;
+            let read = |raw: &Bytes, names: Names| -> Result<Doc, RewriteError> {
+                Ok(match engine {
+                    Engine::Spans => Doc::Spans(SpanDoc::parse(raw, names)?),
+                    Engine::Tree => Doc::Tree(parse_json(raw, names)?),
+                })
             };
-            *self = Body::Json {
-                doc,
-                changed: false,
+            *self = if *envelope {
+                Body::Envelope(Envelope::parse(raw, |part| read(part, names.clone()))?)
+            } else {
+                Body::Json {
+                    doc: read(raw, names)?,
+                    changed: false,
+                }
             };
         }
         match self {
-            Body::Empty => Ok(None),
-            Body::Json { doc, .. } => Ok(Some(doc)),
+            Body::Empty => Ok(Vec::new()),
+            Body::Json { doc, changed } => Ok(vec![JsonPart {
+                doc,
+                changed,
+                within: None,
+            }]),
+            Body::Envelope(env) => {
+                let header = std::iter::once(("envelope.header".to_string(), &mut env.header));
+                let items = env
+                    .items
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, item)| (format!("envelope.items[{i}]"), &mut item.payload));
+                Ok(header
+                    .chain(items)
+                    .filter_map(|(within, part)| {
+                        let doc = part.doc.as_mut()?;
+                        Some(JsonPart {
+                            doc,
+                            changed: &mut part.changed,
+                            within: Some(within),
+                        })
+                    })
+                    .collect())
+            }
             Body::Form { .. } | Body::Multipart { .. } => Err(RewriteError::NotJson),
             Body::Raw(..) => unreachable!("raw body was parsed above"),
         }
@@ -552,24 +610,22 @@ impl Body {
         Ok(match self {
             Body::Form { params, .. } => FormBody::Urlencoded(params),
             Body::Multipart { form, .. } => FormBody::Multipart(form),
-            Body::Empty | Body::Json { .. } | Body::Raw(..) => FormBody::None,
+            Body::Empty | Body::Json { .. } | Body::Envelope(_) | Body::Raw(..) => FormBody::None,
         })
     }
 
-    /// Note that a rule changed the parsed body, so `finish` re-serializes it.
+    /// Note that a rule changed the parsed form, so `finish` re-serializes it.
     fn touch(&mut self) {
-        if let Body::Json { changed, .. }
-        | Body::Form { changed, .. }
-        | Body::Multipart { changed, .. } = self
-        {
+        if let Body::Form { changed, .. } | Body::Multipart { changed, .. } = self {
             *changed = true;
         }
     }
 
     /// The new body, if it changed.
-    fn finish(self) -> Option<Bytes> {
-        match self {
+    fn finish(self) -> Result<Option<Bytes>, RewriteError> {
+        Ok(match self {
             Body::Json { doc, changed: true } => doc.serialize(),
+            Body::Envelope(env) if env.changed() => Some(env.serialize()?),
             Body::Form {
                 params,
                 changed: true,
@@ -579,7 +635,7 @@ impl Body {
                 changed: true,
             } => Some(form.serialize()),
             _ => None,
-        }
+        })
     }
 }
 

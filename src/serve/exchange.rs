@@ -71,7 +71,8 @@ impl Shared {
                     .await;
             }
         }
-        let (feature, rules, withheld) = match plan_request(&active.policy, &target.host, path) {
+        let (feature, rules, mut withheld) = match plan_request(&active.policy, &target.host, path)
+        {
             RequestPlan::Refuse { refusal, feature } => {
                 let name = feature.map(|f| f.name.as_str());
                 return self.refuse_draining(entry, body, refusal, name).await;
@@ -126,7 +127,7 @@ impl Shared {
             body: raw.clone(),
         };
         let limit = self.limits.max_body_bytes;
-        let outcome = match plan::rewrite(mode, &rules, &withheld, &mut msg, limit) {
+        let outcome = match plan::rewrite(mode, &rules, &mut withheld, &mut msg, limit) {
             Ok(outcome) => outcome,
             Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
         };

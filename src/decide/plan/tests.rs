@@ -318,7 +318,9 @@ fn rewritten(
     query: &str,
 ) -> Result<(Decision, String, bool, Option<String>), Refusal> {
     let RequestPlan::Rewrite {
-        rules, withheld, ..
+        rules,
+        mut withheld,
+        ..
     } = plan_request(
         &config.policy,
         "securityupdatecheck.mattermost.com",
@@ -333,7 +335,7 @@ fn rewritten(
         body: bytes::Bytes::new(),
     };
     let limit = config.limits.max_body_bytes;
-    let outcome = super::rewrite(config.policy.mode, &rules, &withheld, &mut msg, limit)?;
+    let outcome = super::rewrite(config.policy.mode, &rules, &mut withheld, &mut msg, limit)?;
     let reason = outcome.reason.to_string();
     Ok((outcome.decision, reason, outcome.rewritten, msg.query))
 }
