@@ -70,6 +70,33 @@ pub fn derive(text: &str) -> Result<Derived, MattermostError> {
     let server = text_of("EmailSettings", "EmailSettings.PushNotificationServer")?;
     let contents = text_of("EmailSettings", "EmailSettings.PushNotificationContents")?;
 
+    let notices = (
+        flag(
+            "AnnouncementSettings",
+            "AnnouncementSettings.AdminNoticesEnabled",
+            true,
+        )?,
+        flag(
+            "AnnouncementSettings",
+            "AnnouncementSettings.UserNoticesEnabled",
+            true,
+        )?,
+    );
+    let marketplace = (
+        flag("PluginSettings", "PluginSettings.EnableMarketplace", true)?,
+        flag(
+            "PluginSettings",
+            "PluginSettings.EnableRemoteMarketplace",
+            true,
+        )?,
+    );
+    let previews = flag(
+        "ServiceSettings",
+        "ServiceSettings.EnableLinkPreviews",
+        true,
+    )?;
+    let no_switch = |what: &str| format!("no setting: {what} when an admin asks for it");
+
     let push_host = match server.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(url) => Some(url_host(url).ok_or(MattermostError::BadPushServer)?),
@@ -82,6 +109,29 @@ pub fn derive(text: &str) -> Result<Derived, MattermostError> {
             format!("{}; {}", diagnostics.1, sentry.1),
         ),
         ("push_notifications", push.0, push.1),
+        // Either kind of notice makes the server fetch them.
+        (
+            "product_notices",
+            notices.0 .0 || notices.1 .0,
+            format!("{}; {}", notices.0 .1, notices.1 .1),
+        ),
+        (
+            "marketplace",
+            marketplace.0 .0 && marketplace.1 .0,
+            format!("{}; {}", marketplace.0 .1, marketplace.1 .1),
+        ),
+        ("licensing", true, no_switch("a trial licence is requested")),
+        (
+            "upgrade_checks",
+            true,
+            no_switch("the latest version is looked up"),
+        ),
+        (
+            "upgrades",
+            true,
+            no_switch("the Enterprise build is downloaded"),
+        ),
+        ("link_previews", previews.0, previews.1),
     ];
     let level = contents.clone().unwrap_or_else(|| "full".into());
     let why = match &contents {
@@ -98,7 +148,12 @@ pub fn derive(text: &str) -> Result<Derived, MattermostError> {
         // A level this version does not know: withhold all it could mean (fail closed).
         _ => &["message_content", "channel_names", "user_names"],
     };
-    let withheld = categories.iter().map(|c| (*c, why.clone())).collect();
+    let mut withheld: Vec<(&'static str, String)> =
+        categories.iter().map(|c| (*c, why.clone())).collect();
+    // No setting covers these: they stay withheld (DESIGN §3).
+    for category in ["user_identifiers", "site_identity"] {
+        withheld.push((category, "no Mattermost setting covers it: withheld".into()));
+    }
     Ok(Derived {
         features,
         withheld,
@@ -121,16 +176,60 @@ fn url_host(url: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    const TELEMETRY: [&str; 3] = ["security_alerts", "diagnostics", "push_notifications"];
+
+    /// The granted features of the privacy policy's three.
     fn granted(d: &Derived) -> Vec<&str> {
         d.features
             .iter()
-            .filter(|(_, g, _)| *g)
+            .filter(|(f, g, _)| *g && TELEMETRY.contains(f))
             .map(|(f, _, _)| *f)
             .collect()
     }
 
+    /// The withheld categories a setting decides (the two no setting covers are always there).
     fn withheld(d: &Derived) -> Vec<&str> {
-        d.withheld.iter().map(|(c, _)| *c).collect()
+        let all: Vec<&str> = d.withheld.iter().map(|(c, _)| *c).collect();
+        assert!(
+            all.ends_with(&["user_identifiers", "site_identity"]),
+            "{all:?}"
+        );
+        all[..all.len() - 2].to_vec()
+    }
+
+    #[test]
+    fn functions_follow_their_switches_and_those_without_one_are_granted() {
+        let functions = |text: &str| -> Vec<&'static str> {
+            derive(text)
+                .expect(text)
+                .features
+                .into_iter()
+                .filter(|(f, g, _)| *g && !TELEMETRY.contains(f))
+                .map(|(f, _, _)| f)
+                .collect()
+        };
+        let all = [
+            "product_notices",
+            "marketplace",
+            "licensing",
+            "upgrade_checks",
+            "upgrades",
+            "link_previews",
+        ];
+        assert_eq!(functions("{}"), all);
+        assert_eq!(
+            functions(r#"{"AnnouncementSettings":{"AdminNoticesEnabled":false}}"#),
+            all,
+            "user notices are still fetched"
+        );
+        assert_eq!(
+            functions(
+                r#"{"AnnouncementSettings":{"AdminNoticesEnabled":false,"UserNoticesEnabled":false},
+                    "PluginSettings":{"EnableRemoteMarketplace":false},
+                    "ServiceSettings":{"EnableLinkPreviews":false}}"#
+            ),
+            ["licensing", "upgrade_checks", "upgrades"]
+        );
     }
 
     #[test]

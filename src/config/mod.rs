@@ -28,7 +28,7 @@ pub const PACK: &str = include_str!("../../policy/mattermost.toml");
 const PACK_NAME: &str = "<built-in pack>";
 
 /// Data categories the Mattermost pack speaks of (DESIGN §3). Rules may name more.
-pub const CATEGORIES: [&str; 9] = [
+pub const CATEGORIES: [&str; 11] = [
     "server_identifier",
     "activity_counts",
     "configuration",
@@ -38,6 +38,8 @@ pub const CATEGORIES: [&str; 9] = [
     "message_content",
     "channel_names",
     "user_names",
+    "user_identifiers",
+    "site_identity",
 ];
 
 /// Everything the proxy needs to run, checked.

@@ -12,13 +12,22 @@ fn the_pack_loads_with_the_default_consent() {
     let names: Vec<&str> = c.policy.features.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        ["security_alerts", "diagnostics", "push_notifications"]
+        [
+            "security_alerts",
+            "diagnostics",
+            "push_notifications",
+            "product_notices",
+            "marketplace",
+            "licensing",
+            "upgrade_checks",
+            "upgrades",
+            "link_previews"
+        ]
     );
-    assert_eq!(
-        c.policy.consent.granted.iter().collect::<Vec<_>>(),
-        ["push_notifications", "security_alerts"]
-    );
-    assert_eq!(c.policy.consent.withheld.len(), 4);
+    // Everything but diagnostics: the functions an admin uses are granted and recorded.
+    assert_eq!(c.policy.consent.granted.len(), names.len() - 1);
+    assert!(!c.policy.consent.granted.contains("diagnostics"));
+    assert_eq!(c.policy.consent.withheld.len(), 6);
     assert_eq!(c.ca_cert, PathBuf::from("certs/ca.pem"));
     assert!(c.policy_hash.starts_with("sha256:") && c.policy_hash.len() == 71);
 }
@@ -61,7 +70,7 @@ fn an_overlay_merges_settings_adds_features_and_replaces_consent() {
         AuditTarget::File("/etc/consent/logs/audit.jsonl".into(), None)
     );
     assert_eq!(c.audit_sync, SyncMode::Data);
-    assert_eq!(c.policy.features.len(), 4);
+    assert_eq!(c.policy.features.len(), 10);
     assert_eq!(
         c.policy.consent.granted.iter().collect::<Vec<_>>(),
         ["acme", "diagnostics"]
@@ -77,7 +86,7 @@ fn bad_policies_name_file_key_and_reason() {
         ("[consent]\ndiagnostics = \"yes\"", "must be \"granted\" or \"denied\""),
         ("[consent]\nwithhold = [\"nope\"]", "is not a data category"),
         ("[consent]\npush_notifications = \"granted\"\nwithhold = [\"server_identifier\"]", "breaks \"push_notifications\""),
-        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"json:$.a[\"]", "feature[3] (x).rule[0].remove"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"json:$.a[\"]", "feature[9] (x).rule[0].remove"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"cookie:a\"]", "not a selector kind"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x..example\"]", "is not a host name"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"query:a\"]\nkeep = [\"query:b\"]", "exactly one of"),
@@ -85,8 +94,8 @@ fn bad_policies_name_file_key_and_reason() {
         ("[clients]\nallow = [\"10.0.0.0/33\"]", "clients.allow"),
         ("mode = \"relaxed\"", "unknown variant `relaxed`"),
         ("[audit]\nsync = \"fast\"", "unknown variant `fast`, expected `os` or `data`"),
-        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nreplace = { \"header:x-id\" = \"a\\nb\" }", "feature[3] (x).rule[0].replace: the replacement for header:x-id is not a valid header value"),
-        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/v1/../v2/\"]", "feature[3] (x).paths: \"/v1/../v2/\" is not a path prefix as receivers route it"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nreplace = { \"header:x-id\" = \"a\\nb\" }", "feature[9] (x).rule[0].replace: the replacement for header:x-id is not a valid header value"),
+        ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/v1/../v2/\"]", "feature[9] (x).paths: \"/v1/../v2/\" is not a path prefix as receivers route it"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\npaths = [\"/%76%31/\"]", "is not a path prefix as receivers route it"),
         ("[[feature]]\nname = \"x\"\nhosts = [\"x.example\"]\n[[feature.rule]]\nremove = [\"json:$.userId\"]\n[[feature.rule]]\nremove = [\"json:$.userid\"]", "\"userId\" and \"userid\" name one member"),
     ];
@@ -124,11 +133,24 @@ fn consent_derived_from_mattermost_with_explicit_overrides() {
     assert_eq!(c.mattermost_config.as_deref(), Some(mm.as_path()));
     assert_eq!(
         c.policy.consent.granted.iter().collect::<Vec<_>>(),
-        ["push_notifications"]
+        [
+            "licensing",
+            "link_previews",
+            "marketplace",
+            "product_notices",
+            "push_notifications",
+            "upgrade_checks",
+            "upgrades"
+        ]
     );
     assert_eq!(
         c.policy.consent.withheld.iter().collect::<Vec<_>>(),
-        ["activity_counts", "message_content"]
+        [
+            "activity_counts",
+            "message_content",
+            "site_identity",
+            "user_identifiers"
+        ]
     );
     assert!(c.policy.feature_for_host("push.corp.example").is_some());
     let origin = c.consent_origin.join("\n");
@@ -149,11 +171,20 @@ fn consent_derived_from_mattermost_with_explicit_overrides() {
     let c = load(None, Some(&mm)).expect("valid");
     assert_eq!(
         c.policy.consent.granted.iter().collect::<Vec<_>>(),
-        ["push_notifications", "security_alerts"]
+        [
+            "licensing",
+            "link_previews",
+            "marketplace",
+            "product_notices",
+            "push_notifications",
+            "security_alerts",
+            "upgrade_checks",
+            "upgrades"
+        ]
     );
     assert_eq!(
         c.policy.consent.withheld.iter().collect::<Vec<_>>(),
-        ["message_content"]
+        ["message_content", "site_identity", "user_identifiers"]
     );
 
     std::fs::write(&mm, "{not json").expect("write");
@@ -172,7 +203,7 @@ fn a_feature_can_replace_a_pack_feature() {
         "[[feature]]\nname = \"push_notifications\"\nhosts = [\"push.internal.example\"]\n[consent]\npush_notifications = \"granted\"",
     )
     .expect("valid");
-    assert_eq!(c.policy.features.len(), 3);
+    assert_eq!(c.policy.features.len(), 9);
     assert!(c.policy.feature_for_host("push.internal.example").is_some());
     assert!(c.policy.feature_for_host("push.mattermost.com").is_none());
 }

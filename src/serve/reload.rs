@@ -196,7 +196,10 @@ mod tests {
         let old = config::load_str("a", "", dir.path()).expect("valid").policy;
         let new = config::load_str(
             "b",
-            "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\nwithhold = [\"activity_counts\", \"configuration\"]",
+            "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\nproduct_notices = \"granted\"\n\
+             marketplace = \"granted\"\nlicensing = \"granted\"\nupgrade_checks = \"granted\"\n\
+             upgrades = \"granted\"\nlink_previews = \"granted\"\n\
+             withhold = [\"activity_counts\", \"configuration\", \"user_identifiers\", \"site_identity\"]",
             dir.path(),
         )
         .expect("valid")
