@@ -36,8 +36,24 @@ pub const RUDDER: &str = "pdat.matterlytics.com";
 pub const SEGMENT: &str = "api.segment.io";
 pub const SENTRY: &str = "o94110.ingest.us.sentry.io";
 pub const PUSH: &str = "push.mattermost.com";
+pub const NOTICES: &str = "notices.mattermost.com";
+pub const MARKETPLACE: &str = "api.integrations.mattermost.com";
+pub const CUSTOMERS: &str = "customers.mattermost.com";
+pub const GITHUB: &str = "api.github.com";
 pub const TUNNELLED: &str = "elsewhere.example";
-const HOSTS: [&str; 6] = [SECURITY, RUDDER, SEGMENT, SENTRY, PUSH, TUNNELLED];
+/// The upstream's names: every one but the last (tunnelled to an echo server) resolves to it.
+const HOSTS: [&str; 10] = [
+    SECURITY,
+    RUDDER,
+    SEGMENT,
+    SENTRY,
+    PUSH,
+    NOTICES,
+    MARKETPLACE,
+    CUSTOMERS,
+    GITHUB,
+    TUNNELLED,
+];
 
 /// The push fixtures sent to `/api/v1/send_push`, and the telemetry batches.
 pub const PUSH_SENDS: [&str; 5] = [
@@ -53,11 +69,17 @@ pub const TELEMETRY_BATCHES: [&str; 3] = [
     "telemetry_batch_legacy_config_events.json",
 ];
 
-/// Read a fixture file; the fixtures live beside the project in `../shared`.
+/// Fixtures of what is newer than the shared ones (v11 shapes, plugins, Sentry), in the project.
+pub const OWN_FIXTURES: &str = "tests/fixtures/mattermost";
+
+/// Read a fixture file: the shared ones beside the project in `../shared`, then the project's.
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(FIXTURES)
-        .join(name);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = [FIXTURES, OWN_FIXTURES]
+        .iter()
+        .map(|dir| root.join(dir).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no fixture {name}"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
@@ -302,7 +324,7 @@ impl Env {
         let upstream = pki
             .serve_slowly(bind, setup.upstream_alpn, setup.upstream_delay)
             .await;
-        let mut resolve: Vec<String> = HOSTS[..5]
+        let mut resolve: Vec<String> = HOSTS[..HOSTS.len() - 1]
             .iter()
             .map(|h| format!("\"{h}:443\" = \"{}\"", upstream.addr))
             .collect();

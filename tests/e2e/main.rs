@@ -12,3 +12,4 @@ mod mattermost;
 mod raw_h2;
 mod receiver_view;
 mod reload;
+mod today;
