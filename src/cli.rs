@@ -439,6 +439,20 @@ fn summary_table(s: &audit::Summary) -> String {
             let _ = writeln!(out, "{sel:<60} {count:>8}");
         }
     }
+    for n in s.nodes.iter().filter(|n| !n.unclassified.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nunclassified on {} (what the pack does not know):\n{:<20} {:<60} {:>8}  first / last seen",
+            n.node, "feature", "name", "records"
+        );
+        for u in &n.unclassified {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<60} {:>8}  {} / {}",
+                u.feature, u.name, u.records, u.first, u.last
+            );
+        }
+    }
     out
 }
 

@@ -9,7 +9,7 @@ use http::{HeaderMap, Uri};
 
 use crate::decide::path::normalize;
 use crate::decide::plan::{self, plan_connect, plan_request, ConnectPlan, RequestPlan};
-use crate::decide::policy::{normalize_host, Policy};
+use crate::decide::policy::{normalize_host, Policy, Unclassified};
 use crate::decide::{Decision, Reason, Refusal};
 use crate::rewrite::selector::Action;
 use crate::rewrite::Message;
@@ -112,7 +112,10 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
             selectors.join(", ")
         );
     }
-    if crate::rewrite::reads_body(&rules, &req.headers) && req.body.len() as u64 > max_body_bytes {
+    let known = feature.known.as_ref();
+    if crate::rewrite::reads_body(&rules, &req.headers, known)
+        && req.body.len() as u64 > max_body_bytes
+    {
         refused(&mut out, Refusal::BodyTooLarge, Some(&feature.name), "");
         return out;
     }
@@ -121,14 +124,26 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
         headers: req.headers.clone(),
         body: req.body.clone(),
     };
-    let outcome = match plan::rewrite(policy.mode, &rules, &mut withheld, &mut msg, max_body_bytes)
-    {
+    let setting = policy.consent.unclassified;
+    let drift = known.map(|k| (k, setting));
+    let outcome = match plan::rewrite(
+        policy.mode,
+        &rules,
+        &mut withheld,
+        &mut msg,
+        max_body_bytes,
+        drift,
+    ) {
         Ok(o) => o,
         Err(refusal) => {
+            if let Refusal::Unclassified(names) = &refusal {
+                unclassified(&mut out, names, setting);
+            }
             refused(&mut out, refusal, Some(&feature.name), "");
             return out;
         }
     };
+    unclassified(&mut out, &outcome.edits.unclassified, setting);
     let _ = writeln!(out, "decision: {}", outcome.decision.as_str());
     let _ = writeln!(out, "reason: {}", outcome.reason);
     let _ = writeln!(out, "removed: {}", outcome.edits.removed.join(", "));
@@ -153,6 +168,25 @@ pub(crate) fn explain(policy: &Policy, req: Request, max_body_bytes: u64) -> Str
         write_request(&mut out, &req.method, &uri, &msg.headers, &msg.body);
     }
     out
+}
+
+/// What the request carries that the pack does not know, and what each setting does with it.
+fn unclassified(out: &mut String, names: &[String], setting: Unclassified) {
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "unclassified: {}", names.join(", "));
+    for (each, does) in [
+        (Unclassified::Pass, "leaves, named in the record"),
+        (
+            Unclassified::Remove,
+            "removed (a batch's whole event), named in removed too",
+        ),
+        (Unclassified::Block, "the request is refused (403)"),
+    ] {
+        let mark = if each == setting { "  (in force)" } else { "" };
+        let _ = writeln!(out, "  unclassified = {:?}: {does}{mark}", each.as_str());
+    }
 }
 
 fn write_request(out: &mut String, method: &str, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
@@ -242,5 +276,36 @@ mod tests {
             "{}",
         );
         assert!(out.contains("decision: would_block"), "{out}");
+    }
+
+    #[test]
+    fn explains_what_the_pack_does_not_know_and_each_setting() {
+        let url = "https://securityupdatecheck.mattermost.com/security?id=a&ut=0&nx=1";
+        let out = run("", "GET", url, "");
+        assert!(out.contains("unclassified: query:nx"), "{out}");
+        assert!(
+            out.contains("unclassified = \"pass\": leaves, named in the record  (in force)"),
+            "{out}"
+        );
+        assert!(out.contains("nx=1"), "{out}");
+        let out = run(
+            "[consent]\nsecurity_alerts = \"granted\"\nunclassified = \"block\"",
+            "GET",
+            url,
+            "",
+        );
+        assert!(
+            out.contains("unclassified = \"block\": the request is refused (403)  (in force)"),
+            "{out}"
+        );
+        assert!(out.contains("decision: blocked"), "{out}");
+        let out = run(
+            "[consent]\nsecurity_alerts = \"granted\"\nunclassified = \"remove\"",
+            "GET",
+            url,
+            "",
+        );
+        assert!(out.contains("removed: query:nx"), "{out}");
+        assert!(out.contains("security?id=a&ut=0\n"), "{out}");
     }
 }

@@ -1,5 +1,5 @@
 //! Prometheus metrics (prometheus-client): decisions by listener, feature and decision, client
-//! connections, body bytes, upstream errors, leaf-certificate cache, audit writes, reloads.
+//! connections, what the pack does not know, body bytes, upstream errors, leaf-certificate cache, audit writes, reloads.
 //! Labels hold names from the policy only, never request data.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,6 +15,11 @@ pub struct DecisionLabels {
     pub listener: &'static str,
     pub feature: String,
     pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct FeatureLabels {
+    pub feature: String,
 }
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
@@ -45,6 +50,8 @@ pub struct LeafMetrics {
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
+    /// Names of what the pack does not know, as requests carried them, by feature.
+    pub unclassified: Family<FeatureLabels, Counter>,
     pub connections: Family<ListenerLabels, Counter>,
     pub body_bytes: Family<DirectionLabels, Counter>,
     pub upstream_errors: Counter,
@@ -61,6 +68,11 @@ impl Metrics {
             "decisions",
             "Decisions (one per audit record) by listener, feature and decision",
             self.decisions.clone(),
+        );
+        r.register(
+            "unclassified",
+            "Names a request carried that the pack does not know (the records' unclassified), by feature",
+            self.unclassified.clone(),
         );
         r.register(
             "connections",
@@ -133,6 +145,12 @@ impl Metrics {
             decision: entry.decision.as_str(),
         };
         self.decisions.get_or_create(&labels).inc();
+        if !entry.unclassified.is_empty() {
+            let feature = labels.feature;
+            self.unclassified
+                .get_or_create(&FeatureLabels { feature })
+                .inc_by(entry.unclassified.len() as u64);
+        }
     }
 
     /// Count body bytes once they are known (a refusal's record, a forward's outcome).

@@ -26,6 +26,8 @@ pub struct Entry {
     pub reason: String,
     pub removed: Vec<String>,
     pub replaced: Vec<String>,
+    /// What the request carried that the pack does not know (names).
+    pub unclassified: Vec<String>,
     pub status: Option<u16>,
     pub bytes_in: Option<u64>,
     pub bytes_out: Option<u64>,
@@ -50,6 +52,7 @@ impl Entry {
             reason: reason.into(),
             removed: Vec::new(),
             replaced: Vec::new(),
+            unclassified: Vec::new(),
             status: None,
             bytes_in: None,
             bytes_out: None,
@@ -82,7 +85,7 @@ impl Serialize for Line<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let e = self.entry;
-        let mut r = s.serialize_struct("Line", 22)?;
+        let mut r = s.serialize_struct("Line", 23)?;
         r.serialize_field("seq", &self.seq)?;
         r.serialize_field("time", self.time)?;
         r.serialize_field("node", self.node)?;
@@ -99,6 +102,7 @@ impl Serialize for Line<'_> {
         r.serialize_field("reason", &e.reason)?;
         r.serialize_field("removed", &e.removed)?;
         r.serialize_field("replaced", &e.replaced)?;
+        r.serialize_field("unclassified", &e.unclassified)?;
         r.serialize_field("status", &e.status)?;
         r.serialize_field("bytes_in", &e.bytes_in)?;
         r.serialize_field("bytes_out", &e.bytes_out)?;
@@ -143,6 +147,8 @@ pub struct Record {
     pub removed: Vec<String>,
     #[serde(default)]
     pub replaced: Vec<String>,
+    #[serde(default)]
+    pub unclassified: Vec<String>,
     #[serde(default)]
     pub status: Option<u16>,
     #[serde(default)]

@@ -1,4 +1,5 @@
-//! `audit summary`: counts per node, feature and decision, and the selectors removed most often.
+//! `audit summary`: counts per node, feature and decision, the selectors removed most often, and
+//! per node what requests carried that the pack does not know, first and last seen.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
@@ -32,6 +33,19 @@ pub struct NodeSummary {
     pub last: Option<String>,
     /// feature (`-` for none) → decision → count.
     pub decisions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// What the node's records name as unclassified, by feature and name.
+    pub unclassified: Vec<Unclassified>,
+}
+
+/// A name the pack does not know, as one node's records carry it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Unclassified {
+    pub feature: String,
+    pub name: String,
+    /// Records that name it.
+    pub records: u64,
+    pub first: String,
+    pub last: String,
 }
 
 /// Summarize audit logs (each with its rotated files; several replicas' logs together), records
@@ -44,6 +58,12 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
     // each node's first, to order the nodes by.
     let (mut first_at, mut last_at) = (None::<OffsetDateTime>, None::<OffsetDateTime>);
     let mut node_first: std::collections::HashMap<String, OffsetDateTime> = Default::default();
+    // node → (feature, name) → what was seen, with the instants behind first and last.
+    type Seen = (Unclassified, OffsetDateTime, OffsetDateTime);
+    let mut unknown: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<(String, String), Seen>,
+    > = Default::default();
     let files: Vec<PathBuf> = chains(paths)?
         .iter()
         .flat_map(|base| chain_files(base))
@@ -94,6 +114,35 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
                 .or_default()
                 .entry(decision)
                 .or_default() += 1;
+            for name in record["unclassified"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+            {
+                let key = (feature_of(&record), fold_indexes(name));
+                let seen = unknown
+                    .entry(node.node.clone())
+                    .or_default()
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        let u = Unclassified {
+                            feature: key.0,
+                            name: key.1,
+                            records: 0,
+                            first: time.to_string(),
+                            last: time.to_string(),
+                        };
+                        (u, at, at)
+                    });
+                seen.0.records += 1;
+                if at < seen.1 {
+                    (seen.1, seen.0.first) = (at, time.to_string());
+                }
+                if at > seen.2 {
+                    (seen.2, seen.0.last) = (at, time.to_string());
+                }
+            }
             for key in ["removed", "replaced"] {
                 for sel in record[key]
                     .as_array()
@@ -110,9 +159,20 @@ pub fn summarize(paths: &[PathBuf], since: Option<OffsetDateTime>) -> io::Result
     selectors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     summary.selectors = selectors;
     let mut nodes: Vec<NodeSummary> = nodes.into_values().collect();
+    for node in &mut nodes {
+        node.unclassified = unknown
+            .remove(&node.node)
+            .into_iter()
+            .flat_map(|m| m.into_values().map(|(u, ..)| u))
+            .collect();
+    }
     nodes.sort_by_key(|n| (node_first.get(&n.node).copied(), n.node.clone()));
     summary.nodes = nodes;
     Ok(summary)
+}
+
+fn feature_of(record: &serde_json::Value) -> String {
+    record["feature"].as_str().unwrap_or("-").to_string()
 }
 
 /// `json:$['batch'][3]['userId']` → `json:$['batch'][*]['userId']`.

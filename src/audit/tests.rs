@@ -150,6 +150,48 @@ async fn rotation_keeps_the_chain_across_files() {
     }
 }
 
+#[tokio::test]
+async fn the_summary_lists_unclassified_names_per_node_first_and_last_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let log = open(&AuditTarget::File(path.clone(), None));
+    for (i, names) in [
+        vec!["query:nx"],
+        vec![],
+        vec!["query:nx", "json:$.batch[*].x"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = entry(&format!("r{i}"));
+        e.feature = Some("security_alerts".into());
+        e.unclassified = names.into_iter().map(str::to_string).collect();
+        log.write(&e).await.expect("writes");
+    }
+    drop(log);
+    let records = read(&path).expect("reads");
+    let summary = summarize(std::slice::from_ref(&path), None).expect("reads");
+    let node = &summary.nodes[0];
+    let seen: Vec<(&str, &str, u64)> = node
+        .unclassified
+        .iter()
+        .map(|u| (u.feature.as_str(), u.name.as_str(), u.records))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("security_alerts", "json:$.batch[*].x", 1),
+            ("security_alerts", "query:nx", 2)
+        ]
+    );
+    let nx = &node.unclassified[1];
+    assert_eq!(
+        (nx.first.as_str(), nx.last.as_str()),
+        (records[0].time.as_str(), records[2].time.as_str())
+    );
+    assert_eq!(records[0].unclassified, ["query:nx"]);
+}
+
 #[test]
 fn indexes_fold_for_the_summary() {
     assert_eq!(

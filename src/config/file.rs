@@ -17,9 +17,10 @@ use super::{
 };
 use crate::decide::path::normalize;
 use crate::decide::policy::{
-    Consent, Feature, HostPattern, Mode, OnBlock, Policy, Rule, UnknownHosts,
+    Consent, Feature, HostPattern, Mode, OnBlock, Policy, Rule, Unclassified, UnknownHosts,
 };
 use crate::rewrite::selector::{Action, Condition, JsonSelector, Selector};
+use crate::rewrite::Known;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +143,10 @@ struct FeatureFile {
     on_block: OnBlockFile,
     #[serde(default)]
     requires: Vec<String>,
+    /// What the feature's requests carry that no rule names and that is not withheld data:
+    /// selectors, so that anything else is unclassified.
+    #[serde(default)]
+    known: Vec<String>,
     #[serde(default)]
     rule: Vec<RuleFile>,
 }
@@ -455,6 +460,21 @@ impl FeatureFile {
                 format!("{a:?} and {b:?} name one member as the receivers read names (case folded); spell them alike"),
             ));
         }
+        let listed = self
+            .known
+            .iter()
+            .map(|s| {
+                selector(s).map_err(|r| err(&format!("feature[{i}] ({}).known", self.name), r))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let known = (!rules.is_empty() || !listed.is_empty()).then(|| {
+            Known::new(
+                rules
+                    .iter()
+                    .flat_map(|r| r.action.selectors())
+                    .chain(listed.iter()),
+            )
+        });
         Ok(Feature {
             name: self.name,
             hosts,
@@ -465,6 +485,7 @@ impl FeatureFile {
             },
             requires: self.requires,
             rules,
+            known,
         })
     }
 }
@@ -546,6 +567,7 @@ fn parse_consent(
     err: ErrFn<'_>,
 ) -> Result<(Consent, Vec<String>), ConfigError> {
     let mut consent = Consent::default();
+    let table_has_unclassified = table.contains_key("unclassified");
     let mut feature_origin: BTreeMap<String, String> = BTreeMap::new();
     let mut category_origin: BTreeMap<String, String> = BTreeMap::new();
     if let Some(d) = derived {
@@ -603,6 +625,14 @@ fn parse_consent(
             }
             ("withhold", _) => return Err(err(&k, "must be a list of category names".into())),
             ("from_mattermost_config", _) => {}
+            ("unclassified", value) => {
+                consent.unclassified = match value.as_str() {
+                    Some("pass") => Unclassified::Pass,
+                    Some("remove") => Unclassified::Remove,
+                    Some("block") => Unclassified::Block,
+                    _ => return Err(err(&k, "must be \"pass\", \"remove\" or \"block\"".into())),
+                };
+            }
             (name, value) => {
                 if !features.iter().any(|f| f.name == name) {
                     let all: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
@@ -652,5 +682,14 @@ fn parse_consent(
         let from = category_origin.get(c).cloned().unwrap_or_default();
         origin.push(format!("withhold {c:?}  # {from}"));
     }
+    let from = if table_has_unclassified {
+        "policy [consent] unclassified"
+    } else {
+        "no key: pass"
+    };
+    origin.push(format!(
+        "unclassified = {:?}  # {from}",
+        consent.unclassified.as_str()
+    ));
     Ok((consent, origin))
 }

@@ -364,9 +364,15 @@ fn absolutize(table: &mut toml::Table, base: &Path) {
 pub fn consent_hash(consent: &Consent) -> String {
     let granted: Vec<&str> = consent.granted.iter().map(String::as_str).collect();
     let withheld: Vec<&str> = consent.withheld.iter().map(String::as_str).collect();
+    // `unclassified` joins the hashed text only when it is not the default, so consent hashes
+    // written before the key existed still name the same consent.
+    let unclassified = match consent.unclassified {
+        crate::decide::policy::Unclassified::Pass => String::new(),
+        other => format!(";unclassified={}", other.as_str()),
+    };
     sha256(
         format!(
-            "granted={};withheld={}",
+            "granted={};withheld={}{unclassified}",
             granted.join(","),
             withheld.join(",")
         )

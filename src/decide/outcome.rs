@@ -58,6 +58,9 @@ pub enum Reason<'a> {
     NoFeature,
     /// Report mode: no rule of the feature reads this path while it withholds a category.
     UnknownPath,
+    /// Report mode: the request carries what the pack does not know, under `unclassified =
+    /// "block"`.
+    Unclassified,
     /// The rules of these withheld categories changed the request (none: the feature's
     /// unconditional rules did).
     Withheld(&'a [&'a str]),
@@ -72,6 +75,9 @@ impl fmt::Display for Reason<'_> {
             Reason::ConsentGranted => f.write_str("consent granted"),
             Reason::ConsentDenied => f.write_str("consent denied"),
             Reason::NoFeature => f.write_str("destination belongs to no feature"),
+            Reason::Unclassified => {
+                f.write_str("carries what the pack does not know, and unclassified = block")
+            }
             Reason::UnknownPath => f.write_str(
                 "no rule of the feature reads this path, and it withholds categories (fail closed)",
             ),
@@ -118,6 +124,8 @@ pub enum Refusal {
     UnknownHost,
     /// A path of a feature that withholds categories, and no rule of it reads the path.
     UnknownPath,
+    /// The request carries these names the pack does not know, under `unclassified = "block"`.
+    Unclassified(Vec<String>),
     /// A rule must read a body larger than `max_body_bytes`.
     BodyTooLarge,
     /// A rule must read a body it cannot.
@@ -133,9 +141,10 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::ClientNotAllowed | Refusal::UnknownHost | Refusal::UnknownPath => {
-                StatusCode::FORBIDDEN
-            }
+            Refusal::ClientNotAllowed
+            | Refusal::UnknownHost
+            | Refusal::UnknownPath
+            | Refusal::Unclassified(_) => StatusCode::FORBIDDEN,
             Refusal::ConsentDenied(OnBlock::Reject) => StatusCode::FORBIDDEN,
             Refusal::ConsentDenied(OnBlock::Sink) => StatusCode::OK,
             Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => {
@@ -175,6 +184,7 @@ impl Refusal {
             Refusal::ConsentDenied(_) => Reason::ConsentDenied.to_string(),
             Refusal::UnknownHost => format!("{} and unknown_hosts = deny", Reason::NoFeature),
             Refusal::UnknownPath => Reason::UnknownPath.to_string(),
+            Refusal::Unclassified(_) => Reason::Unclassified.to_string(),
             Refusal::BodyTooLarge => "body over max_body_bytes".into(),
             Refusal::Unreadable(e) => e.to_string(),
             Refusal::AuditUnavailable => "audit log cannot be written".into(),
@@ -188,9 +198,10 @@ impl Refusal {
         match self {
             Refusal::ClientNotAllowed => "client not allowed",
             Refusal::Malformed(_) | Refusal::Loop | Refusal::FeatureAddress => "bad request",
-            Refusal::ConsentDenied(_) | Refusal::UnknownHost | Refusal::UnknownPath => {
-                "blocked by consent policy"
-            }
+            Refusal::ConsentDenied(_)
+            | Refusal::UnknownHost
+            | Refusal::UnknownPath
+            | Refusal::Unclassified(_) => "blocked by consent policy",
             Refusal::BodyTooLarge => "request body too large to inspect",
             Refusal::Unreadable(RewriteError::AmbiguousQuery) => "bad request",
             Refusal::Unreadable(RewriteError::TooLarge) => "request body too large to inspect",

@@ -11,9 +11,9 @@ use ipnet::IpNet;
 use super::outcome::{Decision, Reason, Refusal};
 use super::path::PathError;
 use super::policy::{
-    canonical, ConnectVerdict, Feature, Mode, Policy, Rule, UnknownHosts, Verdict,
+    canonical, ConnectVerdict, Feature, Mode, Policy, Rule, Unclassified, UnknownHosts, Verdict,
 };
-use crate::rewrite::{self, Edits, Message};
+use crate::rewrite::{self, Drift, Edits, Known, Message};
 
 /// The access check (`[clients] allow`), before anything else a client sends is read.
 pub fn admit(allowed: &[IpNet], client: IpAddr) -> Result<(), Refusal> {
@@ -130,11 +130,14 @@ pub fn plan_request<'p>(
             refusal: Refusal::UnknownPath,
             feature: Some(feature),
         },
-        Verdict::Granted { feature, rules, .. } if rules.is_empty() => RequestPlan::Forward {
-            decision: Decision::Allowed,
-            reason: Reason::ConsentGranted,
-            feature: Some(feature),
-        },
+        // Nothing to apply and nothing the pack knows to check it against: it leaves as it came.
+        Verdict::Granted { feature, rules, .. } if rules.is_empty() && feature.known.is_none() => {
+            RequestPlan::Forward {
+                decision: Decision::Allowed,
+                reason: Reason::ConsentGranted,
+                feature: Some(feature),
+            }
+        }
         Verdict::Granted {
             feature,
             rules,
@@ -174,22 +177,51 @@ pub struct Rewritten<'w> {
 }
 
 /// Apply `rules` to `msg` (a body the rules read is the whole body, already within
-/// `max_body_bytes` as received). A request the rules cannot read is refused. `withheld` is left
-/// holding the categories whose rules changed the request, which the reason names.
+/// `max_body_bytes` as received), after checking it against what the pack `known`s with the
+/// admin's `unclassified` setting. A request the rules cannot read, or that carries what the
+/// pack does not know under `block`, is refused. `withheld` is left holding the categories
+/// whose rules changed the request (and `unclassified` when that was removed): the reason.
 pub fn rewrite<'w>(
     mode: Mode,
     rules: &[&Rule],
     withheld: &'w mut Vec<&str>,
     msg: &mut Message,
     max_body_bytes: u64,
+    known: Option<(&Known, Unclassified)>,
 ) -> Result<Rewritten<'w>, Refusal> {
-    let edits = rewrite::apply(rules, msg, max_body_bytes).map_err(Refusal::Unreadable)?;
+    let edits = match known {
+        Some((known, setting)) => {
+            let remove = setting == Unclassified::Remove;
+            let drift = Drift { known, remove };
+            rewrite::apply_with_drift(rules, msg, max_body_bytes, drift)
+        }
+        None => rewrite::apply(rules, msg, max_body_bytes),
+    }
+    .map_err(Refusal::Unreadable)?;
     withheld.retain(|c| {
         edits
             .by
             .iter()
             .any(|i| rules.get(*i).and_then(|r| r.category.as_deref()) == Some(*c))
     });
+    let setting = known.map(|(_, s)| s);
+    if !edits.unclassified.is_empty() {
+        match (setting, mode) {
+            (Some(Unclassified::Block), Mode::Enforce) => {
+                return Err(Refusal::Unclassified(edits.unclassified))
+            }
+            (Some(Unclassified::Block), Mode::Report) => {
+                return Ok(Rewritten {
+                    decision: Decision::WouldBlock,
+                    reason: Reason::Unclassified,
+                    edits,
+                    rewritten: false,
+                })
+            }
+            (Some(Unclassified::Remove), _) => withheld.push("unclassified"),
+            _ => {}
+        }
+    }
     let withheld: &'w [&str] = withheld;
     let changed = !edits.removed.is_empty() || !edits.replaced.is_empty();
     let (decision, reason) = match (changed, mode) {

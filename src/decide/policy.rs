@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::rewrite::selector::{Action, Condition, Guarded};
+use crate::rewrite::Known;
 
 /// Whether decisions are enforced or only reported (`mode = "report"`: traffic leaves unchanged
 /// and the audit log says `would_block` / `would_strip`).
@@ -41,11 +42,36 @@ pub struct Policy {
     pub consent: Consent,
 }
 
-/// The admin's choices: which features may send, which data categories they may not carry.
+/// The admin's choices: which features may send, which data categories they may not carry,
+/// and what happens to what the pack does not know.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct Consent {
     pub granted: BTreeSet<String>,
     pub withheld: BTreeSet<String>,
+    pub unclassified: Unclassified,
+}
+
+/// What a granted feature's request may carry that its pack does not know (`[consent]
+/// unclassified`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Unclassified {
+    /// It leaves, named in the record.
+    #[default]
+    Pass,
+    /// It is removed, and named.
+    Remove,
+    /// The request is refused.
+    Block,
+}
+
+impl Unclassified {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unclassified::Pass => "pass",
+            Unclassified::Remove => "remove",
+            Unclassified::Block => "block",
+        }
+    }
 }
 
 /// A kind of traffic the admin can consent to, known by its destinations.
@@ -60,6 +86,9 @@ pub struct Feature {
     /// refused when the policy is loaded).
     pub requires: Vec<String>,
     pub rules: Vec<Rule>,
+    /// What the pack knows this feature's requests carry (its rules' selectors and its `known`
+    /// list), built once; `None`: it declares nothing, and nothing is checked.
+    pub known: Option<Known>,
 }
 
 /// One `[[feature.rule]]`: an action over selectors, applied when its category is withheld (or
@@ -337,6 +366,7 @@ mod tests {
                     conditions: vec![],
                 },
             ],
+            known: None,
         }
     }
 
@@ -352,6 +382,7 @@ mod tests {
             consent: Consent {
                 granted: granted.iter().map(|s| s.to_string()).collect(),
                 withheld: withheld.iter().map(|s| s.to_string()).collect(),
+                unclassified: Unclassified::Pass,
             },
         }
     }

@@ -36,20 +36,27 @@ impl Names {
                 _ => None,
             });
             let conditions = rule.conditions().iter().map(|c| &c.selector);
-            for name in selected.chain(conditions).flat_map(|j| &j.names) {
-                let folded = fold(name).into_owned();
-                if !names.by_fold.contains_key(&folded) {
-                    let index = u32::try_from(names.spellings.len()).unwrap_or(u32::MAX);
-                    if folded.is_ascii() {
-                        names.filter |= ascii_filter(folded.as_bytes());
-                        names.ascii.push((folded.as_bytes().into(), index));
-                    }
-                    names.by_fold.insert(folded, index);
-                    names.spellings.push(name.clone());
-                }
+            for sel in selected.chain(conditions) {
+                names.add(sel);
             }
         }
         names
+    }
+
+    /// Add the names `sel` names.
+    pub(super) fn add(&mut self, sel: &JsonSelector) {
+        for name in &sel.names {
+            let folded = fold(name).into_owned();
+            if !self.by_fold.contains_key(&folded) {
+                let index = u32::try_from(self.spellings.len()).unwrap_or(u32::MAX);
+                if folded.is_ascii() {
+                    self.filter |= ascii_filter(folded.as_bytes());
+                    self.ascii.push((folded.as_bytes().into(), index));
+                }
+                self.by_fold.insert(folded, index);
+                self.spellings.push(name.clone());
+            }
+        }
     }
 
     /// The name `key` binds to (an index for [`Names::spelling`]), if the rules name it.

@@ -14,6 +14,7 @@
 //! `tree` (the JSON engines), [`fold`] (Go's case folding).
 
 pub mod codec;
+mod drift;
 mod envelope;
 mod error;
 pub mod fold;
@@ -30,6 +31,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use drift::{bounded, json_path, named, Label};
+pub use drift::{Drift, Known};
 use envelope::Envelope;
 pub use error::RewriteError;
 use keys::{summarize, summarize_count, Names, Step, MAX_PATHS};
@@ -56,6 +59,9 @@ pub struct Edits {
     pub replaced: Vec<String>,
     /// The positions (in the rules given) of the rules that changed something.
     pub by: Vec<usize>,
+    /// What the request carried that the pack does not know (names; in `removed` too when it
+    /// was removed).
+    pub unclassified: Vec<String>,
 }
 
 /// Headers an allowlist (`keep`) never removes: without them the request cannot be framed.
@@ -79,7 +85,25 @@ pub fn apply<A: Guarded>(
     msg: &mut Message,
     max_body_bytes: u64,
 ) -> Result<Edits, RewriteError> {
-    apply_with(rules, msg, max_body_bytes, Engine::for_rules(rules))
+    apply_with(
+        rules,
+        msg,
+        max_body_bytes,
+        Engine::for_rules(rules, None),
+        None,
+    )
+}
+
+/// [`apply`], after naming what the request carries that `drift` does not know (and, when
+/// asked, removing it): parameters, headers, and the members of a JSON body or envelope.
+pub fn apply_with_drift<A: Guarded>(
+    rules: &[A],
+    msg: &mut Message,
+    max_body_bytes: u64,
+    drift: Drift<'_>,
+) -> Result<Edits, RewriteError> {
+    let engine = Engine::for_rules(rules, Some(drift.known));
+    apply_with(rules, msg, max_body_bytes, engine, Some(drift))
 }
 
 /// Which JSON engine reads a body: the span engine when it can apply every JSON selector of the
@@ -91,7 +115,7 @@ enum Engine {
 }
 
 impl Engine {
-    fn for_rules<A: Guarded>(rules: &[A]) -> Engine {
+    fn for_rules<A: Guarded>(rules: &[A], known: Option<&Known>) -> Engine {
         // Conditions are always in the span engine's subset (`Condition::new`).
         let spans = rules.iter().all(|rule| match rule.action() {
             Action::Keep(s) => !s.iter().any(|s| matches!(s, Selector::Json(_))),
@@ -99,7 +123,7 @@ impl Engine {
                 Selector::Json(j) => j.simple.is_some(),
                 _ => true,
             }),
-        });
+        }) && known.is_none_or(|k| k.json.iter().all(|j| j.simple.is_some()));
         if spans {
             Engine::Spans
         } else {
@@ -114,8 +138,10 @@ fn apply_with<A: Guarded>(
     msg: &mut Message,
     max_body_bytes: u64,
     engine: Engine,
+    drift: Option<Drift<'_>>,
 ) -> Result<Edits, RewriteError> {
-    let (plain, codings) = if reads_body(rules, &msg.headers) && !msg.body.is_empty() {
+    let known = drift.map(|d| d.known);
+    let (plain, codings) = if reads_body(rules, &msg.headers, known) && !msg.body.is_empty() {
         codec::decode(&msg.headers, &msg.body, max_body_bytes)?
     } else {
         (msg.body.clone(), Vec::new())
@@ -126,7 +152,14 @@ fn apply_with<A: Guarded>(
         .get_all(CONTENT_TYPE)
         .iter()
         .any(|v| envelope::declared(v.as_bytes()));
-    let mut body = Body::new(plain.clone(), Names::of(rules), engine, envelope);
+    let mut names = Names::of(rules);
+    for sel in known.iter().flat_map(|k| &k.json) {
+        names.add(sel);
+    }
+    let mut body = Body::new(plain.clone(), names, engine, envelope);
+    if let Some(drift) = drift {
+        unclassified(drift, msg, &mut body, &mut edits)?;
+    }
     for (i, rule) in rules.iter().enumerate() {
         if !holds(rule.conditions(), &mut body)? {
             continue;
@@ -166,6 +199,91 @@ fn apply_with<A: Guarded>(
         msg.body = new_body;
     }
     Ok(edits)
+}
+
+/// Name what the request carries that the pack does not know, before any rule changes it (and
+/// with `remove`, take it out): parameters (the query's and a form body's), headers, and the
+/// members of a JSON body or envelope (a member, or an event the pack does not know, whole). A
+/// multipart body's fields are not read.
+/// Parameter names that folded match a known one are known (as the rules match them).
+fn unclassified(
+    drift: Drift<'_>,
+    msg: &mut Message,
+    body: &mut Body,
+    edits: &mut Edits,
+) -> Result<(), RewriteError> {
+    let known = drift.known;
+    let mut names = Vec::new();
+    let mut removed = Vec::new();
+    let unknown_params = |slot: &Option<String>| -> Result<Vec<String>, ()> {
+        let Some(text) = slot.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let mut names = Params::parse(text)?.names();
+        names.retain(|n| !known.param(n));
+        Ok(names)
+    };
+    let query = unknown_params(&msg.query).map_err(|()| RewriteError::AmbiguousQuery)?;
+    names.extend(query.iter().map(|n| named("query", n)));
+    if drift.remove && !query.is_empty() {
+        query_edit(remove_params(&mut msg.query, &query))?;
+        removed.extend(query.iter().map(|n| named("query", n)));
+    }
+    let headers: Vec<HeaderName> = msg
+        .headers
+        .keys()
+        .filter(|h| !known.header(h))
+        .cloned()
+        .collect();
+    for h in &headers {
+        names.push(named("header", h.as_str()));
+        if drift.remove {
+            msg.headers.remove(h);
+            removed.push(named("header", h.as_str()));
+        }
+    }
+    // The body as the feature's receiver reads it: JSON when the pack knows JSON members (Go
+    // services decode it whatever the Content-Type says), else the fields of a form.
+    if known.json.is_empty() {
+        if let FormBody::Urlencoded(slot) = body.params(&msg.headers)? {
+            let form = unknown_params(slot).map_err(|()| RewriteError::AmbiguousForm)?;
+            names.extend(form.iter().map(|n| named("form", n)));
+            if drift.remove && !form.is_empty() {
+                form_edit(remove_params(slot, &form))?;
+                removed.extend(form.iter().map(|n| named("form", n)));
+                body.touch();
+            }
+        }
+    } else {
+        for part in body.json()? {
+            let within = part.within.as_deref();
+            let unknown: Vec<String> = part
+                .doc
+                .unclassified(known, drift.remove)
+                .iter()
+                .map(|labels| json_path(within, labels))
+                .collect();
+            if drift.remove && !unknown.is_empty() {
+                *part.changed = true;
+                removed.extend(unknown.iter().cloned());
+            }
+            names.extend(unknown);
+        }
+    }
+    edits.unclassified = bounded(names);
+    edits.removed.extend(bounded(removed));
+    Ok(())
+}
+
+/// Remove every parameter named `names` from `slot`; whether any was there.
+fn remove_params(slot: &mut Option<String>, names: &[String]) -> Result<bool, ()> {
+    edit_params(slot, |p| {
+        let mut hit = false;
+        for name in names {
+            hit |= p.remove(name);
+        }
+        hit
+    })
 }
 
 /// Whether every condition holds on the body. A body with conditions on it must be JSON (or
@@ -436,10 +554,12 @@ fn form_of(value: &HeaderValue) -> Option<(FormType, &str)> {
 
 /// Whether applying `rules` to a request with these headers needs its body: a JSON selector
 /// does, and a parameter selector does when the body is a form.
-pub fn reads_body<A: Guarded>(rules: &[A], headers: &HeaderMap) -> bool {
-    rules
-        .iter()
-        .any(|r| r.action().reads_body() || !r.conditions().is_empty())
+pub fn reads_body<A: Guarded>(rules: &[A], headers: &HeaderMap, known: Option<&Known>) -> bool {
+    // Whatever the body is, it may carry what the pack does not know.
+    known.is_some()
+        || rules
+            .iter()
+            .any(|r| r.action().reads_body() || !r.conditions().is_empty())
         || (rules.iter().any(|r| r.action().reads_params())
             && !matches!(form_type(headers), Ok((FormType::None, _))))
 }
@@ -460,6 +580,46 @@ impl Doc {
                 .map(|id| d.path_of(id))
                 .collect(),
             Doc::Tree(d) => d.located(sel),
+        }
+    }
+
+    /// What no selector of `known` names, is in or leads to, as the record names it: a member,
+    /// or the whole event (an array item holding a string `event`) when it is in one no selector
+    /// names whole, an event the pack does not know. With `remove`, each is removed.
+    fn unclassified(&mut self, known: &Known, remove: bool) -> Vec<Vec<Label>> {
+        match self {
+            Doc::Spans(d) => {
+                let covered: Vec<NodeId> = known
+                    .json
+                    .iter()
+                    .flat_map(|s| d.located(s, simple_path(s)))
+                    .collect();
+                let mut unknown: Vec<NodeId> = d
+                    .unknown(&covered)
+                    .into_iter()
+                    .map(|id| d.event_of(id))
+                    .collect();
+                unknown.dedup();
+                let labels = unknown.iter().map(|id| d.labels(*id)).collect();
+                if remove {
+                    for id in unknown {
+                        d.remove(id);
+                    }
+                }
+                labels
+            }
+            Doc::Tree(d) => {
+                let covered: Vec<Vec<Step>> =
+                    known.json.iter().flat_map(|s| d.located(s)).collect();
+                let mut unknown: Vec<Vec<Step>> =
+                    d.unknown(&covered).iter().map(|p| d.event_of(p)).collect();
+                unknown.dedup();
+                let labels = unknown.iter().map(|p| d.labels(p)).collect();
+                if remove {
+                    d.remove_paths(unknown);
+                }
+                labels
+            }
         }
     }
 

@@ -70,6 +70,14 @@ impl<'s> Params<'s> {
         Ok(Some(name))
     }
 
+    /// The decoded names of the pieces (exactly, as `url.ParseQuery` reads them).
+    pub(super) fn names(&self) -> Vec<String> {
+        self.pieces
+            .iter()
+            .filter_map(|(_, p)| Self::decoded(p).ok().flatten())
+            .collect()
+    }
+
     pub(super) fn is(piece: &str, name: &str) -> bool {
         Self::name(piece).ok().flatten().as_deref() == Some(&*fold(name))
     }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use serde_json_path::JsonPath;
 
+use super::drift::Label;
 use super::error::RewriteError;
 use super::fold::glob;
 use super::keys::{check_key, Names, Step};
@@ -243,6 +244,83 @@ impl SpanDoc {
         }
         steps.reverse();
         steps
+    }
+
+    /// The members and items no node of `covered` is, is inside or leads to: the topmost of
+    /// each unknown branch, in document order.
+    pub(crate) fn unknown(&self, covered: &[NodeId]) -> Vec<NodeId> {
+        const ON_THE_WAY: u8 = 1;
+        const COVERED: u8 = 2;
+        let mut known = vec![0u8; self.nodes.len()];
+        for &id in covered {
+            known[id as usize] = COVERED;
+            let mut up = self.node(id).parent;
+            while up != NONE && known[up as usize] == 0 {
+                known[up as usize] = ON_THE_WAY;
+                up = self.node(up).parent;
+            }
+        }
+        let mut out = Vec::new();
+        let mut open = vec![0];
+        while let Some(id) = open.pop() {
+            if known[id as usize] == COVERED || self.node(id).kind == Kind::Scalar {
+                continue;
+            }
+            let kids: Vec<NodeId> = self.live_kids(id).collect();
+            for kid in kids.into_iter().rev() {
+                match known[kid as usize] {
+                    0 => out.push(kid),
+                    ON_THE_WAY => open.push(kid),
+                    _ => {}
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// The path to a node as the record names it: member names, and array items by the string
+    /// `event` they hold.
+    pub(crate) fn labels(&self, mut id: NodeId) -> Vec<Label> {
+        let mut labels = Vec::new();
+        loop {
+            let parent = self.node(id).parent;
+            if parent == NONE {
+                break;
+            }
+            labels.push(match self.node(parent).kind {
+                Kind::Object => Label::Name(self.key(id).to_string()),
+                _ => Label::Item(
+                    self.live_kids(id)
+                        .find(|m| self.node(id).kind == Kind::Object && self.key(*m) == "event")
+                        .and_then(|m| self.string(m)),
+                ),
+            });
+            id = parent;
+        }
+        labels.reverse();
+        labels
+    }
+
+    /// The event `id` is in: the outermost array item on its way that holds a string `event`
+    /// (a batch's message), or `id` itself.
+    pub(crate) fn event_of(&self, id: NodeId) -> NodeId {
+        let mut event = id;
+        let mut at = id;
+        loop {
+            let parent = self.node(at).parent;
+            if parent == NONE {
+                return event;
+            }
+            let names_event = self.node(at).kind == Kind::Object
+                && self
+                    .live_kids(at)
+                    .any(|m| self.key(m) == "event" && self.string(m).is_some());
+            if self.node(parent).kind == Kind::Array && names_event {
+                event = at;
+            }
+            at = parent;
+        }
     }
 
     /// Remove a node (not the root); false when it is already gone.

@@ -564,13 +564,13 @@ fn member_name_patterns_select_by_name_shape() {
     for engine in [Engine::Spans, Engine::Tree] {
         let body = format!(r#"{{"batch":[{{"event":"license","properties":{{"{secret}":1}}}}]}}"#);
         let mut m = msg(None, &[], &body);
-        let edits = apply_with(&[&r], &mut m, 1 << 20, engine).expect("applies");
+        let edits = apply_with(&[&r], &mut m, 1 << 20, engine, None).expect("applies");
         assert_eq!(edits.removed.len(), 1);
         assert!(edits.removed[0].len() < 100, "{engine:?}");
         // A wildcard's matches are the client's names too.
         let w = rule(Action::Remove(vec![json("$.batch[*].properties.*")]));
         let mut m = msg(None, &[], &body);
-        let edits = apply_with(&[&w], &mut m, 1 << 20, engine).expect("applies");
+        let edits = apply_with(&[&w], &mut m, 1 << 20, engine, None).expect("applies");
         assert_eq!(
             edits.removed,
             ["json:$.batch[*].properties.* (1 match)"],
@@ -628,7 +628,7 @@ fn engines_agree_on_generated_batches() {
         rule(Action::Remove(vec![json("$.events[*].props.feature_*")])),
     ];
     let rules: Vec<&Action> = rules.iter().collect();
-    assert_eq!(Engine::for_rules(&rules), Engine::Spans);
+    assert_eq!(Engine::for_rules(&rules, None), Engine::Spans);
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |n: u64| {
         seed ^= seed << 13;
@@ -665,8 +665,8 @@ fn engines_agree_on_generated_batches() {
         );
         let mut a = msg(None, &[], &body);
         let mut b = msg(None, &[], &body);
-        let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans);
-        let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree);
+        let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans, None);
+        let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree, None);
         assert_eq!(spans, tree, "{body}");
         if spans.is_ok() {
             let va: Value = serde_json::from_slice(&a.body).expect("span output is JSON");
@@ -763,7 +763,7 @@ fn span_and_tree_engines_agree() {
                 continue;
             }
             assert_eq!(
-                Engine::for_rules(&rules),
+                Engine::for_rules(&rules, None),
                 Engine::Spans,
                 "the pack's rules are in the span subset"
             );
@@ -772,8 +772,8 @@ fn span_and_tree_engines_agree() {
                 a.body = Bytes::from(body.clone());
                 let mut b = msg(None, &[], "");
                 b.body = Bytes::from(body.clone());
-                let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans);
-                let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree);
+                let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans, None);
+                let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree, None);
                 let shown = String::from_utf8_lossy(body);
                 assert_eq!(spans, tree, "{withheld:?} {shown}");
                 if spans.is_ok() {
@@ -823,7 +823,7 @@ fn removals_are_named_where_the_client_sent_them() {
     ];
     for engine in [Engine::Spans, Engine::Tree] {
         let mut m = msg(None, &[], body);
-        let edits = apply_with(&rules, &mut m, 1 << 20, engine).expect("applies");
+        let edits = apply_with(&rules, &mut m, 1 << 20, engine, None).expect("applies");
         assert_eq!(
             edits.removed,
             [
@@ -848,7 +848,7 @@ fn removals_are_named_where_the_client_sent_them() {
         rule(Action::Remove(vec![json("$.batch[1]")])),
     ];
     let mut m = msg(None, &[], body);
-    let edits = apply_with(&rules, &mut m, 1 << 20, Engine::Tree).expect("applies");
+    let edits = apply_with(&rules, &mut m, 1 << 20, Engine::Tree, None).expect("applies");
     assert_eq!(edits.removed, ["keep:json(3)", "json:$['batch'][3]"]);
 }
 
@@ -913,7 +913,8 @@ fn conditions_on_a_member_decide_whether_a_rule_applies() {
     for engine in [Engine::Spans, Engine::Tree] {
         for (rule, body, want) in &cases {
             let mut m = msg(None, &[], body);
-            let got = apply_with(&[*rule], &mut m, 1 << 20, engine).map(|e| !e.replaced.is_empty());
+            let got =
+                apply_with(&[*rule], &mut m, 1 << 20, engine, None).map(|e| !e.replaced.is_empty());
             assert_eq!(&got, want, "{body} ({engine:?})");
         }
     }
@@ -964,7 +965,7 @@ fn sentry_envelopes_are_read_item_by_item_and_framed_again() {
             &[("content-type", ENVELOPE)],
             std::str::from_utf8(&sent).expect("utf-8"),
         );
-        let edits = apply_with(&rules, &mut m, 1 << 20, engine).expect("applies");
+        let edits = apply_with(&rules, &mut m, 1 << 20, engine, None).expect("applies");
         assert_eq!(
             edits.removed,
             [
@@ -1051,7 +1052,7 @@ fn envelopes_the_rules_cannot_read_item_by_item_are_refused() {
     for engine in [Engine::Spans, Engine::Tree] {
         for (body, want) in &cases {
             let mut m = msg(None, &[("content-type", ENVELOPE)], body);
-            let got = apply_with(&[&r], &mut m, 1 << 20, engine)
+            let got = apply_with(&[&r], &mut m, 1 << 20, engine, None)
                 .map(|_| String::from_utf8(m.body.to_vec()).expect("utf-8"));
             assert_eq!(&got, want, "{body:?} ({engine:?})");
         }
@@ -1060,4 +1061,84 @@ fn envelopes_the_rules_cannot_read_item_by_item_are_refused() {
     let body = format!("{head}\n{{\"type\":\"event\"}}\n{{\"server_name\":\"h\"}}\n");
     let mut m = msg(None, &[], &body);
     assert_eq!(apply(&[&r], &mut m, 1 << 20), Err(RewriteError::NotJson));
+}
+
+#[test]
+fn what_the_pack_does_not_know_is_named_and_removed_on_request() {
+    let known_selectors = [
+        json("$.batch[*].type"),
+        json("$.batch[*].event"),
+        json("$.batch[*].userId"),
+        json("$.batch[?@.event == 'activity']"),
+        json("$.sentAt"),
+        Selector::Query("id".into()),
+        Selector::Header(HeaderName::from_static("authorization")),
+    ];
+    let known = Known::new(&known_selectors);
+    let body = r#"{"sentAt":"t","batch":[{"type":"identify","userId":"u","integrations":{"All":true}},{"type":"track","event":"activity","userId":"u","properties":{"posts":1}},{"type":"track","event":"foo_bar","userId":"u","properties":{"jane.doe@acme.example":1}}],"writeKey":"k"}"#;
+    let headers = [
+        ("authorization", "Basic x"),
+        ("x-trace", "1"),
+        ("user-agent", "go"),
+    ];
+    let want = [
+        "query:nx",
+        "query:*",
+        "header:x-trace",
+        "json:$.batch[*].integrations",
+        "json:$.batch[?@.event == 'foo_bar']",
+        "json:$.writeKey",
+    ];
+    for engine in [Engine::Spans, Engine::Tree] {
+        // Named, and left as it came.
+        let mut m = msg(Some("id=1&nx=2&a%40b.example=3"), &headers, body);
+        let drift = Drift {
+            known: &known,
+            remove: false,
+        };
+        let edits = apply_with::<Action>(&[], &mut m, 1 << 20, engine, Some(drift)).expect("reads");
+        assert_eq!(edits.unclassified, want, "{engine:?}");
+        assert!(edits.removed.is_empty());
+        assert_eq!(&m.body[..], body.as_bytes());
+        assert_eq!(m.query.as_deref(), Some("id=1&nx=2&a%40b.example=3"));
+
+        // Removed: the member, the event the pack does not know, the parameter, the header.
+        let mut m = msg(Some("id=1&nx=2&a%40b.example=3"), &headers, body);
+        let drift = Drift {
+            known: &known,
+            remove: true,
+        };
+        let edits = apply_with::<Action>(&[], &mut m, 1 << 20, engine, Some(drift)).expect("reads");
+        assert_eq!(edits.unclassified, want, "{engine:?}");
+        assert_eq!(edits.removed, want, "{engine:?}");
+        let left: Value = serde_json::from_slice(&m.body).expect("JSON");
+        assert_eq!(
+            left,
+            serde_json::json!({"sentAt":"t","batch":[
+                {"type":"identify","userId":"u"},
+                {"type":"track","event":"activity","userId":"u","properties":{"posts":1}}
+            ]}),
+            "{engine:?}"
+        );
+        assert_eq!(m.query.as_deref(), Some("id=1"));
+        assert!(m.headers.get("x-trace").is_none() && m.headers.get("authorization").is_some());
+    }
+    // A rule's names count as known, and a request with nothing unknown names nothing.
+    let rules = [rule(Action::Remove(vec![
+        json("$.writeKey"),
+        json("$.batch[*].integrations"),
+    ]))];
+    let known = Known::new(known_selectors.iter().chain(rules[0].selectors()));
+    let mut m = msg(Some("id=1"), &headers[..1], body);
+    let edits = apply_with_drift(
+        &rules,
+        &mut m,
+        1 << 20,
+        Drift {
+            known: &known,
+            remove: false,
+        },
+    )
+    .expect("reads");
+    assert_eq!(edits.unclassified, ["json:$.batch[?@.event == 'foo_bar']"]);
 }

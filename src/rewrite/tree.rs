@@ -10,6 +10,7 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Seq
 use serde_json::Value;
 use serde_json_path::PathElement;
 
+use super::drift::Label;
 use super::error::RewriteError;
 use super::fold::glob;
 use super::keys::{check_key, summarize, Names, Step};
@@ -273,13 +274,75 @@ impl TreeDoc {
             .collect()
     }
 
+    /// The members and items no path of `covered` is, is inside or leads to: the topmost of
+    /// each unknown branch, in document order (paths as received: nothing removed yet).
+    pub(super) fn unknown(&self, covered: &[Vec<Step>]) -> Vec<Vec<Step>> {
+        let covered: BTreeSet<&[Step]> = covered.iter().map(Vec::as_slice).collect();
+        let on_the_way: BTreeSet<&[Step]> = covered
+            .iter()
+            .flat_map(|p| (0..p.len()).map(move |n| &p[..n]))
+            .collect();
+        let mut out = Vec::new();
+        let mut path = Vec::new();
+        unknown_in(&self.value, &mut path, &covered, &on_the_way, &mut out);
+        out
+    }
+
+    /// The path as the record names it: member names, and array items by the string `event`
+    /// they hold.
+    pub(super) fn labels(&self, path: &[Step]) -> Vec<Label> {
+        let mut at = &self.value;
+        let mut labels = Vec::with_capacity(path.len());
+        for step in path {
+            let next = match (at, step) {
+                (Value::Object(map), Step::Name(n)) => map.get(n),
+                (Value::Array(items), Step::Index(i)) => items.get(*i),
+                _ => None,
+            };
+            let Some(next) = next else { break };
+            labels.push(match step {
+                Step::Name(n) => Label::Name(n.clone()),
+                Step::Index(_) => Label::Item(
+                    next.get("event")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                ),
+            });
+            at = next;
+        }
+        labels
+    }
+
+    /// The event `path` is in: the outermost array item on its way that holds a string `event`
+    /// (a batch's message), or `path` itself.
+    pub(super) fn event_of(&self, path: &[Step]) -> Vec<Step> {
+        let mut at = &self.value;
+        for (i, step) in path.iter().enumerate() {
+            let next = match (at, step) {
+                (Value::Object(map), Step::Name(n)) => map.get(n),
+                (Value::Array(items), Step::Index(i)) => items.get(*i),
+                _ => None,
+            };
+            let Some(next) = next else { break };
+            if matches!(step, Step::Index(_)) && next.get("event").is_some_and(Value::is_string) {
+                return path[..=i].to_vec();
+            }
+            at = next;
+        }
+        path.to_vec()
+    }
+
     /// Remove every member or item `sel` selects; what was removed, for the record.
     pub(super) fn remove_all(&mut self, sel: &JsonSelector) -> Vec<String> {
-        let mut paths: Vec<Vec<Step>> = self
-            .located(sel)
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect();
+        let paths: Vec<Vec<Step>> = self.located(sel);
+        let removed = self.remove_paths(paths);
+        summarize(sel, &removed)
+    }
+
+    /// Remove the members and items at `paths` (in the document as it is); returns where the
+    /// client sent those removed, in document order.
+    pub(super) fn remove_paths(&mut self, paths: Vec<Vec<Step>>) -> Vec<Vec<Step>> {
+        let mut paths: Vec<Vec<Step>> = paths.into_iter().filter(|p| !p.is_empty()).collect();
         // Deepest and highest index first, so earlier removals never shift a later path.
         paths.sort();
         paths.dedup();
@@ -305,7 +368,7 @@ impl TreeDoc {
             }
         }
         removed.reverse();
-        summarize(sel, &removed)
+        removed
     }
 
     /// Set every node `sel` selects to the string `text`; what changed, for the record.
@@ -339,6 +402,39 @@ impl TreeDoc {
             out.push(step);
         }
         Some(out)
+    }
+}
+
+/// The walk of [`TreeDoc::unknown`] below `value`, at `path`.
+fn unknown_in(
+    value: &Value,
+    path: &mut Vec<Step>,
+    covered: &BTreeSet<&[Step]>,
+    on_the_way: &BTreeSet<&[Step]>,
+    out: &mut Vec<Vec<Step>>,
+) {
+    let mut visit = |step: Step, child: &Value, path: &mut Vec<Step>| {
+        path.push(step);
+        if covered.contains(path.as_slice()) {
+        } else if on_the_way.contains(path.as_slice()) {
+            unknown_in(child, path, covered, on_the_way, out);
+        } else {
+            out.push(path.clone());
+        }
+        path.pop();
+    };
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                visit(Step::Name(k.clone()), v, path);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                visit(Step::Index(i), v, path);
+            }
+        }
+        _ => {}
     }
 }
 

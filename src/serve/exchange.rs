@@ -107,7 +107,8 @@ impl Shared {
             } => (feature, rules, withheld),
         };
         entry.feature = Some(feature.name.clone());
-        let reads_body = rewrite::reads_body(&rules, &parts.headers);
+        let known = feature.known.as_ref();
+        let reads_body = rewrite::reads_body(&rules, &parts.headers, known);
         let (raw, body) = if reads_body {
             match self.read_body(&parts.headers, body).await {
                 Ok(bytes) => (bytes, None),
@@ -127,13 +128,20 @@ impl Shared {
             body: raw.clone(),
         };
         let limit = self.limits.max_body_bytes;
-        let outcome = match plan::rewrite(mode, &rules, &mut withheld, &mut msg, limit) {
+        let drift = known.map(|k| (k, active.policy.consent.unclassified));
+        let outcome = match plan::rewrite(mode, &rules, &mut withheld, &mut msg, limit, drift) {
             Ok(outcome) => outcome,
-            Err(refusal) => return self.refuse(entry, refusal, Some(&feature.name)).await,
+            Err(refusal) => {
+                if let Refusal::Unclassified(names) = &refusal {
+                    entry.unclassified.clone_from(names);
+                }
+                return self.refuse(entry, refusal, Some(&feature.name)).await;
+            }
         };
         entry.decide(outcome.decision, outcome.reason);
         entry.removed = outcome.edits.removed;
         entry.replaced = outcome.edits.replaced;
+        entry.unclassified = outcome.edits.unclassified;
         // Report mode: the request leaves as it came. Otherwise as the rewriter left it (a body
         // it decoded is encoded again even when no rule changed it).
         let (headers, read) = match original {

@@ -471,3 +471,246 @@ async fn functions_follow_their_config_json_switches() {
     assert_eq!(audit[1]["feature"], "product_notices");
     env.stop().await;
 }
+
+/// The Sentry fixture with one more member in its event, framed again.
+fn sentry_with(member: &str, value: Value) -> Vec<u8> {
+    let sent = fixture("sentry_envelope.txt");
+    let text = std::str::from_utf8(&sent).expect("utf-8");
+    let mut lines = text.lines();
+    let header = lines.next().expect("header");
+    lines.next();
+    let mut event: Value = serde_json::from_str(lines.next().expect("event")).expect("JSON");
+    event[member] = value;
+    let event = serde_json::to_string(&event).expect("JSON");
+    format!(
+        "{header}\n{{\"type\":\"event\",\"length\":{}}}\n{event}\n",
+        event.len()
+    )
+    .into_bytes()
+}
+
+/// Every fixture, as Mattermost sends it, is what the pack knows: nothing is unclassified.
+#[tokio::test]
+async fn the_fixtures_as_they_are_carry_nothing_unclassified() {
+    let env = Env::start(Setup {
+        policy: "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\n\
+                 push_notifications = \"granted\"\nunclassified = \"block\"",
+        ..Setup::default()
+    })
+    .await;
+    let json = ["-H", "Content-Type: application/json"];
+    let mut sent = 0;
+    for name in [
+        "telemetry_batch_enterprise.json",
+        "telemetry_batch_plain.json",
+        "telemetry_batch_legacy_config_events.json",
+        "telemetry_batch_nps.json",
+        "telemetry_batch_older_events.json",
+    ] {
+        let out = post_bytes(&env, RUDDER, "/v1/batch", &fixture_body(name), &json).await;
+        assert_eq!(out.code, 200, "{name}: {out:?}");
+        sent += 1;
+    }
+    for name in [
+        "push_full.json",
+        "push_generic.json",
+        "push_generic_no_channel.json",
+        "push_id_loaded.json",
+        "push_clear.json",
+        "push_session.json",
+        "push_voip.json",
+    ] {
+        let out = post_bytes(&env, PUSH, "/api/v1/send_push", &fixture_body(name), &[]).await;
+        assert_eq!(out.code, 200, "{name}: {out:?}");
+        sent += 1;
+    }
+    let out = post_bytes(
+        &env,
+        PUSH,
+        "/api/v1/ack",
+        &fixture_body("push_ack.json"),
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, 200, "{out:?}");
+    let envelope = ["-H", "Content-Type: application/x-sentry-envelope"];
+    let out = post_bytes(
+        &env,
+        SENTRY,
+        "/api/5212327/envelope/",
+        &fixture("sentry_envelope.txt"),
+        &envelope,
+    )
+    .await;
+    assert_eq!(out.code, 200, "{out:?}");
+    sent += 2;
+    for name in [
+        "security_check.url",
+        "security_check_team_edition.url",
+        "security_check_v11.url",
+        "security_bulletin.url",
+    ] {
+        let url = String::from_utf8(fixture(name)).expect("utf-8");
+        let out = env.curl(&[url.trim()]).await;
+        assert_eq!(out.code, 200, "{name}: {out:?}");
+        sent += 1;
+    }
+    assert_eq!(env.upstream.requests().len(), sent);
+    for record in env.audit() {
+        assert_eq!(record["unclassified"], serde_json::json!([]), "{record}");
+    }
+    env.stop().await;
+}
+
+/// What no release sends yet, in each kind of request, under each `unclassified` setting.
+#[tokio::test]
+async fn what_no_release_has_yet_is_named_removed_or_refused() {
+    let mut batch: Value =
+        serde_json::from_slice(&fixture_body("telemetry_batch_plain.json")).expect("JSON");
+    batch["batch"][0]["integrations"] = serde_json::json!({"All": true});
+    let mut event = batch["batch"][1].clone();
+    event["event"] = "calls_started".into();
+    event["properties"] = serde_json::json!({"participants": 3});
+    batch["batch"].as_array_mut().expect("batch").push(event);
+    let batch = serde_json::to_vec(&batch).expect("JSON");
+    let mut push: Value = serde_json::from_slice(&fixture_body("push_full.json")).expect("JSON");
+    push["priority"] = "high".into();
+    let push = serde_json::to_vec(&push).expect("JSON");
+    let sentry = sentry_with("tags", serde_json::json!({"k": "v"}));
+    let security = String::from_utf8(fixture("security_check_v11.url")).expect("utf-8");
+    let security = format!("{}&nx=1", security.trim());
+
+    for setting in ["pass", "remove", "block"] {
+        let policy = format!(
+            "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\n\
+             push_notifications = \"granted\"\nwithhold = [\"activity_counts\"]\n\
+             unclassified = \"{setting}\""
+        );
+        let env = Env::start(Setup {
+            policy: &policy,
+            admin: true,
+            ..Setup::default()
+        })
+        .await;
+        // (what, the response, names, a trace of it upstream)
+        let mut cases = Vec::new();
+        let out = post_bytes(&env, RUDDER, "/v1/batch", &batch, &[]).await;
+        cases.push((
+            "batch",
+            out,
+            vec![
+                "json:$.batch[*].integrations",
+                "json:$.batch[?@.event == 'calls_started']",
+            ],
+            "calls_started",
+        ));
+        let out = post_bytes(
+            &env,
+            PUSH,
+            "/api/v1/send_push",
+            &push,
+            &["-H", "X-Mattermost-Trace: t1"],
+        )
+        .await;
+        cases.push((
+            "push",
+            out,
+            vec!["header:x-mattermost-trace", "json:$.priority"],
+            "priority",
+        ));
+        let envelope = ["-H", "Content-Type: application/x-sentry-envelope"];
+        let out = post_bytes(&env, SENTRY, "/api/5212327/envelope/", &sentry, &envelope).await;
+        cases.push((
+            "sentry",
+            out,
+            vec!["envelope.items[0]:json:$.tags"],
+            "\"tags\"",
+        ));
+        let out = env.curl(&[&security]).await;
+        cases.push(("security", out, vec!["query:nx"], "nx=1"));
+
+        let audit: Vec<Value> = env
+            .audit()
+            .into_iter()
+            .filter(|r| r["decision"] != "policy_loaded")
+            .collect();
+        let upstream = env.upstream.requests();
+        let reached = |trace: &str| {
+            upstream.iter().any(|r| {
+                String::from_utf8_lossy(&r.body).contains(trace)
+                    || r.path_and_query.contains(trace)
+                    || r.headers.contains_key("x-mattermost-trace")
+            })
+        };
+        for (i, (what, out, names, trace)) in cases.iter().enumerate() {
+            let record = &audit[i];
+            let recorded: Vec<&str> = record["unclassified"]
+                .as_array()
+                .expect("unclassified")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(&recorded, names, "{setting} {what}");
+            match setting {
+                "pass" => assert_eq!(out.code, 200, "{what}: {out:?}"),
+                "remove" => {
+                    assert_eq!(out.code, 200, "{what}: {out:?}");
+                    assert_eq!(record["decision"], "stripped", "{what}");
+                    let removed = removed(record);
+                    for name in names {
+                        assert!(removed.iter().any(|r| r == name), "{what}: {removed:?}");
+                    }
+                    assert!(
+                        record["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("unclassified")),
+                        "{record}"
+                    );
+                }
+                _ => {
+                    assert_eq!(out.code, 403, "{what}: {out:?}");
+                    assert_eq!(record["decision"], "blocked", "{what}");
+                }
+            }
+            // The names stand in the record; what they held does not.
+            assert!(!env.audit_text().contains("participants"));
+            if setting == "pass" {
+                assert!(reached(trace), "{what}: {trace} did not leave");
+            }
+        }
+        match setting {
+            "pass" => assert_eq!(upstream.len(), 4),
+            "remove" => {
+                assert_eq!(upstream.len(), 4);
+                for r in &upstream {
+                    let body = String::from_utf8_lossy(&r.body);
+                    let traces: &[&str] = match r.path_and_query.as_str() {
+                        "/v1/batch" => &["calls_started", "\"integrations\""],
+                        "/api/v1/send_push" => &["\"priority\""],
+                        "/api/5212327/envelope/" => &["\"tags\""],
+                        _ => &[],
+                    };
+                    for trace in traces {
+                        assert!(!body.contains(trace), "{trace} left");
+                    }
+                    assert!(!r.path_and_query.contains("nx=1"));
+                    assert!(!r.headers.contains_key("x-mattermost-trace"));
+                }
+            }
+            _ => assert!(upstream.is_empty(), "a refused request left"),
+        }
+        let metrics = crate::fleet::http_get(env.admin().expect("admin"), "/metrics").await;
+        for (feature, n) in [
+            ("diagnostics", 3),
+            ("push_notifications", 2),
+            ("security_alerts", 1),
+        ] {
+            let line = format!("consent_proxy_unclassified_total{{feature=\"{feature}\"}} {n}");
+            assert!(
+                metrics.contains(&line),
+                "{setting}: {line} not in\n{metrics}"
+            );
+        }
+        env.stop().await;
+    }
+}

@@ -296,14 +296,15 @@ fn requests_are_planned_by_host_and_path() {
 }
 
 #[test]
-fn a_feature_granted_with_nothing_withheld_is_forwarded_as_it_came() {
+fn a_feature_granted_with_nothing_withheld_is_checked_only_when_its_pack_knows_something() {
     let text = format!(
         "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"denied\"\npush_notifications = \"denied\"\npaths_only = \"granted\"\nsink = \"denied\"\n{FEATURES}"
     );
     let c = config::load_str("p.toml", &text, &std::env::temp_dir()).expect("loads");
+    // The pack knows the security check's parameters: what else it carries is named.
     assert_eq!(
         request(&c.policy, "securityupdatecheck.mattermost.com", "/security"),
-        "forward allowed consent granted (security_alerts)"
+        "rewrite security_alerts rules [] withheld []"
     );
     assert_eq!(
         request(&c.policy, "shared.example", "/telemetry/x"),
@@ -335,7 +336,20 @@ fn rewritten(
         body: bytes::Bytes::new(),
     };
     let limit = config.limits.max_body_bytes;
-    let outcome = super::rewrite(config.policy.mode, &rules, &mut withheld, &mut msg, limit)?;
+    let feature = config
+        .policy
+        .feature_for_host("securityupdatecheck.mattermost.com");
+    let known = feature
+        .and_then(|f| f.known.as_ref())
+        .map(|k| (k, config.policy.consent.unclassified));
+    let outcome = super::rewrite(
+        config.policy.mode,
+        &rules,
+        &mut withheld,
+        &mut msg,
+        limit,
+        known,
+    )?;
     let reason = outcome.reason.to_string();
     Ok((outcome.decision, reason, outcome.rewritten, msg.query))
 }

@@ -1,0 +1,205 @@
+//! Drift: what a request carried that the pack does not know (DESIGN §9 `unclassified`). A
+//! feature's pack knows the names its rules select (of any category, withheld or not) and those
+//! it lists as `known`; a parameter, a header or a JSON member none of them names, is in or
+//! leads to, is unclassified. It is recorded by name, never by value, and with
+//! `unclassified = "remove"` it does not leave. Pure.
+
+use http::header::{
+    ACCEPT, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE, USER_AGENT,
+};
+use http::HeaderName;
+
+use super::fold::fold;
+use super::selector::{JsonSelector, Selector};
+
+/// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
+/// feature.
+const EVERY_CLIENT: [HeaderName; 12] = [
+    HOST,
+    USER_AGENT,
+    ACCEPT,
+    ACCEPT_ENCODING,
+    CONTENT_LENGTH,
+    CONTENT_TYPE,
+    CONTENT_ENCODING,
+    TRANSFER_ENCODING,
+    CONNECTION,
+    TE,
+    TRAILER,
+    UPGRADE,
+];
+
+/// At most this many names a request (then a count of the rest), as `removed` is bounded.
+const MAX_NAMES: usize = 16;
+
+/// A name longer than this is recorded as `*`.
+const MAX_NAME: usize = 64;
+
+/// What a feature's pack knows a request may carry, built once when the policy is loaded.
+#[derive(Debug, Default)]
+pub struct Known {
+    /// Parameter names (query and form: one namespace), folded as the rules compare them.
+    pub(super) params: Vec<String>,
+    pub(super) headers: Vec<HeaderName>,
+    pub(super) json: Vec<JsonSelector>,
+}
+
+impl Known {
+    /// What `selectors` name: the feature's rules' and its `known` list's.
+    pub fn new<'s>(selectors: impl IntoIterator<Item = &'s Selector>) -> Known {
+        let mut known = Known::default();
+        for sel in selectors {
+            match sel {
+                Selector::Query(name) | Selector::Form(name) => {
+                    let folded = fold(name).into_owned();
+                    if !known.params.contains(&folded) {
+                        known.params.push(folded);
+                    }
+                }
+                Selector::Header(name) => {
+                    if !known.headers.contains(name) {
+                        known.headers.push(name.clone());
+                    }
+                }
+                Selector::Json(j) => known.json.push(j.clone()),
+            }
+        }
+        known
+    }
+
+    pub(super) fn param(&self, name: &str) -> bool {
+        self.params.iter().any(|p| *p == *fold(name))
+    }
+
+    pub(super) fn header(&self, name: &HeaderName) -> bool {
+        EVERY_CLIENT.contains(name) || self.headers.contains(name)
+    }
+}
+
+/// What the rewriter does with what the pack does not know.
+#[derive(Clone, Copy, Debug)]
+pub struct Drift<'k> {
+    pub known: &'k Known,
+    /// Remove it (`unclassified = "remove"`); otherwise only name it.
+    pub remove: bool,
+}
+
+/// One step of the path to an unclassified member, as the record names it.
+pub(super) enum Label {
+    Name(String),
+    /// An array item, by the `event` member it holds (Rudder's and Segment's event name).
+    Item(Option<String>),
+}
+
+/// Whether a name may stand in the record: it looks like an identifier a program chose, not
+/// like data (an address, a sentence, a long token). Anything else is recorded as `*`.
+fn nameable(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `query:NAME`, `header:NAME` or `form:NAME`.
+pub(super) fn named(kind: &str, name: &str) -> String {
+    if nameable(name) {
+        format!("{kind}:{name}")
+    } else {
+        format!("{kind}:*")
+    }
+}
+
+/// A JSON member's path as JSONPath: names in dot notation, array items by their `event`
+/// (`[?@.event == 'activity']`) or `[*]`; `within` names the part of an envelope.
+pub(super) fn json_path(within: Option<&str>, labels: &[Label]) -> String {
+    let mut out = String::new();
+    if let Some(within) = within {
+        out.push_str(within);
+        out.push(':');
+    }
+    out.push_str("json:$");
+    for label in labels {
+        match label {
+            Label::Name(n)
+                if nameable(n)
+                    && n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && !n.contains('-') =>
+            {
+                out.push('.');
+                out.push_str(n);
+            }
+            Label::Name(n) if nameable(n) => {
+                out.push_str("['");
+                out.push_str(n);
+                out.push_str("']");
+            }
+            Label::Name(_) => out.push_str(".*"),
+            Label::Item(Some(event)) if nameable(event) => {
+                out.push_str("[?@.event == '");
+                out.push_str(event);
+                out.push_str("']");
+            }
+            Label::Item(_) => out.push_str("[*]"),
+        }
+    }
+    out
+}
+
+/// The names as the record holds them: each once, in the order met, at most [`MAX_NAMES`] and a
+/// count of the rest.
+pub(super) fn bounded(names: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut more = 0;
+    for name in names {
+        if out.contains(&name) {
+            continue;
+        }
+        if out.len() < MAX_NAMES {
+            out.push(name);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(format!("({more} more)"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_look_like_data_are_not_recorded() {
+        assert_eq!(named("query", "ut"), "query:ut");
+        assert_eq!(named("query", "jane.doe@acme.example"), "query:*");
+        assert_eq!(named("header", &"x".repeat(65)), "header:*");
+        let labels = [
+            Label::Name("batch".into()),
+            Label::Item(Some("nps_nps_feedback".into())),
+            Label::Name("properties".into()),
+            Label::Name("email".into()),
+        ];
+        assert_eq!(
+            json_path(None, &labels),
+            "json:$.batch[?@.event == 'nps_nps_feedback'].properties.email"
+        );
+        let labels = [
+            Label::Name("48".into()),
+            Label::Item(Some("it's".into())),
+            Label::Name("Alice Smith".into()),
+            Label::Name("x-y".into()),
+        ];
+        assert_eq!(
+            json_path(Some("envelope.items[0]"), &labels),
+            "envelope.items[0]:json:$['48'][*].*['x-y']"
+        );
+        let many: Vec<String> = (0..20).map(|i| format!("query:p{}", i % 18)).collect();
+        let b = bounded(many);
+        assert_eq!(b.len(), 17);
+        assert_eq!(b[16], "(2 more)");
+    }
+}
