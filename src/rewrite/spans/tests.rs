@@ -1,5 +1,6 @@
 //! The span scanner read against serde_json, byte for byte.
 
+use super::scan::string_stop;
 use super::*;
 
 /// Strings holding escapes are read as serde_json reads them: the same refusals (a raw

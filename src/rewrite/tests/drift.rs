@@ -1,0 +1,83 @@
+//! What the pack does not know: named, and removed when asked.
+
+use super::*;
+
+#[test]
+fn what_the_pack_does_not_know_is_named_and_removed_on_request() {
+    let known_selectors = [
+        json("$.batch[*].type"),
+        json("$.batch[*].event"),
+        json("$.batch[*].userId"),
+        json("$.batch[?@.event == 'activity']"),
+        json("$.sentAt"),
+        Selector::Query("id".into()),
+        Selector::Header(HeaderName::from_static("authorization")),
+    ];
+    let known = Known::new(&known_selectors);
+    let body = r#"{"sentAt":"t","batch":[{"type":"identify","userId":"u","integrations":{"All":true}},{"type":"track","event":"activity","userId":"u","properties":{"posts":1}},{"type":"track","event":"foo_bar","userId":"u","properties":{"jane.doe@acme.example":1}}],"writeKey":"k"}"#;
+    let headers = [
+        ("authorization", "Basic x"),
+        ("x-trace", "1"),
+        ("user-agent", "go"),
+    ];
+    let want = [
+        "query:nx",
+        "query:*",
+        "header:x-trace",
+        "json:$.batch[*].integrations",
+        "json:$.batch[?@.event == 'foo_bar']",
+        "json:$.writeKey",
+    ];
+    for engine in [Engine::Spans, Engine::Tree] {
+        // Named, and left as it came.
+        let mut m = msg(Some("id=1&nx=2&a%40b.example=3"), &headers, body);
+        let drift = Drift {
+            known: &known,
+            remove: false,
+        };
+        let edits = apply_with::<Action>(&[], &mut m, 1 << 20, engine, Some(drift)).expect("reads");
+        assert_eq!(edits.unclassified, want, "{engine:?}");
+        assert!(edits.removed.is_empty());
+        assert_eq!(&m.body[..], body.as_bytes());
+        assert_eq!(m.query.as_deref(), Some("id=1&nx=2&a%40b.example=3"));
+
+        // Removed: the member, the event the pack does not know, the parameter, the header.
+        let mut m = msg(Some("id=1&nx=2&a%40b.example=3"), &headers, body);
+        let drift = Drift {
+            known: &known,
+            remove: true,
+        };
+        let edits = apply_with::<Action>(&[], &mut m, 1 << 20, engine, Some(drift)).expect("reads");
+        assert_eq!(edits.unclassified, want, "{engine:?}");
+        assert_eq!(edits.removed, want, "{engine:?}");
+        let left: Value = serde_json::from_slice(&m.body).expect("JSON");
+        assert_eq!(
+            left,
+            serde_json::json!({"sentAt":"t","batch":[
+                {"type":"identify","userId":"u"},
+                {"type":"track","event":"activity","userId":"u","properties":{"posts":1}}
+            ]}),
+            "{engine:?}"
+        );
+        assert_eq!(m.query.as_deref(), Some("id=1"));
+        assert!(m.headers.get("x-trace").is_none() && m.headers.get("authorization").is_some());
+    }
+    // A rule's names count as known, and a request with nothing unknown names nothing.
+    let rules = [rule(Action::Remove(vec![
+        json("$.writeKey"),
+        json("$.batch[*].integrations"),
+    ]))];
+    let known = Known::new(known_selectors.iter().chain(rules[0].selectors()));
+    let mut m = msg(Some("id=1"), &headers[..1], body);
+    let edits = apply_with_drift(
+        &rules,
+        &mut m,
+        1 << 20,
+        Drift {
+            known: &known,
+            remove: false,
+        },
+    )
+    .expect("reads");
+    assert_eq!(edits.unclassified, ["json:$.batch[?@.event == 'foo_bar']"]);
+}
