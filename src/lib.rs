@@ -25,7 +25,10 @@
 //! - **feature**: a kind of traffic the admin consents to or not, known by its hosts and paths
 //!   (`security_alerts`, `diagnostics`, `push_notifications`, or the admin's own).
 //! - **category**: a kind of data (`activity_counts`, `user_names`, …) the admin may withhold.
-//! - **rule**: what to remove, replace or keep when a category is withheld (or always).
+//! - **rule**: what to remove, replace or keep when a category is withheld (or always), and on
+//!   which bodies (`when` / `unless` a member holds a value).
+//! - **known / unclassified**: what a feature's pack knows its requests carry (its rules'
+//!   selectors and a `known` list), and what a request carried beyond that, named in the record.
 //! - **selector**: where a rule points: `query:`, `header:`, `form:`, `json:` (RFC 9535).
 //! - **decision**: what happened to a request or connection; one audit record each.
 //!
