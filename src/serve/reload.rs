@@ -179,6 +179,10 @@ pub fn describe_change(old: &Policy, new: &Policy) -> String {
     for c in old.consent.withheld.difference(&new.consent.withheld) {
         parts.push(format!("withhold -{c}"));
     }
+    let (was, is) = (old.consent.unclassified, new.consent.unclassified);
+    if was != is {
+        parts.push(format!("unclassified {} -> {}", was.as_str(), is.as_str()));
+    }
     if parts.is_empty() {
         parts.push("rules, hosts or settings changed".into());
     }
@@ -199,7 +203,8 @@ mod tests {
             "[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"granted\"\nproduct_notices = \"granted\"\n\
              marketplace = \"granted\"\nlicensing = \"granted\"\nupgrade_checks = \"granted\"\n\
              upgrades = \"granted\"\nlink_previews = \"granted\"\n\
-             withhold = [\"activity_counts\", \"configuration\", \"user_identifiers\", \"site_identity\"]",
+             withhold = [\"activity_counts\", \"configuration\", \"user_identifiers\", \"site_identity\"]\n\
+             unclassified = \"block\"",
             dir.path(),
         )
         .expect("valid")
@@ -207,7 +212,8 @@ mod tests {
         assert_eq!(
             describe_change(&old, &new),
             "diagnostics denied -> granted; push_notifications granted -> denied; withhold +configuration; \
-             withhold -channel_names; withhold -message_content; withhold -user_names"
+             withhold -channel_names; withhold -message_content; withhold -user_names; \
+             unclassified pass -> block"
         );
         assert_eq!(
             describe_change(&old, &old),
