@@ -33,6 +33,11 @@ const EVERY_CLIENT: [HeaderName; 12] = [
 /// At most this many names a request (then a count of the rest), as `removed` is bounded.
 const MAX_NAMES: usize = 16;
 
+/// The unclassified members and events of a body named at most: those past it are counted,
+/// not named (naming costs a path each, and a batch of a thousand unknown events would pay it
+/// a thousand times for a record that holds 16).
+pub(super) const NAMED: usize = 64;
+
 /// A name longer than this is recorded as `*`.
 const MAX_NAME: usize = 64;
 
@@ -147,11 +152,11 @@ pub(super) fn json_path(within: Option<&str>, labels: &[Label]) -> String {
     out
 }
 
-/// The names as the record holds them: each once, in the order met, at most [`MAX_NAMES`] and a
-/// count of the rest.
-pub(super) fn bounded(names: Vec<String>) -> Vec<String> {
+/// The names as the record holds them: each once, in the order met, at most [`MAX_NAMES`], then
+/// a count of the rest (the names past those, and `unnamed` more found but not named).
+pub(super) fn bounded(names: Vec<String>, unnamed: usize) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    let mut more = 0;
+    let mut more = unnamed;
     for name in names {
         if out.contains(&name) {
             continue;
@@ -198,8 +203,9 @@ mod tests {
             "envelope.items[0]:json:$['48'][*].*['x-y']"
         );
         let many: Vec<String> = (0..20).map(|i| format!("query:p{}", i % 18)).collect();
-        let b = bounded(many);
+        let b = bounded(many, 0);
         assert_eq!(b.len(), 17);
         assert_eq!(b[16], "(2 more)");
+        assert_eq!(bounded(vec!["query:a".into()], 3), ["query:a", "(3 more)"]);
     }
 }

@@ -215,6 +215,8 @@ fn unclassified(
     let known = drift.known;
     let mut names = Vec::new();
     let mut removed = Vec::new();
+    // JSON members and events found but not named (past the first `drift::NAMED`).
+    let mut unnamed = 0;
     let unknown_params = |slot: &Option<String>| -> Result<Vec<String>, ()> {
         let Some(text) = slot.as_deref() else {
             return Ok(Vec::new());
@@ -257,21 +259,19 @@ fn unclassified(
     } else {
         for part in body.json()? {
             let within = part.within.as_deref();
-            let unknown: Vec<String> = part
-                .doc
-                .unclassified(known, drift.remove)
-                .iter()
-                .map(|labels| json_path(within, labels))
-                .collect();
-            if drift.remove && !unknown.is_empty() {
+            let (n, labels) = part.doc.unclassified(known, drift.remove);
+            let named: Vec<String> = labels.iter().map(|l| json_path(within, l)).collect();
+            unnamed += n - named.len();
+            if drift.remove && n > 0 {
                 *part.changed = true;
-                removed.extend(unknown.iter().cloned());
+                removed.extend(named.iter().cloned());
             }
-            names.extend(unknown);
+            names.extend(named);
         }
     }
-    edits.unclassified = bounded(names);
-    edits.removed.extend(bounded(removed));
+    edits.unclassified = bounded(names, unnamed);
+    let unremoved = if drift.remove { unnamed } else { 0 };
+    edits.removed.extend(bounded(removed, unremoved));
     Ok(())
 }
 
@@ -583,10 +583,11 @@ impl Doc {
         }
     }
 
-    /// What no selector of `known` names, is in or leads to, as the record names it: a member,
-    /// or the whole event (an array item holding a string `event`) when it is in one no selector
-    /// names whole, an event the pack does not know. With `remove`, each is removed.
-    fn unclassified(&mut self, known: &Known, remove: bool) -> Vec<Vec<Label>> {
+    /// What no selector of `known` names, is in or leads to: a member, or the whole event (an
+    /// array item holding a string `event`) when it is in one no selector names whole, an event
+    /// the pack does not know. Returns how many, and the record's names of the first
+    /// [`drift::NAMED`] of them; with `remove`, each is removed.
+    fn unclassified(&mut self, known: &Known, remove: bool) -> (usize, Vec<Vec<Label>>) {
         match self {
             Doc::Spans(d) => {
                 let covered: Vec<NodeId> = known
@@ -594,31 +595,33 @@ impl Doc {
                     .iter()
                     .flat_map(|s| d.located(s, simple_path(s)))
                     .collect();
-                let mut unknown: Vec<NodeId> = d
-                    .unknown(&covered)
-                    .into_iter()
-                    .map(|id| d.event_of(id))
+                let unknown = d.unknown(&covered);
+                let labels = unknown
+                    .iter()
+                    .take(drift::NAMED)
+                    .map(|id| d.labels(*id))
                     .collect();
-                unknown.dedup();
-                let labels = unknown.iter().map(|id| d.labels(*id)).collect();
                 if remove {
-                    for id in unknown {
-                        d.remove(id);
+                    for id in &unknown {
+                        d.remove(*id);
                     }
                 }
-                labels
+                (unknown.len(), labels)
             }
             Doc::Tree(d) => {
                 let covered: Vec<Vec<Step>> =
                     known.json.iter().flat_map(|s| d.located(s)).collect();
-                let mut unknown: Vec<Vec<Step>> =
-                    d.unknown(&covered).iter().map(|p| d.event_of(p)).collect();
-                unknown.dedup();
-                let labels = unknown.iter().map(|p| d.labels(p)).collect();
+                let unknown = d.unknown(&covered);
+                let labels = unknown
+                    .iter()
+                    .take(drift::NAMED)
+                    .map(|p| d.labels(p))
+                    .collect();
+                let n = unknown.len();
                 if remove {
                     d.remove_paths(unknown);
                 }
-                labels
+                (n, labels)
             }
         }
     }

@@ -197,8 +197,9 @@ impl SpanDoc {
         steps
     }
 
-    /// The members and items no node of `covered` is, is inside or leads to: the topmost of
-    /// each unknown branch, in document order.
+    /// The members and items no node of `covered` is, is inside or leads to, in document order:
+    /// the topmost of each unknown branch, or the event it is in (the outermost array item on
+    /// its way that holds a string `event`), once.
     pub(crate) fn unknown(&self, covered: &[NodeId]) -> Vec<NodeId> {
         const ON_THE_WAY: u8 = 1;
         const COVERED: u8 = 2;
@@ -211,23 +212,51 @@ impl SpanDoc {
                 up = self.node(up).parent;
             }
         }
-        let mut out = Vec::new();
-        let mut open = vec![0];
-        while let Some(id) = open.pop() {
-            if known[id as usize] == COVERED || self.node(id).kind == Kind::Scalar {
+        // An event named whole: nothing more in it to name.
+        const NAMED: u8 = 3;
+        let mut out: Vec<NodeId> = Vec::new();
+        // (container, the event it is in); the root's children are not in one.
+        let mut open = vec![(0, NONE)];
+        while let Some((id, event)) = open.pop() {
+            if event != NONE && known[event as usize] == NAMED {
                 continue;
             }
-            let kids: Vec<NodeId> = self.live_kids(id).collect();
-            for kid in kids.into_iter().rev() {
+            let array = self.node(id).kind == Kind::Array;
+            for &kid in self.kids_of(id).iter().rev() {
+                if self.node(kid).removed {
+                    continue;
+                }
+                let in_event = if event == NONE && array && self.holds_event(kid) {
+                    kid
+                } else {
+                    event
+                };
                 match known[kid as usize] {
-                    0 => out.push(kid),
-                    ON_THE_WAY => open.push(kid),
+                    0 if in_event == NONE => out.push(kid),
+                    0 => {
+                        out.push(in_event);
+                        known[in_event as usize] = NAMED;
+                        if in_event == event {
+                            break;
+                        }
+                    }
+                    ON_THE_WAY if self.node(kid).kind != Kind::Scalar => {
+                        open.push((kid, in_event));
+                    }
                     _ => {}
                 }
             }
         }
         out.sort_unstable();
         out
+    }
+
+    /// Whether a node is an object holding a string member `event`.
+    fn holds_event(&self, id: NodeId) -> bool {
+        self.node(id).kind == Kind::Object
+            && self
+                .live_kids(id)
+                .any(|m| self.key(m) == "event" && self.value_bytes(m).first() == Some(&b'"'))
     }
 
     /// The path to a node as the record names it: member names, and array items by the string
@@ -251,27 +280,6 @@ impl SpanDoc {
         }
         labels.reverse();
         labels
-    }
-
-    /// The event `id` is in: the outermost array item on its way that holds a string `event`
-    /// (a batch's message), or `id` itself.
-    pub(crate) fn event_of(&self, id: NodeId) -> NodeId {
-        let mut event = id;
-        let mut at = id;
-        loop {
-            let parent = self.node(at).parent;
-            if parent == NONE {
-                return event;
-            }
-            let names_event = self.node(at).kind == Kind::Object
-                && self
-                    .live_kids(at)
-                    .any(|m| self.key(m) == "event" && self.string(m).is_some());
-            if self.node(parent).kind == Kind::Array && names_event {
-                event = at;
-            }
-            at = parent;
-        }
     }
 
     /// Remove a node (not the root); false when it is already gone.

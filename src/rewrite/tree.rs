@@ -274,8 +274,9 @@ impl TreeDoc {
             .collect()
     }
 
-    /// The members and items no path of `covered` is, is inside or leads to: the topmost of
-    /// each unknown branch, in document order (paths as received: nothing removed yet).
+    /// The members and items no path of `covered` is, is inside or leads to, in document order
+    /// (paths as received: nothing removed yet): the topmost of each unknown branch, or the
+    /// event it is in (the outermost array item on its way that holds a string `event`), once.
     pub(super) fn unknown(&self, covered: &[Vec<Step>]) -> Vec<Vec<Step>> {
         let covered: BTreeSet<&[Step]> = covered.iter().map(Vec::as_slice).collect();
         let on_the_way: BTreeSet<&[Step]> = covered
@@ -284,7 +285,14 @@ impl TreeDoc {
             .collect();
         let mut out = Vec::new();
         let mut path = Vec::new();
-        unknown_in(&self.value, &mut path, &covered, &on_the_way, &mut out);
+        unknown_in(
+            &self.value,
+            &mut path,
+            None,
+            &covered,
+            &on_the_way,
+            &mut out,
+        );
         out
     }
 
@@ -311,25 +319,6 @@ impl TreeDoc {
             at = next;
         }
         labels
-    }
-
-    /// The event `path` is in: the outermost array item on its way that holds a string `event`
-    /// (a batch's message), or `path` itself.
-    pub(super) fn event_of(&self, path: &[Step]) -> Vec<Step> {
-        let mut at = &self.value;
-        for (i, step) in path.iter().enumerate() {
-            let next = match (at, step) {
-                (Value::Object(map), Step::Name(n)) => map.get(n),
-                (Value::Array(items), Step::Index(i)) => items.get(*i),
-                _ => None,
-            };
-            let Some(next) = next else { break };
-            if matches!(step, Step::Index(_)) && next.get("event").is_some_and(Value::is_string) {
-                return path[..=i].to_vec();
-            }
-            at = next;
-        }
-        path.to_vec()
     }
 
     /// Remove every member or item `sel` selects; what was removed, for the record.
@@ -405,36 +394,37 @@ impl TreeDoc {
     }
 }
 
-/// The walk of [`TreeDoc::unknown`] below `value`, at `path`.
+/// The walk of [`TreeDoc::unknown`] below `value`, at `path`, inside the event at `event`.
 fn unknown_in(
     value: &Value,
     path: &mut Vec<Step>,
+    event: Option<usize>,
     covered: &BTreeSet<&[Step]>,
     on_the_way: &BTreeSet<&[Step]>,
     out: &mut Vec<Vec<Step>>,
 ) {
-    let mut visit = |step: Step, child: &Value, path: &mut Vec<Step>| {
+    let array = value.is_array();
+    let children: Box<dyn Iterator<Item = (Step, &Value)>> = match value {
+        Value::Object(map) => Box::new(map.iter().map(|(k, v)| (Step::Name(k.clone()), v))),
+        Value::Array(items) => Box::new(items.iter().enumerate().map(|(i, v)| (Step::Index(i), v))),
+        _ => return,
+    };
+    for (step, child) in children {
         path.push(step);
+        // An event is the array item that holds a string `event`, outermost; its depth.
+        let event = event.or_else(|| {
+            (array && child.get("event").is_some_and(Value::is_string)).then_some(path.len())
+        });
         if covered.contains(path.as_slice()) {
         } else if on_the_way.contains(path.as_slice()) {
-            unknown_in(child, path, covered, on_the_way, out);
+            unknown_in(child, path, event, covered, on_the_way, out);
         } else {
-            out.push(path.clone());
+            let at = event.map_or(path.clone(), |depth| path[..depth].to_vec());
+            if out.last() != Some(&at) {
+                out.push(at);
+            }
         }
         path.pop();
-    };
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                visit(Step::Name(k.clone()), v, path);
-            }
-        }
-        Value::Array(items) => {
-            for (i, v) in items.iter().enumerate() {
-                visit(Step::Index(i), v, path);
-            }
-        }
-        _ => {}
     }
 }
 

@@ -699,6 +699,27 @@ async fn what_no_release_has_yet_is_named_removed_or_refused() {
             }
             _ => assert!(upstream.is_empty(), "a refused request left"),
         }
+        if setting == "pass" {
+            // `audit summary` lists the names per node, with the records that carried them.
+            let log = env.dir.path().join("audit.jsonl");
+            let (code, out) = crate::cli::run(
+                crate::cli::bin()
+                    .args(["audit", "summary", "--json"])
+                    .arg(&log),
+            );
+            assert_eq!(code, 0, "{out}");
+            let summary: Value = serde_json::from_str(&out).expect("summary JSON");
+            let seen = &summary["nodes"][0]["unclassified"];
+            let nx = seen
+                .as_array()
+                .expect("unclassified")
+                .iter()
+                .find(|u| u["name"] == "query:nx")
+                .expect("query:nx listed");
+            assert_eq!(nx["feature"], "security_alerts");
+            assert_eq!(nx["records"], 1);
+            assert!(nx["first"].is_string() && nx["first"] == nx["last"]);
+        }
         let metrics = crate::fleet::http_get(env.admin().expect("admin"), "/metrics").await;
         for (feature, n) in [
             ("diagnostics", 3),

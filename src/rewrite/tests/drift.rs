@@ -81,3 +81,36 @@ fn what_the_pack_does_not_know_is_named_and_removed_on_request() {
     .expect("reads");
     assert_eq!(edits.unclassified, ["json:$.batch[?@.event == 'foo_bar']"]);
 }
+
+#[test]
+fn a_thousand_unknown_events_cost_a_count_not_a_thousand_names() {
+    let known_selectors = [json("$.batch[*].type"), json("$.batch[*].event")];
+    let known = Known::new(&known_selectors);
+    let events: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"type":"track","event":"e{}","properties":{{"n":{i}}}}}"#,
+                i % 100
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"batch":[{}]}}"#, events.join(","));
+    for engine in [Engine::Spans, Engine::Tree] {
+        for remove in [false, true] {
+            let mut m = msg(None, &[], &body);
+            let drift = Drift {
+                known: &known,
+                remove,
+            };
+            let edits =
+                apply_with::<Action>(&[], &mut m, 1 << 20, engine, Some(drift)).expect("reads");
+            // 16 names of the first 64 events found, and the count of the others.
+            assert_eq!(edits.unclassified.len(), 17, "{engine:?}");
+            assert_eq!(edits.unclassified[0], "json:$.batch[?@.event == 'e0']");
+            assert_eq!(edits.unclassified[16], "(984 more)", "{engine:?}");
+            let left: Value = serde_json::from_slice(&m.body).expect("JSON");
+            let n = left["batch"].as_array().expect("batch").len();
+            assert_eq!(n, if remove { 0 } else { 1000 }, "{engine:?}");
+        }
+    }
+}
