@@ -194,7 +194,13 @@ impl CertificateAuthority {
             }
         }
         self.metrics.misses.inc();
-        let config = Arc::new(self.mint(host, now)?);
+        let config = match self.mint(host, now) {
+            Ok(config) => Arc::new(config),
+            Err(e) => {
+                self.metrics.mint_failures.inc();
+                return Err(e);
+            }
+        };
         let leaf = Leaf {
             config: config.clone(),
             renew_at: now + LEAF_VALIDITY - LEAF_RENEW_BEFORE,

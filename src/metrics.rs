@@ -1,11 +1,13 @@
 //! Prometheus metrics (prometheus-client): decisions by listener, feature and decision, client
-//! connections, what the pack does not know, body bytes, upstream errors, leaf-certificate cache, audit writes, reloads.
+//! connections, client TLS handshakes, request latency, readiness, what the pack does not know,
+//! body bytes, upstream errors, leaf-certificate cache, audit writes, reloads.
 //! Labels hold names from the policy only, never request data.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::audit::{AuditMetrics, Entry};
@@ -38,12 +40,31 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct HandshakeLabels {
+    /// `ok`, `failed` (the client's TLS handshake went wrong) or `timeout`.
+    pub outcome: &'static str,
+}
+
 /// Leaf-certificate cache counters, owned by the CA.
 #[derive(Clone, Debug, Default)]
 pub struct LeafMetrics {
     pub hits: Counter,
     pub misses: Counter,
     pub size: Gauge,
+    /// Leaves that could not be minted (the connection is refused).
+    pub mint_failures: Counter,
+}
+
+/// Seconds from a request's head to the response head given back (the upstream's, or the
+/// proxy's own answer): 0.5 ms to about 8 s.
+#[derive(Clone, Debug)]
+pub struct Durations(pub Histogram);
+
+impl Default for Durations {
+    fn default() -> Self {
+        Durations(Histogram::new(exponential_buckets(0.0005, 2.0, 15)))
+    }
 }
 
 /// Every metric the proxy exports; cheap to clone (each handle is shared).
@@ -53,6 +74,11 @@ pub struct Metrics {
     /// Names of what the pack does not know, as requests carried them, by feature.
     pub unclassified: Family<FeatureLabels, Counter>,
     pub connections: Family<ListenerLabels, Counter>,
+    /// Client TLS handshakes on intercepted connections, by outcome.
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub request_duration: Durations,
+    /// 1 while `/readyz` says ready, 0 otherwise (set when scraped).
+    pub ready: Gauge,
     pub body_bytes: Family<DirectionLabels, Counter>,
     pub upstream_errors: Counter,
     pub leaf: LeafMetrics,
@@ -78,6 +104,26 @@ impl Metrics {
             "connections",
             "Client connections accepted, by listener",
             self.connections.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "Client TLS handshakes on intercepted connections, by outcome (ok, failed, timeout)",
+            self.tls_handshakes.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Seconds from a request's head to the response head given back (the upstream's or the proxy's own)",
+            self.request_duration.0.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while the proxy is ready (/readyz 200), 0 while not (draining, audit log unwritable)",
+            self.ready.clone(),
+        );
+        r.register(
+            "leaf_mint_failures",
+            "Leaf certificates that could not be minted (the client's connection is refused)",
+            self.leaf.mint_failures.clone(),
         );
         r.register(
             "body_bytes",

@@ -35,6 +35,20 @@ impl Shared {
         target: Target,
         req: Request<Incoming>,
     ) -> Response<OutBody> {
+        let start = std::time::Instant::now();
+        let response = self.exchange(peer, target, req).await;
+        let seconds = start.elapsed().as_secs_f64();
+        self.metrics.request_duration.0.observe(seconds);
+        response
+    }
+
+    /// Decide one request, and forward it or answer it.
+    async fn exchange(
+        &self,
+        peer: Peer,
+        target: Target,
+        req: Request<Incoming>,
+    ) -> Response<OutBody> {
         let (mut parts, body) = req.into_parts();
         let active = self.current();
         let normalized = path::normalize(&parts.method, parts.uri.path());

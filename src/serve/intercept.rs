@@ -27,10 +27,11 @@ impl Shared {
         let limit = self.limits.tls_handshake_timeout;
         let start = match handshake_step(tokio::time::timeout(limit, acceptor).await, "hello") {
             Ok(start) => start,
-            Err(why) => {
+            Err((why, outcome)) => {
+                self.handshake(outcome);
                 return self
                     .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
-                    .await
+                    .await;
             }
         };
         if let Some(sni) = start.client_hello().server_name() {
@@ -61,12 +62,14 @@ impl Shared {
         let handshake = tokio::time::timeout(limit, start.into_stream(config)).await;
         let tls = match handshake_step(handshake, "handshake") {
             Ok(tls) => tls,
-            Err(why) => {
+            Err((why, outcome)) => {
+                self.handshake(outcome);
                 return self
                     .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
-                    .await
+                    .await;
             }
         };
+        self.handshake("ok");
         let this = self.clone();
         let for_service = target.clone();
         let service = service_fn(move |req| {
@@ -105,14 +108,23 @@ impl Shared {
     }
 }
 
-/// One step of a client's TLS handshake, bounded in time: the result, or why it failed.
+impl Shared {
+    /// Count one client TLS handshake by its outcome.
+    fn handshake(&self, outcome: &'static str) {
+        let labels = crate::metrics::HandshakeLabels { outcome };
+        self.metrics.tls_handshakes.get_or_create(&labels).inc();
+    }
+}
+
+/// One step of a client's TLS handshake, bounded in time: the result, or why it failed and the
+/// outcome the metric counts (`failed`, `timeout`).
 fn handshake_step<T, E: std::fmt::Display>(
     result: Result<Result<T, E>, tokio::time::error::Elapsed>,
     step: &str,
-) -> Result<T, String> {
+) -> Result<T, (String, &'static str)> {
     match result {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err(format!("client TLS {step} failed: {e}")),
-        Err(_) => Err(format!("client TLS {step} timed out")),
+        Ok(Err(e)) => Err((format!("client TLS {step} failed: {e}"), "failed")),
+        Err(_) => Err((format!("client TLS {step} timed out"), "timeout")),
     }
 }

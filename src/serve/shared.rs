@@ -145,6 +145,9 @@ impl Shared {
 
     /// The Prometheus text exposition of every metric.
     pub(super) fn metrics_text(&self) -> String {
+        self.metrics
+            .ready
+            .set(i64::from(self.not_ready().is_none()));
         crate::metrics::encode(&self.registry)
     }
 

@@ -5,6 +5,7 @@ mod bad_input;
 mod bypass;
 mod cli;
 mod clients;
+mod contrib;
 mod crash;
 mod fleet;
 mod harness;
