@@ -136,6 +136,25 @@ enum AuditCommand {
         #[arg(long)]
         witness: Option<PathBuf>,
     },
+    /// One self-contained HTML page a person reads: each chain's verdict, the consent
+    /// timeline, decisions per feature over time, what was removed and refused, what left
+    /// unread. It loads nothing (a Content-Security-Policy forbids it).
+    Report {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Heads a monitoring system kept from `GET /audit/head`, one JSON object a line.
+        #[arg(long)]
+        witness: Option<PathBuf>,
+        /// Only records at or after this RFC 3339 time (chains are verified whole).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records at or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Write the page here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Per node, feature and decision counts, and the selectors removed most often.
     Summary {
         #[arg(required = true)]
@@ -230,19 +249,21 @@ impl Cli {
                 command: AuditCommand::Verify { files, witness },
             } => verify(&files, witness.as_deref()),
             Command::Audit {
+                command:
+                    AuditCommand::Report {
+                        files,
+                        witness,
+                        since,
+                        until,
+                        out,
+                    },
+            } => report(&files, witness.as_deref(), since, until, out),
+            Command::Audit {
                 command: AuditCommand::Summary { files, since, json },
             } => {
-                let since = match since.as_deref().map(|s| {
-                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                }) {
-                    None => None,
-                    Some(Ok(t)) => Some(t),
-                    Some(Err(_)) => {
-                        eprintln!(
-                            "error: --since must be an RFC 3339 time, e.g. 2026-11-28T14:02:00Z"
-                        );
-                        return ExitCode::from(2);
-                    }
+                let since = match rfc3339("--since", since) {
+                    Ok(t) => t,
+                    Err(code) => return code,
                 };
                 match audit::summarize(&files, since) {
                     Ok(summary) if json => {
@@ -267,37 +288,94 @@ impl Cli {
 }
 
 /// `audit verify`: every chain among `files`, each against the witnessed heads of its node.
-fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
-    let heads: Vec<audit::Head> = match witness {
-        None => Vec::new(),
-        Some(path) => {
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("error: cannot read --witness {}: {e}", path.display());
-                    return ExitCode::from(1);
-                }
-            };
-            let mut heads = Vec::new();
-            for (i, line) in text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-            {
-                match serde_json::from_str(line) {
-                    Ok(h) => heads.push(h),
-                    Err(e) => {
-                        eprintln!(
-                            "error: {} line {}: not an /audit/head object: {e}",
-                            path.display(),
-                            i + 1
-                        );
-                        return ExitCode::from(1);
-                    }
-                }
+/// The heads a `--witness` file holds (none without one); an error is printed.
+fn witnessed(witness: Option<&std::path::Path>) -> Result<Vec<audit::Head>, ExitCode> {
+    let Some(path) = witness else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("error: cannot read --witness {}: {e}", path.display());
+        ExitCode::from(1)
+    })?;
+    let mut heads = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match serde_json::from_str(line) {
+            Ok(h) => heads.push(h),
+            Err(e) => {
+                eprintln!(
+                    "error: {} line {}: not an /audit/head object: {e}",
+                    path.display(),
+                    i + 1
+                );
+                return Err(ExitCode::from(1));
             }
-            heads
         }
+    }
+    Ok(heads)
+}
+
+/// An RFC 3339 time given as `flag`; an error is printed.
+fn rfc3339(flag: &str, value: Option<String>) -> Result<Option<time::OffsetDateTime>, ExitCode> {
+    match value
+        .as_deref()
+        .map(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339))
+    {
+        None => Ok(None),
+        Some(Ok(t)) => Ok(Some(t)),
+        Some(Err(_)) => {
+            eprintln!("error: {flag} must be an RFC 3339 time, e.g. 2026-11-28T14:02:00Z");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn report(
+    files: &[PathBuf],
+    witness: Option<&std::path::Path>,
+    since: Option<String>,
+    until: Option<String>,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    let (heads, since, until) = match (
+        witnessed(witness),
+        rfc3339("--since", since),
+        rfc3339("--until", until),
+    ) {
+        (Ok(h), Ok(s), Ok(u)) => (h, s, u),
+        (Err(code), ..) | (_, Err(code), _) | (.., Err(code)) => return code,
+    };
+    let page = match audit::report(files, &heads, audit::Window { since, until }) {
+        Ok(page) => page,
+        Err(e) => {
+            eprintln!("error: cannot read the audit logs: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let written = match &out {
+        Some(path) => std::fs::write(path, page),
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().write_all(page.as_bytes())
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let to = out.map_or("standard output".into(), |p| p.display().to_string());
+            eprintln!("error: cannot write the report to {to}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn verify(files: &[PathBuf], witness: Option<&std::path::Path>) -> ExitCode {
+    let heads = match witnessed(witness) {
+        Ok(h) => h,
+        Err(code) => return code,
     };
     let chains = match audit::chains(files) {
         Ok(c) => c,

@@ -10,15 +10,17 @@
 //!
 //! The rooms: `record` (the record, its hash, a chain's files), `writer` (write-ahead, outcomes,
 //! group commit, a log that cannot be written), `repair` (a torn tail at start), `verify`,
-//! `summary`.
+//! `summary`, `report` (the HTML page a person reads).
 
 mod record;
 mod repair;
+mod report;
 mod summary;
 mod verify;
 mod writer;
 
 pub use record::{chain_files, read, sha256, Entry, Head, Record};
+pub use report::{report, Window};
 pub use summary::{summarize, NodeSummary, Summary};
 pub use verify::{chains, verify_chain, ChainReport, Verdict};
 pub use writer::{

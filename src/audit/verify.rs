@@ -49,6 +49,16 @@ pub struct ChainReport {
 /// Recompute the hash chain of an audit log and its rotated files (`FILE.1`, `FILE.2`, …), and
 /// check it against the heads a monitoring system witnessed (`GET /audit/head`) for its node.
 pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> {
+    verify_chain_with(path, witnessed, &mut |_| {})
+}
+
+/// [`verify_chain`], handing each record that checks out (without its `hash`) to `visit`, in
+/// order: what `audit report` reads in the same pass. Records after a break are not handed on.
+pub fn verify_chain_with(
+    path: &Path,
+    witnessed: &[Head],
+    visit: &mut dyn FnMut(&serde_json::Map<String, serde_json::Value>),
+) -> io::Result<ChainReport> {
     let files = chain_files(path);
     let mut node: Option<String> = None;
     // (seq, hash) of each witnessed head, and whether the chain held it.
@@ -147,6 +157,7 @@ pub fn verify_chain(path: &Path, witnessed: &[Head]) -> io::Result<ChainReport> 
                     .unwrap_or_default();
                 recoveries.push(format!("seq {}: {why}{fragment}", seq.unwrap_or(0)));
             }
+            visit(&record);
             first_seq = first_seq.or(seq);
             last_seq = seq;
             prev = Some(hash);

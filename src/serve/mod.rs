@@ -145,6 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?;
     let metrics = Metrics::default();
     let ca = ca.with_metrics(metrics.leaf.clone());
+    let consent = reload::describe_consent(&config.policy);
     let active = watch::Sender::new(Active::new(
         config.policy,
         &config.policy_hash,
@@ -188,7 +189,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     audit
         .policy_loaded(
-            format!("started with {}", config.source),
+            format!("started with {}: {consent}", config.source),
             config.policy_hash.clone(),
             config.consent_hash.clone(),
         )

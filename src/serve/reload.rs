@@ -150,6 +150,31 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 
 /// What differs between two policies, for the audit record: features granted or denied,
 /// categories withheld or released, features added or removed, rules changed.
+/// The consent in force, for the record that starts a log: `granted a, b; denied c; withheld x,
+/// y; unclassified pass`.
+pub fn describe_consent(policy: &Policy) -> String {
+    let (granted, denied): (Vec<&str>, Vec<&str>) = policy
+        .features
+        .iter()
+        .map(|f| f.name.as_str())
+        .partition(|name| policy.consent.granted.contains(*name));
+    let withheld: Vec<&str> = policy.consent.withheld.iter().map(String::as_str).collect();
+    let list = |names: &[&str]| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    format!(
+        "granted {}; denied {}; withheld {}; unclassified {}",
+        list(&granted),
+        list(&denied),
+        list(&withheld),
+        policy.consent.unclassified.as_str()
+    )
+}
+
 pub fn describe_change(old: &Policy, new: &Policy) -> String {
     let mut parts = Vec::new();
     let names = |p: &Policy| {

@@ -13,4 +13,5 @@ mod mattermost;
 mod raw_h2;
 mod receiver_view;
 mod reload;
+mod report;
 mod today;
