@@ -51,7 +51,7 @@ pub(super) struct Tally {
     pub(super) over_time: BTreeMap<String, BTreeMap<i64, [u64; CHARTED.len()]>>,
     /// Seconds a bucket spans: a minute, widened when there would be too many.
     pub(super) bucket: i64,
-    /// feature → selector (indexes folded) → count.
+    /// feature → selector (indexes folded) → records that name it.
     pub(super) selectors: BTreeMap<String, Counts>,
     /// feature → `host path` refused → count.
     pub(super) blocked: BTreeMap<String, Counts>,
@@ -183,10 +183,14 @@ impl Tally {
         if let Some(i) = CHARTED.iter().position(|d| *d == decision) {
             self.chart(feature, at.unix_timestamp(), i);
         }
-        for key in ["removed", "replaced"] {
-            for sel in strings(record, key) {
+        // Each selector once a record: the table counts records, not array items.
+        let mut seen: Vec<String> = Vec::new();
+        for sel in strings(record, "removed").chain(strings(record, "replaced")) {
+            let folded = fold_indexes(sel);
+            if !seen.contains(&folded) {
                 let counts = self.selectors.entry(feature.to_string()).or_default();
-                counts.add(&fold_indexes(sel), 1);
+                counts.add(&folded, 1);
+                seen.push(folded);
             }
         }
         for name in strings(record, "unclassified") {
