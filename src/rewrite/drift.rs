@@ -5,17 +5,17 @@
 //! `unclassified = "remove"` it does not leave. Pure.
 
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE, USER_AGENT,
+    ACCEPT, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, USER_AGENT,
 };
 use http::HeaderName;
 
 use super::fold::fold;
 use super::selector::{JsonSelector, Selector};
 
-/// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
-/// feature.
-const EVERY_CLIENT: [HeaderName; 12] = [
+/// Headers every HTTP client sends (framing, negotiation, the client's name) and those for one
+/// hop only, which the proxy never forwards: known to every feature.
+const EVERY_CLIENT: [HeaderName; 16] = [
     HOST,
     USER_AGENT,
     ACCEPT,
@@ -28,6 +28,10 @@ const EVERY_CLIENT: [HeaderName; 12] = [
     TE,
     TRAILER,
     UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
 ];
 
 /// At most this many names a request (then a count of the rest), as `removed` is bounded.

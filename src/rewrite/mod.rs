@@ -231,10 +231,19 @@ fn unclassified(
         query_edit(remove_params(&mut msg.query, &query))?;
         removed.extend(query.iter().map(|n| named("query", n)));
     }
+    // Headers the `Connection` header names are for one hop only: they never leave.
+    let hop: Vec<HeaderName> = msg
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
     let headers: Vec<HeaderName> = msg
         .headers
         .keys()
-        .filter(|h| !known.header(h))
+        .filter(|h| !known.header(h) && !hop.contains(h))
         .cloned()
         .collect();
     for h in &headers {
