@@ -212,7 +212,8 @@ impl Tally {
                     .add(&dest, 1);
             }
             "error" => self.errors.add(text(record, "reason"), 1),
-            "tunneled" if text(record, "method") == "CONNECT" => {
+            // A blind tunnel (CONNECT, or transparent mode) has no path: nothing was read.
+            "tunneled" if record.get("path").is_none_or(Value::is_null) => {
                 let port = record.get("port").and_then(Value::as_u64).unwrap_or(0);
                 let dest = format!("{host}:{port}");
                 self.tunnels.entry(dest.clone()).or_default().0 += 1;
