@@ -178,6 +178,7 @@ impl Cli {
             Command::Check { print } => {
                 match load(self.config.as_deref(), self.mattermost_config.as_deref()) {
                     Some(c) => {
+                        warn_unkeyed(&c);
                         if print {
                             print!("{}", c.effective);
                             println!("\n# Consent in force, and where each value came from:");
@@ -592,10 +593,23 @@ fn load(path: Option<&std::path::Path>, mattermost: Option<&std::path::Path>) ->
     }
 }
 
+/// Features a `[consent]` table does not name are denied: say which, since a table written
+/// before a pack feature existed turns it off without a word.
+fn warn_unkeyed(config: &config::Config) {
+    if !config.unkeyed.is_empty() {
+        eprintln!(
+            "warning: no [consent] key for {}: denied (a feature without a key is denied; add \
+             `NAME = \"granted\"` to keep one working)",
+            config.unkeyed.join(", ")
+        );
+    }
+}
+
 fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>, args: RunArgs) -> ExitCode {
     let Some(mut config) = load(path.as_deref(), mattermost.as_deref()) else {
         return ExitCode::from(1);
     };
+    warn_unkeyed(&config);
     if let Some(node) = args.node {
         config.node = node;
     }

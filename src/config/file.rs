@@ -325,7 +325,7 @@ impl File {
             }
             features.push(feature);
         }
-        let (consent, consent_origin) =
+        let (consent, consent_origin, unkeyed) =
             parse_consent(made.consent, &mut features, made.derived, err)?;
         let consent_hash = consent_hash(&consent);
         let policy = Policy {
@@ -364,6 +364,7 @@ impl File {
             policy_hash: made.policy_hash,
             effective: made.effective,
             consent_origin,
+            unkeyed,
             policy_file: made.policy_file,
             mattermost_config: made.mattermost,
             mattermost_override: made.mattermost_override,
@@ -559,13 +560,14 @@ pub fn selector(s: &str) -> Result<Selector, String> {
 }
 
 /// The consent in force: derived from Mattermost's config when given, then the explicit
-/// `[consent]` keys (features override, `withhold` adds). Returns it with each value's origin.
+/// `[consent]` keys (features override, `withhold` adds). Returns it with each value's origin,
+/// and the features no key (nor Mattermost's config) names: denied.
 fn parse_consent(
     table: toml::Table,
     features: &mut [Feature],
     derived: Option<&mattermost::Derived>,
     err: ErrFn<'_>,
-) -> Result<(Consent, Vec<String>), ConfigError> {
+) -> Result<(Consent, Vec<String>, Vec<String>), ConfigError> {
     let mut consent = Consent::default();
     let table_has_unclassified = table.contains_key("unclassified");
     let mut feature_origin: BTreeMap<String, String> = BTreeMap::new();
@@ -665,6 +667,11 @@ fn parse_consent(
             ));
         }
     }
+    let unkeyed: Vec<String> = features
+        .iter()
+        .filter(|f| !feature_origin.contains_key(&f.name))
+        .map(|f| f.name.clone())
+        .collect();
     let mut origin = Vec::new();
     for f in features.iter() {
         let state = if consent.granted.contains(&f.name) {
@@ -691,5 +698,5 @@ fn parse_consent(
         "unclassified = {:?}  # {from}",
         consent.unclassified.as_str()
     ));
-    Ok((consent, origin))
+    Ok((consent, origin, unkeyed))
 }

@@ -68,6 +68,9 @@ pub struct Config {
     pub effective: String,
     /// Each consent value in force and where it came from, for `check --print` and reloads.
     pub consent_origin: Vec<String>,
+    /// Features no `[consent]` key (nor Mattermost's config) names, denied for that: an admin's
+    /// `[consent]` written before the pack gained them turns them off (`check` and `run` warn).
+    pub unkeyed: Vec<String>,
     /// The files this config was read from, to watch for changes.
     pub policy_file: Option<PathBuf>,
     pub mattermost_config: Option<PathBuf>,

@@ -201,6 +201,26 @@ fn consent_derived_from_mattermost_with_explicit_overrides() {
 }
 
 #[test]
+fn features_a_consent_table_does_not_name_are_listed() {
+    let c = load(None, None).expect("pack loads");
+    assert!(c.unkeyed.is_empty(), "{:?}", c.unkeyed);
+    let c = load_text("[consent]\nsecurity_alerts = \"granted\"\ndiagnostics = \"denied\"")
+        .expect("valid");
+    assert_eq!(
+        c.unkeyed,
+        [
+            "push_notifications",
+            "product_notices",
+            "marketplace",
+            "licensing",
+            "upgrade_checks",
+            "upgrades",
+            "link_previews"
+        ]
+    );
+}
+
+#[test]
 fn a_feature_can_replace_a_pack_feature() {
     let c = load_text(
         "[[feature]]\nname = \"push_notifications\"\nhosts = [\"push.internal.example\"]\n[consent]\npush_notifications = \"granted\"",
