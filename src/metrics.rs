@@ -20,6 +20,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
+pub struct NodeLabels {
+    /// `[audit] node`: the name the replica's audit records carry.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, EncodeLabelSet, Eq, Hash, PartialEq)]
 pub struct FeatureLabels {
     pub feature: String,
 }
@@ -79,6 +85,8 @@ pub struct Metrics {
     pub request_duration: Durations,
     /// 1 while `/readyz` says ready, 0 otherwise (set when scraped).
     pub ready: Gauge,
+    /// 1, labelled with the replica's audit node name: joins a scrape target to its log.
+    pub node: Family<NodeLabels, Gauge>,
     pub body_bytes: Family<DirectionLabels, Counter>,
     pub upstream_errors: Counter,
     pub leaf: LeafMetrics,
@@ -119,6 +127,11 @@ impl Metrics {
             "ready",
             "1 while the proxy is ready (/readyz 200), 0 while not (draining, audit log unwritable)",
             self.ready.clone(),
+        );
+        r.register(
+            "node_info",
+            "1, labelled with the audit node name this replica writes in its records",
+            self.node.clone(),
         );
         r.register(
             "leaf_mint_failures",

@@ -144,6 +144,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.limits.leaf_cache_size,
     )?;
     let metrics = Metrics::default();
+    let node = crate::metrics::NodeLabels {
+        node: config.node.clone(),
+    };
+    metrics.node.get_or_create(&node).set(1);
     let ca = ca.with_metrics(metrics.leaf.clone());
     let consent = reload::describe_consent(&config.policy);
     let active = watch::Sender::new(Active::new(
