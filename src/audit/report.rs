@@ -51,6 +51,8 @@ pub(super) struct Tally {
     pub(super) over_time: BTreeMap<String, BTreeMap<i64, [u64; CHARTED.len()]>>,
     /// Seconds a bucket spans: a minute, widened when there would be too many.
     pub(super) bucket: i64,
+    /// Buckets in `over_time`, all features together.
+    buckets: usize,
     /// feature → selector (indexes folded) → records that name it.
     pub(super) selectors: BTreeMap<String, Counts>,
     /// feature → `host path` refused → count.
@@ -174,12 +176,7 @@ impl Tally {
         let feature = record.get("feature").and_then(Value::as_str).unwrap_or("-");
         let decision = text(record, "decision");
         let node = text(record, "node");
-        *self
-            .decisions
-            .entry(feature.to_string())
-            .or_default()
-            .entry(decision.to_string())
-            .or_default() += 1;
+        *slot(slot(&mut self.decisions, feature), decision) += 1;
         if let Some(i) = CHARTED.iter().position(|d| *d == decision) {
             self.chart(feature, at.unix_timestamp(), i);
         }
@@ -188,14 +185,12 @@ impl Tally {
         for sel in strings(record, "removed").chain(strings(record, "replaced")) {
             let folded = fold_indexes(sel);
             if !seen.contains(&folded) {
-                let counts = self.selectors.entry(feature.to_string()).or_default();
-                counts.add(&folded, 1);
+                slot(&mut self.selectors, feature).add(&folded, 1);
                 seen.push(folded);
             }
         }
         for name in strings(record, "unclassified") {
-            let counts = self.unclassified.entry(feature.to_string()).or_default();
-            counts.add(name, 1);
+            slot(&mut self.unclassified, feature).add(name, 1);
         }
         let host = text(record, "host");
         match decision {
@@ -206,10 +201,7 @@ impl Tally {
                 } else {
                     format!("{host}{path}")
                 };
-                self.blocked
-                    .entry(feature.to_string())
-                    .or_default()
-                    .add(&dest, 1);
+                slot(&mut self.blocked, feature).add(&dest, 1);
             }
             "error" => self.errors.add(text(record, "reason"), 1),
             // A blind tunnel (CONNECT, or transparent mode) has no path: nothing was read.
@@ -251,10 +243,13 @@ impl Tally {
     /// Count a decision in its feature's time bucket, widening every bucket when too many.
     fn chart(&mut self, feature: &str, at: i64, decision: usize) {
         let start = at - at.rem_euclid(self.bucket);
-        let series = self.over_time.entry(feature.to_string()).or_default();
-        series.entry(start).or_default()[decision] += 1;
-        let buckets: usize = self.over_time.values().map(BTreeMap::len).sum();
-        if buckets > MAX_BUCKETS {
+        let series = slot(&mut self.over_time, feature);
+        let counts = series.entry(start).or_insert_with(|| {
+            self.buckets += 1;
+            [0; CHARTED.len()]
+        });
+        counts[decision] += 1;
+        if self.buckets > MAX_BUCKETS {
             self.bucket *= 60;
             let width = self.bucket;
             for series in self.over_time.values_mut() {
@@ -267,8 +262,17 @@ impl Tally {
                 }
                 *series = wider;
             }
+            self.buckets = self.over_time.values().map(BTreeMap::len).sum();
         }
     }
+}
+
+/// The value at `key`, inserted when missing: a key is allocated only the first time.
+fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted just above")
 }
 
 fn strings<'r>(record: &'r Map<String, Value>, key: &str) -> impl Iterator<Item = &'r str> {

@@ -469,10 +469,17 @@ impl FeatureFile {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let known = (!rules.is_empty() || !listed.is_empty()).then(|| {
+            // What a rule selects or tests (`when` / `unless`) is what the pack reads.
+            let tested: Vec<Selector> = rules
+                .iter()
+                .flat_map(|r| &r.conditions)
+                .map(|c| Selector::Json(c.selector.clone()))
+                .collect();
             Known::new(
                 rules
                     .iter()
                     .flat_map(|r| r.action.selectors())
+                    .chain(&tested)
                     .chain(listed.iter()),
             )
         });

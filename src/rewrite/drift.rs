@@ -5,17 +5,16 @@
 //! `unclassified = "remove"` it does not leave. Pure.
 
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, USER_AGENT,
+    ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT,
 };
 use http::HeaderName;
 
 use super::fold::fold;
 use super::selector::{JsonSelector, Selector};
 
-/// Headers every HTTP client sends (framing, negotiation, the client's name) and those for one
-/// hop only, which the proxy never forwards: known to every feature.
-const EVERY_CLIENT: [HeaderName; 16] = [
+/// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
+/// feature. (Those for one hop only are never forwarded: `super::hop_by_hop`.)
+const EVERY_CLIENT: [HeaderName; 7] = [
     HOST,
     USER_AGENT,
     ACCEPT,
@@ -23,15 +22,6 @@ const EVERY_CLIENT: [HeaderName; 16] = [
     CONTENT_LENGTH,
     CONTENT_TYPE,
     CONTENT_ENCODING,
-    TRANSFER_ENCODING,
-    CONNECTION,
-    TE,
-    TRAILER,
-    UPGRADE,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    PROXY_AUTHORIZATION,
-    PROXY_AUTHENTICATE,
 ];
 
 /// At most this many names a request (then a count of the rest), as `removed` is bounded.
@@ -78,7 +68,8 @@ impl Known {
     }
 
     pub(super) fn param(&self, name: &str) -> bool {
-        self.params.iter().any(|p| *p == *fold(name))
+        let folded = fold(name);
+        self.params.iter().any(|p| *p == *folded)
     }
 
     pub(super) fn header(&self, name: &HeaderName) -> bool {

@@ -73,6 +73,32 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
     CONTENT_ENCODING,
 ];
 
+/// Headers for one hop only (RFC 9110 §7.6.1, and the proxy's own), never forwarded: typed, so
+/// naming them parses no name.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::TE,
+    http::header::TRAILER,
+    TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// The headers of `headers` that are for one hop only: the fixed ones, and those `Connection`
+/// names. The proxy never forwards them, and they are no request data.
+pub fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+    let named = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
+    HOP_BY_HOP.into_iter().chain(named).collect()
+}
+
 /// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each
 /// stage bounded by `max_body_bytes`). On success the message is ready to leave: a changed body,
 /// and any body that was decoded, is encoded again with the same codings and carries a matching
@@ -203,8 +229,8 @@ fn apply_with<A: Guarded>(
 
 /// Name what the request carries that the pack does not know, before any rule changes it (and
 /// with `remove`, take it out): parameters (the query's and a form body's), headers, and the
-/// members of a JSON body or envelope (a member, or an event the pack does not know, whole). A
-/// multipart body's fields are not read.
+/// members of a JSON body or envelope (a member, or an event the pack does not know, whole),
+/// or the fields of a form; any other body is unclassified whole (`body:*`).
 /// Parameter names that folded match a known one are known (as the rules match them).
 fn unclassified(
     drift: Drift<'_>,
@@ -231,15 +257,8 @@ fn unclassified(
         query_edit(remove_params(&mut msg.query, &query))?;
         removed.extend(query.iter().map(|n| named("query", n)));
     }
-    // Headers the `Connection` header names are for one hop only: they never leave.
-    let hop: Vec<HeaderName> = msg
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    // Headers for one hop only never leave: nothing to name.
+    let hop = hop_by_hop(&msg.headers);
     let headers: Vec<HeaderName> = msg
         .headers
         .keys()
@@ -256,27 +275,56 @@ fn unclassified(
     // The body as the feature's receiver reads it: JSON when the pack knows JSON members (Go
     // services decode it whatever the Content-Type says), else the fields of a form.
     if known.json.is_empty() {
-        if let FormBody::Urlencoded(slot) = body.params(&msg.headers)? {
-            let form = unknown_params(slot).map_err(|()| RewriteError::AmbiguousForm)?;
-            names.extend(form.iter().map(|n| named("form", n)));
-            if drift.remove && !form.is_empty() {
-                form_edit(remove_params(slot, &form))?;
-                removed.extend(form.iter().map(|n| named("form", n)));
-                body.touch();
+        let opaque = match body.params(&msg.headers)? {
+            FormBody::Urlencoded(slot) => {
+                let form = unknown_params(slot).map_err(|()| RewriteError::AmbiguousForm)?;
+                names.extend(form.iter().map(|n| named("form", n)));
+                if drift.remove && !form.is_empty() {
+                    form_edit(remove_params(slot, &form))?;
+                    removed.extend(form.iter().map(|n| named("form", n)));
+                    body.touch();
+                }
+                false
+            }
+            FormBody::Multipart(parts) => {
+                let mut form = parts.names();
+                form.retain(|n| !known.param(n));
+                names.extend(form.iter().map(|n| named("form", n)));
+                if drift.remove && !form.is_empty() {
+                    for n in &form {
+                        parts.remove(n);
+                    }
+                    removed.extend(form.iter().map(|n| named("form", n)));
+                    body.touch();
+                }
+                false
+            }
+            FormBody::None => !body.is_empty(),
+        };
+        // A body that is neither JSON the pack knows members of nor a form: what it holds
+        // cannot be told apart, so it is unclassified whole (and goes whole with `remove`).
+        if opaque {
+            names.push("body:*".into());
+            if drift.remove {
+                body.clear();
+                removed.push("body:*".into());
             }
         }
     } else {
-        for part in body.json()? {
-            let within = part.within.as_deref();
+        body.each_json(|part| {
+            let within = part.within.label();
             let (n, labels) = part.doc.unclassified(known, drift.remove);
-            let named: Vec<String> = labels.iter().map(|l| json_path(within, l)).collect();
+            let named: Vec<String> = labels
+                .iter()
+                .map(|l| json_path(within.as_deref(), l))
+                .collect();
             unnamed += n - named.len();
             if drift.remove && n > 0 {
                 *part.changed = true;
                 removed.extend(named.iter().cloned());
             }
             names.extend(named);
-        }
+        })?;
     }
     edits.unclassified = bounded(names, unnamed);
     let unremoved = if drift.remove { unnamed } else { 0 };
@@ -299,11 +347,8 @@ fn remove_params(slot: &mut Option<String>, names: &[String]) -> Result<bool, ()
 /// empty: no member is there).
 fn holds(conditions: &[Condition], body: &mut Body) -> Result<bool, RewriteError> {
     for condition in conditions {
-        let found: Vec<String> = body
-            .json()?
-            .into_iter()
-            .flat_map(|part| part.doc.strings(&condition.selector))
-            .collect();
+        let mut found: Vec<String> = Vec::new();
+        body.each_json(|part| found.extend(part.doc.strings(&condition.selector)))?;
         if !condition.holds(&found) {
             return Ok(false);
         }
@@ -373,17 +418,16 @@ fn edit_json(
     list: &mut Vec<String>,
     mut edit: impl FnMut(&mut Doc) -> Vec<String>,
 ) -> Result<(), RewriteError> {
-    for part in body.json()? {
+    body.each_json(|part| {
         let changed = edit(part.doc);
         if !changed.is_empty() {
             *part.changed = true;
-            match part.within {
+            match part.within.label() {
                 None => list.extend(changed),
                 Some(within) => list.extend(changed.iter().map(|c| format!("{within}:{c}"))),
             }
         }
-    }
-    Ok(())
+    })
 }
 
 /// Apply one edit to a parameter wherever Go's `Request.FormValue` reads it: the
@@ -484,14 +528,14 @@ fn keep(
     }
     if !json.is_empty() {
         let mut n = 0;
-        for part in body.json()? {
+        body.each_json(|part| {
             let kept: BTreeSet<Vec<Step>> = json.iter().flat_map(|j| part.doc.located(j)).collect();
             let pruned = part.doc.prune(&kept);
             if pruned > 0 {
                 *part.changed = true;
             }
             n += pruned;
-        }
+        })?;
         note("json", n);
     }
     Ok(())
@@ -507,6 +551,8 @@ enum Body {
         changed: bool,
     },
     Envelope(Envelope),
+    /// Removed whole: it leaves empty.
+    Cleared,
     /// An urlencoded body, as text.
     Form {
         params: Option<String>,
@@ -695,8 +741,26 @@ impl Doc {
 struct JsonPart<'b> {
     doc: &'b mut Doc,
     changed: &'b mut bool,
-    /// Where in an envelope (`envelope.items[0]`), for the record.
-    within: Option<String>,
+    within: Within,
+}
+
+/// Which document of a body a [`JsonPart`] is.
+#[derive(Clone, Copy)]
+enum Within {
+    Body,
+    EnvelopeHeader,
+    EnvelopeItem(usize),
+}
+
+impl Within {
+    /// How the record names the part (`envelope.items[0]`); `None` for a plain body.
+    fn label(self) -> Option<String> {
+        match self {
+            Within::Body => None,
+            Within::EnvelopeHeader => Some("envelope.header".into()),
+            Within::EnvelopeItem(i) => Some(format!("envelope.items[{i}]")),
+        }
+    }
 }
 
 impl Body {
@@ -708,9 +772,9 @@ impl Body {
         }
     }
 
-    /// The JSON documents: the body's, or each part of an envelope; none for an empty body
-    /// (nothing to strip).
-    fn json(&mut self) -> Result<Vec<JsonPart<'_>>, RewriteError> {
+    /// Hand each JSON document to `each`: the body's, or each part of an envelope; none for an
+    /// empty body (nothing to strip).
+    fn each_json(&mut self, mut each: impl FnMut(JsonPart<'_>)) -> Result<(), RewriteError> {
         if let Body::Raw(raw, names, engine, envelope) = self {
             let names = std::mem::take(names);
             let engine = *engine;
@@ -730,34 +794,33 @@ impl Body {
             };
         }
         match self {
-            Body::Empty => Ok(Vec::new()),
-            Body::Json { doc, changed } => Ok(vec![JsonPart {
+            Body::Empty | Body::Cleared => {}
+            Body::Json { doc, changed } => each(JsonPart {
                 doc,
                 changed,
-                within: None,
-            }]),
+                within: Within::Body,
+            }),
             Body::Envelope(env) => {
-                let header = std::iter::once(("envelope.header".to_string(), &mut env.header));
+                let header = std::iter::once((Within::EnvelopeHeader, &mut env.header));
                 let items = env
                     .items
                     .iter_mut()
                     .enumerate()
-                    .map(|(i, item)| (format!("envelope.items[{i}]"), &mut item.payload));
-                Ok(header
-                    .chain(items)
-                    .filter_map(|(within, part)| {
-                        let doc = part.doc.as_mut()?;
-                        Some(JsonPart {
+                    .map(|(i, item)| (Within::EnvelopeItem(i), &mut item.payload));
+                for (within, part) in header.chain(items) {
+                    if let Some(doc) = part.doc.as_mut() {
+                        each(JsonPart {
                             doc,
                             changed: &mut part.changed,
-                            within: Some(within),
-                        })
-                    })
-                    .collect())
+                            within,
+                        });
+                    }
+                }
             }
-            Body::Form { .. } | Body::Multipart { .. } => Err(RewriteError::NotJson),
+            Body::Form { .. } | Body::Multipart { .. } => return Err(RewriteError::NotJson),
             Body::Raw(..) => unreachable!("raw body was parsed above"),
         }
+        Ok(())
     }
 
     /// The body as a form's parameters, parsed on first use; not a form (another type, an
@@ -782,8 +845,19 @@ impl Body {
         Ok(match self {
             Body::Form { params, .. } => FormBody::Urlencoded(params),
             Body::Multipart { form, .. } => FormBody::Multipart(form),
-            Body::Empty | Body::Json { .. } | Body::Envelope(_) | Body::Raw(..) => FormBody::None,
+            Body::Empty | Body::Cleared | Body::Json { .. } | Body::Envelope(_) | Body::Raw(..) => {
+                FormBody::None
+            }
         })
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Body::Empty)
+    }
+
+    /// Remove the body whole.
+    fn clear(&mut self) {
+        *self = Body::Cleared;
     }
 
     /// Note that a rule changed the parsed form, so `finish` re-serializes it.
@@ -798,6 +872,7 @@ impl Body {
         Ok(match self {
             Body::Json { doc, changed: true } => doc.serialize(),
             Body::Envelope(env) if env.changed() => Some(env.serialize()?),
+            Body::Cleared => Some(Bytes::new()),
             Body::Form {
                 params,
                 changed: true,

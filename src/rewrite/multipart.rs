@@ -53,6 +53,11 @@ impl Multipart {
         Ok(Multipart { boundary, parts })
     }
 
+    /// The parts' names, as `Content-Disposition` gives them.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.parts.iter().map(|p| p.name.clone()).collect()
+    }
+
     /// Remove every part a receiver could read as `name` (folded, as for query names).
     pub(super) fn remove(&mut self, name: &str) -> bool {
         let before = self.parts.len();

@@ -226,7 +226,7 @@ impl SpanDoc {
                 if self.node(kid).removed {
                     continue;
                 }
-                let in_event = if event == NONE && array && self.holds_event(kid) {
+                let in_event = if event == NONE && array && self.event_member(kid).is_some() {
                     kid
                 } else {
                     event
@@ -251,12 +251,13 @@ impl SpanDoc {
         out
     }
 
-    /// Whether a node is an object holding a string member `event`.
-    fn holds_event(&self, id: NodeId) -> bool {
-        self.node(id).kind == Kind::Object
-            && self
-                .live_kids(id)
-                .any(|m| self.key(m) == "event" && self.value_bytes(m).first() == Some(&b'"'))
+    /// The string member `event` of an object node, if it holds one.
+    fn event_member(&self, id: NodeId) -> Option<NodeId> {
+        if self.node(id).kind != Kind::Object {
+            return None;
+        }
+        self.live_kids(id)
+            .find(|m| self.key(*m) == "event" && self.value_bytes(*m).first() == Some(&b'"'))
     }
 
     /// The path to a node as the record names it: member names, and array items by the string
@@ -270,11 +271,7 @@ impl SpanDoc {
             }
             labels.push(match self.node(parent).kind {
                 Kind::Object => Label::Name(self.key(id).to_string()),
-                _ => Label::Item(
-                    self.live_kids(id)
-                        .find(|m| self.node(id).kind == Kind::Object && self.key(*m) == "event")
-                        .and_then(|m| self.string(m)),
-                ),
+                _ => Label::Item(self.event_member(id).and_then(|m| self.string(m))),
             });
             id = parent;
         }

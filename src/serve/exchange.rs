@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HOST};
+use http::header::{self, HeaderMap, HOST};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
@@ -461,34 +461,10 @@ fn with_target(uri: &Uri, path: &str, query: Option<&str>) -> Uri {
 
 /// Remove connection-scoped headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    for name in rewrite::hop_by_hop(headers) {
         headers.remove(name);
     }
 }
-
-/// Headers for one hop only (RFC 9110 §7.6.1, and the proxy's own), never forwarded; typed, so
-/// removing them parses no name.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// A body that counts the data it yields into a shared counter.
 struct Counted<B> {

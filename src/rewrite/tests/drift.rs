@@ -114,3 +114,54 @@ fn a_thousand_unknown_events_cost_a_count_not_a_thousand_names() {
         }
     }
 }
+
+#[test]
+fn a_body_the_pack_reads_no_member_of_is_checked_too() {
+    // A pack that knows parameters only: the fields of a form are parameters; any other body
+    // cannot be told apart, and is unclassified whole.
+    let known_selectors = [Selector::Query("id".into())];
+    let known = Known::new(&known_selectors);
+    let multipart_type = ("content-type", "multipart/form-data; boundary=B0undary");
+    let urlencoded = ("content-type", "application/x-www-form-urlencoded");
+    let text = ("content-type", "text/plain");
+    /// (body, its Content-Type, the names, what is left with `remove`)
+    type Case<'a> = (&'a str, (&'a str, &'a str), &'a [&'a str], &'a str);
+    let cases: [Case; 3] = [
+        (
+            &multipart(&[("id", "1"), ("note", "jane.doe@acme.example")]),
+            multipart_type,
+            &["form:note"],
+            &multipart(&[("id", "1")]),
+        ),
+        ("id=1&note=x", urlencoded, &["form:note"], "id=1"),
+        ("jane.doe@acme.example", text, &["body:*"], ""),
+    ];
+    for (body, content_type, want, left) in cases {
+        for remove in [false, true] {
+            let mut m = msg(None, &[content_type], body);
+            let drift = Drift {
+                known: &known,
+                remove,
+            };
+            let edits = apply_with_drift::<Action>(&[], &mut m, 1 << 20, drift).expect("reads");
+            assert_eq!(edits.unclassified, want, "{body:?}");
+            let expected = if remove { left } else { body };
+            assert_eq!(&m.body[..], expected.as_bytes(), "{body:?} remove={remove}");
+            if remove {
+                assert_eq!(edits.removed, want);
+                assert_eq!(
+                    m.headers[CONTENT_LENGTH],
+                    expected.len().to_string().as_str()
+                );
+            }
+        }
+    }
+    // An empty body carries nothing.
+    let mut m = msg(None, &[text], "");
+    let drift = Drift {
+        known: &known,
+        remove: false,
+    };
+    let edits = apply_with_drift::<Action>(&[], &mut m, 1 << 20, drift).expect("reads");
+    assert!(edits.unclassified.is_empty());
+}
