@@ -9,8 +9,11 @@ use http::header::{
 };
 use http::HeaderName;
 
+use std::sync::Arc;
+
 use super::fold::fold;
-use super::selector::{JsonSelector, Selector};
+use super::keys::Names;
+use super::selector::{Guarded, JsonSelector, Selector};
 
 /// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
 /// feature. (Those for one hop only are never forwarded: `super::hop_by_hop`.)
@@ -42,6 +45,8 @@ pub struct Known {
     pub(super) params: Vec<String>,
     pub(super) headers: Vec<HeaderName>,
     pub(super) json: Vec<JsonSelector>,
+    /// The member names `json` names, as receivers bind them: what a body is read with.
+    pub(super) names: Arc<Names>,
 }
 
 impl Known {
@@ -64,7 +69,27 @@ impl Known {
                 Selector::Json(j) => known.json.push(j.clone()),
             }
         }
+        let mut names = Names::default();
+        for sel in &known.json {
+            names.add(sel);
+        }
+        known.names = Arc::new(names);
         known
+    }
+
+    /// Whether every member name `rules` select or test is among these, spelt alike.
+    pub(super) fn names_all<A: Guarded>(&self, rules: &[A]) -> bool {
+        rules.iter().all(|rule| {
+            let selected = rule.action().selectors().filter_map(|sel| match sel {
+                Selector::Json(j) => Some(j),
+                _ => None,
+            });
+            let tested = rule.conditions().iter().map(|c| &c.selector);
+            selected
+                .chain(tested)
+                .flat_map(|j| &j.names)
+                .all(|n| self.names.spelling_of(n) == Some(n.as_str()))
+        })
     }
 
     pub(super) fn param(&self, name: &str) -> bool {

@@ -13,7 +13,7 @@ use super::selector::{Guarded, JsonSelector, Selector};
 
 /// The member names a request's rules name, by folded form: how a member spelt another way
 /// (`Channel_Name`, `meſſage`) is found, as a Go receiver would bind it.
-#[derive(Clone, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Names {
     /// Folded form → index into `spellings`.
     by_fold: HashMap<String, u32>,

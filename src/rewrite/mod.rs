@@ -26,6 +26,7 @@ mod spans;
 mod tree;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
@@ -178,10 +179,19 @@ fn apply_with<A: Guarded>(
         .get_all(CONTENT_TYPE)
         .iter()
         .any(|v| envelope::declared(v.as_bytes()));
-    let mut names = Names::of(rules);
-    for sel in known.iter().flat_map(|k| &k.json) {
-        names.add(sel);
-    }
+    let names = match known {
+        // What the pack knows holds every name of its rules (the policy builds it so): its
+        // names, built once when the policy was loaded, are the rules' too.
+        Some(k) if k.names_all(rules) => k.names.clone(),
+        Some(k) => {
+            let mut names = Names::of(rules);
+            for sel in &k.json {
+                names.add(sel);
+            }
+            Arc::new(names)
+        }
+        None => Arc::new(Names::of(rules)),
+    };
     let mut body = Body::new(plain.clone(), names, engine, envelope);
     if let Some(drift) = drift {
         unclassified(drift, msg, &mut body, &mut edits)?;
@@ -544,7 +554,7 @@ fn keep(
 /// The body, parsed on first use by whichever kind of rule reads it.
 enum Body {
     /// Not parsed yet; `true`: its `Content-Type` declares a Sentry envelope.
-    Raw(Bytes, Names, Engine, bool),
+    Raw(Bytes, Arc<Names>, Engine, bool),
     Empty,
     Json {
         doc: Doc,
@@ -764,7 +774,7 @@ impl Within {
 }
 
 impl Body {
-    fn new(raw: Bytes, names: Names, engine: Engine, envelope: bool) -> Self {
+    fn new(raw: Bytes, names: Arc<Names>, engine: Engine, envelope: bool) -> Self {
         if raw.is_empty() {
             Body::Empty
         } else {
@@ -778,7 +788,7 @@ impl Body {
         if let Body::Raw(raw, names, engine, envelope) = self {
             let names = std::mem::take(names);
             let engine = *engine;
-            let read = |raw: &Bytes, names: Names| -> Result<Doc, RewriteError> {
+            let read = |raw: &Bytes, names: Arc<Names>| -> Result<Doc, RewriteError> {
                 Ok(match engine {
                     Engine::Spans => Doc::Spans(SpanDoc::parse(raw, names)?),
                     Engine::Tree => Doc::Tree(parse_json(raw, names)?),

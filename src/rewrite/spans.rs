@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -39,7 +40,7 @@ pub(crate) struct SpanDoc {
     decoded: Vec<Box<str>>,
     /// Replacement string literals (indexed from `Node::replaced`).
     replaced: Vec<Box<str>>,
-    names: Names,
+    names: Arc<Names>,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
 }

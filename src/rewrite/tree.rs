@@ -5,6 +5,7 @@
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
@@ -19,7 +20,7 @@ use super::selector::JsonSelector;
 /// A JSON body read into a tree, with the names its rules look for.
 pub(super) struct TreeDoc {
     value: Value,
-    names: Names,
+    names: Arc<Names>,
     /// Some member is spelt otherwise than the rules spell the name it binds to
     /// (`Channel_Name` for `channel_name`): queries then run on a copy spelt the rules' way.
     respelt: bool,
@@ -33,7 +34,7 @@ pub(super) struct TreeDoc {
 /// upstream reads the other), two members that bind to one name a rule names (`message` and
 /// `Message`), and keys with control characters. Returns the document and whether some member
 /// is spelt otherwise than the rules spell it.
-pub(super) fn parse_json(raw: &[u8], names: Names) -> Result<TreeDoc, RewriteError> {
+pub(super) fn parse_json(raw: &[u8], names: Arc<Names>) -> Result<TreeDoc, RewriteError> {
     let mut de = serde_json::Deserializer::from_slice(raw);
     let respelt = Cell::new(false);
     let refused = Cell::new(None);

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -13,7 +14,7 @@ use crate::rewrite::keys::{check_key, Names};
 
 impl SpanDoc {
     /// Parse and check `raw` (see `tree::parse_json` for what is refused and why).
-    pub(crate) fn parse(raw: &Bytes, names: Names) -> Result<SpanDoc, RewriteError> {
+    pub(crate) fn parse(raw: &Bytes, names: Arc<Names>) -> Result<SpanDoc, RewriteError> {
         std::str::from_utf8(raw).map_err(|_| RewriteError::NotJson)?;
         if u32::try_from(raw.len()).is_err() {
             return Err(RewriteError::TooLarge);

@@ -20,7 +20,7 @@ fn escaped_strings_read_as_serde_json_reads_them() {
         r#"{"\ud800\u0041":1}"#,
         r#"{"\q":1}"#,
     ] {
-        let ours = SpanDoc::parse(&Bytes::from(body), Names::default());
+        let ours = SpanDoc::parse(&Bytes::from(body), Arc::default());
         let theirs = serde_json::from_str::<serde_json::Map<String, Value>>(body);
         assert_eq!(ours.is_ok(), theirs.is_ok(), "{body}");
         if let (Ok(doc), Ok(map)) = (ours, theirs) {

@@ -68,6 +68,9 @@ fn what_the_pack_does_not_know_is_named_and_removed_on_request() {
         json("$.batch[*].integrations"),
     ]))];
     let known = Known::new(known_selectors.iter().chain(rules[0].selectors()));
+    // The names the body is read with are the ones built with what the pack knows.
+    assert!(known.names_all(&rules));
+    assert!(!Known::new(&known_selectors).names_all(&rules));
     let mut m = msg(Some("id=1"), &headers[..1], body);
     let edits = apply_with_drift(
         &rules,
