@@ -1,4 +1,5 @@
-//! Drift: what a request carried that the pack does not know (DESIGN §9 `unclassified`). A
+//! Drift: what a request carried that the pack does not know (DESIGN §9 `unclassified`), and
+//! [`check`], which names it (and with `remove`, takes it out) before the rules run. A
 //! feature's pack knows the names its rules select (of any category, withheld or not) and those
 //! it lists as `known`; a parameter, a header or a JSON member none of them names, is in or
 //! leads to, is unclassified. It is recorded by name, never by value, and with
@@ -11,9 +12,12 @@ use http::HeaderName;
 
 use std::sync::Arc;
 
+use super::error::RewriteError;
 use super::fold::fold;
 use super::keys::Names;
+use super::params::{edit_params, form_edit, query_edit, Params};
 use super::selector::{Guarded, JsonSelector, Selector};
+use super::{hop_by_hop, Body, Edits, FormBody, Message};
 
 /// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
 /// feature. (Those for one hop only are never forwarded: `super::hop_by_hop`.)
@@ -191,6 +195,122 @@ pub(super) fn bounded(names: Vec<String>, unnamed: usize) -> Vec<String> {
         out.push(format!("({more} more)"));
     }
     out
+}
+
+/// Name what the request carries that the pack does not know, before any rule changes it (and
+/// with `remove`, take it out): parameters (the query's and a form body's), headers, and the
+/// members of a JSON body or envelope (a member, or an event the pack does not know, whole),
+/// or the fields of a form; any other body is unclassified whole (`body:*`).
+/// Parameter names that folded match a known one are known (as the rules match them).
+pub(super) fn check(
+    drift: Drift<'_>,
+    msg: &mut Message,
+    body: &mut Body,
+    edits: &mut Edits,
+) -> Result<(), RewriteError> {
+    let known = drift.known;
+    let mut names = Vec::new();
+    let mut removed = Vec::new();
+    // JSON members and events found but not named (past the first `drift::NAMED`).
+    let mut unnamed = 0;
+    let unknown_params = |slot: &Option<String>| -> Result<Vec<String>, ()> {
+        let Some(text) = slot.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let mut names = Params::parse(text)?.names();
+        names.retain(|n| !known.param(n));
+        Ok(names)
+    };
+    let query = unknown_params(&msg.query).map_err(|()| RewriteError::AmbiguousQuery)?;
+    names.extend(query.iter().map(|n| named("query", n)));
+    if drift.remove && !query.is_empty() {
+        query_edit(remove_params(&mut msg.query, &query))?;
+        removed.extend(query.iter().map(|n| named("query", n)));
+    }
+    // Headers for one hop only never leave: nothing to name.
+    let hop = hop_by_hop(&msg.headers);
+    let headers: Vec<HeaderName> = msg
+        .headers
+        .keys()
+        .filter(|h| !known.header(h) && !hop.contains(h))
+        .cloned()
+        .collect();
+    for h in &headers {
+        names.push(named("header", h.as_str()));
+        if drift.remove {
+            msg.headers.remove(h);
+            removed.push(named("header", h.as_str()));
+        }
+    }
+    // The body as the feature's receiver reads it: JSON when the pack knows JSON members (Go
+    // services decode it whatever the Content-Type says), else the fields of a form.
+    if known.json.is_empty() {
+        let opaque = match body.params(&msg.headers)? {
+            FormBody::Urlencoded(slot) => {
+                let form = unknown_params(slot).map_err(|()| RewriteError::AmbiguousForm)?;
+                names.extend(form.iter().map(|n| named("form", n)));
+                if drift.remove && !form.is_empty() {
+                    form_edit(remove_params(slot, &form))?;
+                    removed.extend(form.iter().map(|n| named("form", n)));
+                    body.touch();
+                }
+                false
+            }
+            FormBody::Multipart(parts) => {
+                let mut form = parts.names();
+                form.retain(|n| !known.param(n));
+                names.extend(form.iter().map(|n| named("form", n)));
+                if drift.remove && !form.is_empty() {
+                    for n in &form {
+                        parts.remove(n);
+                    }
+                    removed.extend(form.iter().map(|n| named("form", n)));
+                    body.touch();
+                }
+                false
+            }
+            FormBody::None => !body.is_empty(),
+        };
+        // A body that is neither JSON the pack knows members of nor a form: what it holds
+        // cannot be told apart, so it is unclassified whole (and goes whole with `remove`).
+        if opaque {
+            names.push("body:*".into());
+            if drift.remove {
+                body.clear();
+                removed.push("body:*".into());
+            }
+        }
+    } else {
+        body.each_json(|part| {
+            let within = part.within.label();
+            let (n, labels) = part.doc.unclassified(known, drift.remove);
+            let named: Vec<String> = labels
+                .iter()
+                .map(|l| json_path(within.as_deref(), l))
+                .collect();
+            unnamed += n - named.len();
+            if drift.remove && n > 0 {
+                *part.changed = true;
+                removed.extend(named.iter().cloned());
+            }
+            names.extend(named);
+        })?;
+    }
+    edits.unclassified = bounded(names, unnamed);
+    let unremoved = if drift.remove { unnamed } else { 0 };
+    edits.removed.extend(bounded(removed, unremoved));
+    Ok(())
+}
+
+/// Remove every parameter named `names` from `slot`; whether any was there.
+fn remove_params(slot: &mut Option<String>, names: &[String]) -> Result<bool, ()> {
+    edit_params(slot, |p| {
+        let mut hit = false;
+        for name in names {
+            hit |= p.remove(name);
+        }
+        hit
+    })
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use drift::{bounded, json_path, named, Label};
+use drift::Label;
 pub use drift::{Drift, Known};
 use envelope::Envelope;
 pub use error::RewriteError;
@@ -194,7 +194,7 @@ fn apply_with<A: Guarded>(
     };
     let mut body = Body::new(plain.clone(), names, engine, envelope);
     if let Some(drift) = drift {
-        unclassified(drift, msg, &mut body, &mut edits)?;
+        drift::check(drift, msg, &mut body, &mut edits)?;
     }
     for (i, rule) in rules.iter().enumerate() {
         if !holds(rule.conditions(), &mut body)? {
@@ -235,122 +235,6 @@ fn apply_with<A: Guarded>(
         msg.body = new_body;
     }
     Ok(edits)
-}
-
-/// Name what the request carries that the pack does not know, before any rule changes it (and
-/// with `remove`, take it out): parameters (the query's and a form body's), headers, and the
-/// members of a JSON body or envelope (a member, or an event the pack does not know, whole),
-/// or the fields of a form; any other body is unclassified whole (`body:*`).
-/// Parameter names that folded match a known one are known (as the rules match them).
-fn unclassified(
-    drift: Drift<'_>,
-    msg: &mut Message,
-    body: &mut Body,
-    edits: &mut Edits,
-) -> Result<(), RewriteError> {
-    let known = drift.known;
-    let mut names = Vec::new();
-    let mut removed = Vec::new();
-    // JSON members and events found but not named (past the first `drift::NAMED`).
-    let mut unnamed = 0;
-    let unknown_params = |slot: &Option<String>| -> Result<Vec<String>, ()> {
-        let Some(text) = slot.as_deref() else {
-            return Ok(Vec::new());
-        };
-        let mut names = Params::parse(text)?.names();
-        names.retain(|n| !known.param(n));
-        Ok(names)
-    };
-    let query = unknown_params(&msg.query).map_err(|()| RewriteError::AmbiguousQuery)?;
-    names.extend(query.iter().map(|n| named("query", n)));
-    if drift.remove && !query.is_empty() {
-        query_edit(remove_params(&mut msg.query, &query))?;
-        removed.extend(query.iter().map(|n| named("query", n)));
-    }
-    // Headers for one hop only never leave: nothing to name.
-    let hop = hop_by_hop(&msg.headers);
-    let headers: Vec<HeaderName> = msg
-        .headers
-        .keys()
-        .filter(|h| !known.header(h) && !hop.contains(h))
-        .cloned()
-        .collect();
-    for h in &headers {
-        names.push(named("header", h.as_str()));
-        if drift.remove {
-            msg.headers.remove(h);
-            removed.push(named("header", h.as_str()));
-        }
-    }
-    // The body as the feature's receiver reads it: JSON when the pack knows JSON members (Go
-    // services decode it whatever the Content-Type says), else the fields of a form.
-    if known.json.is_empty() {
-        let opaque = match body.params(&msg.headers)? {
-            FormBody::Urlencoded(slot) => {
-                let form = unknown_params(slot).map_err(|()| RewriteError::AmbiguousForm)?;
-                names.extend(form.iter().map(|n| named("form", n)));
-                if drift.remove && !form.is_empty() {
-                    form_edit(remove_params(slot, &form))?;
-                    removed.extend(form.iter().map(|n| named("form", n)));
-                    body.touch();
-                }
-                false
-            }
-            FormBody::Multipart(parts) => {
-                let mut form = parts.names();
-                form.retain(|n| !known.param(n));
-                names.extend(form.iter().map(|n| named("form", n)));
-                if drift.remove && !form.is_empty() {
-                    for n in &form {
-                        parts.remove(n);
-                    }
-                    removed.extend(form.iter().map(|n| named("form", n)));
-                    body.touch();
-                }
-                false
-            }
-            FormBody::None => !body.is_empty(),
-        };
-        // A body that is neither JSON the pack knows members of nor a form: what it holds
-        // cannot be told apart, so it is unclassified whole (and goes whole with `remove`).
-        if opaque {
-            names.push("body:*".into());
-            if drift.remove {
-                body.clear();
-                removed.push("body:*".into());
-            }
-        }
-    } else {
-        body.each_json(|part| {
-            let within = part.within.label();
-            let (n, labels) = part.doc.unclassified(known, drift.remove);
-            let named: Vec<String> = labels
-                .iter()
-                .map(|l| json_path(within.as_deref(), l))
-                .collect();
-            unnamed += n - named.len();
-            if drift.remove && n > 0 {
-                *part.changed = true;
-                removed.extend(named.iter().cloned());
-            }
-            names.extend(named);
-        })?;
-    }
-    edits.unclassified = bounded(names, unnamed);
-    let unremoved = if drift.remove { unnamed } else { 0 };
-    edits.removed.extend(bounded(removed, unremoved));
-    Ok(())
-}
-
-/// Remove every parameter named `names` from `slot`; whether any was there.
-fn remove_params(slot: &mut Option<String>, names: &[String]) -> Result<bool, ()> {
-    edit_params(slot, |p| {
-        let mut hit = false;
-        for name in names {
-            hit |= p.remove(name);
-        }
-        hit
-    })
 }
 
 /// Whether every condition holds on the body. A body with conditions on it must be JSON (or
