@@ -630,7 +630,9 @@ fn serve(path: Option<PathBuf>, mattermost: Option<PathBuf>, args: RunArgs) -> E
             config::AuditTarget::File(file, rotation)
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Accepting, reloads, the admin listener and the audit log's upkeep: connections are served
+    // on worker threads of their own (serve::workers).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

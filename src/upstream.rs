@@ -5,7 +5,11 @@
 //! Idle connections are kept only for hosts asked for before, among the last [`POOLED_HOSTS`]
 //! hosts: a host seen once (a flood of new names, each asked for once) gets a connection that
 //! closes after its response, so memory does not grow with every new name.
+//!
+//! Each worker thread has pools of its own ([`use_pool`]): a pooled connection is then served
+//! by the thread whose requests use it.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -89,23 +93,57 @@ pub trait AddressCheck: Send + Sync + 'static {
 /// idle connections (for 90 s); a host not among them gets a connection closed after use.
 pub const POOLED_HOSTS: usize = 1024;
 
+thread_local! {
+    /// Which of an [`Upstream`]'s pools this thread's requests use.
+    static POOL: Cell<usize> = const { Cell::new(0) };
+}
+
+/// From now on, requests made on this thread use pool `i` of every [`Upstream`] (wrapping
+/// around past its last). A worker thread takes one of its own; other threads share pool 0.
+pub fn use_pool(i: usize) {
+    POOL.with(|p| p.set(i));
+}
+
 /// Pooled, verified connections to upstreams.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, OutBody>,
-    /// The same, keeping no idle connection: for hosts not asked for before.
-    once: Client<Connector, OutBody>,
+    /// One pool a thread that asked for one ([`use_pool`]), and one for the others.
+    pools: Arc<[Pool]>,
     seen: Arc<Mutex<LruCache<String, ()>>>,
     dialer: Dialer,
     tls: TlsConnector,
 }
 
+/// A client keeping idle connections, and one keeping none: for hosts not asked for before.
+struct Pool {
+    client: Client<Connector, OutBody>,
+    once: Client<Connector, OutBody>,
+}
+
+impl Pool {
+    fn new(connector: &Connector) -> Pool {
+        Pool {
+            client: Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector.clone()),
+            once: Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_max_idle_per_host(0)
+                .build(connector.clone()),
+        }
+    }
+}
+
 impl Upstream {
+    /// `pools`: how many threads take a pool of their own ([`use_pool`]), plus one.
     pub fn new(
         settings: &UpstreamSettings,
         provider: Arc<CryptoProvider>,
         connect_timeout: Duration,
         check: Arc<dyn AddressCheck>,
+        pools: usize,
     ) -> Result<Self, UpstreamSetupError> {
         let mut roots = RootCertStore::empty();
         match settings.roots {
@@ -153,19 +191,9 @@ impl Upstream {
             tls: tls.clone(),
             dialer: dialer.clone(),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
-        let once = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
         let hosts = NonZeroUsize::new(POOLED_HOSTS).unwrap_or(NonZeroUsize::MIN);
         Ok(Upstream {
-            client,
-            once,
+            pools: (0..pools.max(1)).map(|_| Pool::new(&connector)).collect(),
             seen: Arc::new(Mutex::new(LruCache::new(hosts))),
             dialer,
             tls,
@@ -178,10 +206,11 @@ impl Upstream {
         req: http::Request<OutBody>,
     ) -> hyper_util::client::legacy::ResponseFuture {
         let authority = req.uri().authority().map_or("", |a| a.as_str());
+        let pool = &self.pools[POOL.with(Cell::get) % self.pools.len()];
         if self.asked_before(authority) {
-            self.client.request(req)
+            pool.client.request(req)
         } else {
-            self.once.request(req)
+            pool.once.request(req)
         }
     }
 

@@ -15,14 +15,14 @@ use super::shared::Shared;
 use crate::metrics::ListenerLabels;
 
 /// Accept connections on `listener` until shutdown, at most `max_connections` at once, each
-/// served by `serve` in a tracked task with its own span.
+/// served by `serve` in a tracked task with its own span, on one of the worker threads.
 pub(super) async fn accept_each<F, Fut>(
     shared: Arc<Shared>,
     listener: TcpListener,
     name: &'static str,
     serve: F,
 ) where
-    F: Fn(Arc<Shared>, SocketAddr, TcpStream) -> Fut,
+    F: Fn(Arc<Shared>, SocketAddr, TcpStream) -> Fut + Copy + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
@@ -48,15 +48,26 @@ pub(super) async fn accept_each<F, Fut>(
             .connections
             .get_or_create(&ListenerLabels { listener: name })
             .inc();
-        let span = tracing::info_span!("conn", client = %client, listener = name);
-        let served = serve(shared.clone(), client, tcp);
-        shared.tracker.spawn(
-            async move {
-                served.await;
-                drop(permit);
+        // The socket moves to the worker's runtime: out of this one's, into that one's there.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!(error = %e, "accepted connection could not be handed to a worker");
+                continue;
             }
-            .instrument(span),
-        );
+        };
+        let span = tracing::info_span!("conn", client = %client, listener = name);
+        let s = shared.clone();
+        let served = async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => serve(s, client, tcp).await,
+                Err(e) => warn!(error = %e, "a worker could not take an accepted connection"),
+            }
+            drop(permit);
+        };
+        shared
+            .workers
+            .spawn(shared.tracker.track_future(served.instrument(span)));
     }
 }
 

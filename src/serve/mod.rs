@@ -25,6 +25,7 @@ mod rewind;
 mod shared;
 mod transparent;
 mod tunnel;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamSetupError),
     #[error("audit log")]
     Audit(#[from] AuditError),
+    #[error("cannot start the worker threads")]
+    Workers(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -159,11 +162,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         active.subscribe(),
         config.upstream.resolve.clone(),
     ));
+    let workers = workers::Workers::start().map_err(StartError::Workers)?;
     let upstream = Upstream::new(
         &config.upstream,
         provider,
         config.limits.connect_timeout,
         gate.clone(),
+        workers.len() + 1,
     )?;
     let audit = AuditLog::open(
         &config.audit,
@@ -216,6 +221,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         token: token.clone(),
         hard_stop: CancellationToken::new(),
         tracker: tracker.clone(),
+        workers,
         draining: AtomicBool::new(false),
         sources: Sources {
             policy_file: config.policy_file.clone(),

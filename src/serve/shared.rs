@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::active::Active;
 use super::addrs::{AddressGate, Listening};
+use super::workers::Workers;
 use crate::audit::AuditLog;
 use crate::ca::CertificateAuthority;
 use crate::config::Limits;
@@ -46,6 +47,8 @@ pub(super) struct Shared {
     /// Close what is still open (tunnels) when the shutdown deadline passes.
     pub(super) hard_stop: CancellationToken,
     pub(super) tracker: TaskTracker,
+    /// The threads connections are served on.
+    pub(super) workers: Workers,
     /// SIGTERM was received: `/readyz` fails while the listeners drain.
     pub(super) draining: AtomicBool,
     /// `[listen] proxy_protocol` and `[clients] balancers`.
