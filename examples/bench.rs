@@ -3,7 +3,8 @@
 //! `bench/run.sh [--secs N] [--runs N] [--rate R] [--every N] [SCENARIO...]` builds this and
 //! the proxy and runs it. `--rate R` paces the load at R requests a second in all (a soak below
 //! the peak); `--every N` prints req/s and the proxy's RSS every N seconds of each run;
-//! `--proxy-only` skips the direct runs; `--audit-sync os|data` sets the proxy's `[audit] sync`. It
+//! `--proxy-only` skips the direct runs; `--audit-sync os|data` sets the proxy's `[audit] sync`;
+//! `--keep-audit DIR` copies each scenario's audit log there (`SCENARIO.jsonl`, to verify). It
 //! starts a fake HTTPS upstream (this program, `upstream` subcommand, its own process), then for
 //! each scenario the proxy (restarted per scenario, so its peak RSS is that scenario's own) and
 //! a closed-loop load generator: N connections, each with one request in flight. It prints
@@ -32,6 +33,10 @@ use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+#[path = "shared/payload.rs"]
+mod payload;
+use payload::payload;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -125,6 +130,7 @@ fn main() -> Result<(), Error> {
         every: None,
         proxy_only: false,
         audit_sync: None,
+        keep_audit: None,
     };
     let mut wanted = Vec::new();
     let mut it = args.into_iter();
@@ -137,6 +143,7 @@ fn main() -> Result<(), Error> {
             "--every" => opts.every = Some(Duration::from_secs(value("N")?.parse()?)),
             "--proxy-only" => opts.proxy_only = true,
             "--audit-sync" => opts.audit_sync = Some(value("os|data")?),
+            "--keep-audit" => opts.keep_audit = Some(PathBuf::from(value("DIR")?)),
             name if SCENARIOS.iter().any(|s| s.name == name) => wanted.push(name.to_string()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -162,6 +169,8 @@ struct Options {
     proxy_only: bool,
     /// `[audit] sync` for the proxy (unset: its default, and a proxy without the key runs).
     audit_sync: Option<String>,
+    /// Where to copy each scenario's audit log once its proxy has stopped.
+    keep_audit: Option<PathBuf>,
 }
 
 /// One measured run: what the load generator saw, and what the proxy used.
@@ -260,7 +269,17 @@ async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
         let start_rss = rss_mb(pid, "VmRSS:");
         let measured = median(runs, || load.run(opts, Some(pid))).await;
         let peak = rss_mb(pid, "VmHWM:");
+        if opts.keep_audit.is_some() {
+            proxy.stop_gracefully();
+        }
         proxy.stop();
+        if let Some(keep) = &opts.keep_audit {
+            std::fs::create_dir_all(keep)?;
+            std::fs::copy(
+                dir.join("audit.jsonl"),
+                keep.join(format!("{}.jsonl", s.name)),
+            )?;
+        }
         let mut m = match measured {
             Ok(m) => m,
             Err(e) => {
@@ -335,6 +354,7 @@ impl Load {
                 secs: Duration::from_secs(1),
                 every: None,
                 audit_sync: None,
+                keep_audit: None,
                 ..*opts
             };
             self.drive(&tls, &names, &warm_up, None).await?;
@@ -639,6 +659,22 @@ node = "bench"
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGTERM, and up to 60 s for the proxy to drain and write its final record.
+    fn stop_gracefully(&mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        if term.is_ok_and(|s| s.success()) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// The upstream's CA and leaf (for the feature, tunnel and minted names), as files.
@@ -735,37 +771,6 @@ async fn serve_upstream(
                 .await;
         });
     }
-}
-
-/// A JSON batch of `events` telemetry events shaped as the shared harness's payloads (eight
-/// members and a nested object each), padded to `size` bytes; each event holds an `email` and an
-/// `ip` for the rules to remove.
-fn payload(events: usize, size: usize) -> Bytes {
-    let mut items = Vec::with_capacity(events);
-    for i in 0..events {
-        items.push(format!(
-            r#"{{"event":"{}","ts":{},"session_id":"{:032x}","user_id":"u-{:08}","device_id":"{:016x}","ip":"10.{}.{}.{}","email":"user{}@example.invalid","props":{{"screen":"s{}","ms":{},"ok":{}}}}}"#,
-            ["app_open", "page_view", "purchase"][i % 3],
-            1_767_225_600_000u64 + 137 * i as u64,
-            (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834),
-            i * 7919 % 100_000_000,
-            (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
-            i % 250,
-            i / 250 % 250,
-            i % 7 + 1,
-            i * 31 % 1_000_000,
-            i % 30,
-            i * 17 % 5000,
-            i % 2 == 0
-        ));
-    }
-    let mut body = format!(
-        r#"{{"schema":"telemetry.v1","app":{{"name":"bench","version":"1.2.3"}},"events":[{}],"pad":""}}"#,
-        items.join(",")
-    );
-    let short = size.saturating_sub(body.len());
-    body.insert_str(body.len() - 2, &"x".repeat(short));
-    Bytes::from(body)
 }
 
 async fn wait_for(addr: SocketAddr) -> Result<(), Error> {
