@@ -257,10 +257,8 @@ impl SpanDoc {
         if self.node(id).kind != Kind::Object {
             return None;
         }
-        self.live_kids(id).find(|m| {
-            key_bytes(self.node(*m), &self.src, &self.decoded) == b"event"
-                && self.value_bytes(*m).first() == Some(&b'"')
-        })
+        self.live_kids(id)
+            .find(|m| self.key(*m) == "event" && self.value_bytes(*m).first() == Some(&b'"'))
     }
 
     /// The path to a node as the record names it: member names, and array items by the string

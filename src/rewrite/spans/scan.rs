@@ -163,48 +163,7 @@ impl Scanner<'_> {
         u32::try_from(self.at).unwrap_or(NONE)
     }
 
-    /// A value: a container is read here (its members and items through [`Scanner::member`]),
-    /// a scalar by [`Scanner::scalar`].
     fn value(&mut self, parent: NodeId, key: KeyOf, depth: usize) -> Result<NodeId, RewriteError> {
-        let id = self.push(parent, key)?;
-        let kind = match self.s.get(self.at) {
-            Some(b'{') => {
-                self.object(id, depth + 1)?;
-                Kind::Object
-            }
-            Some(b'[') => {
-                self.array(id, depth + 1)?;
-                Kind::Array
-            }
-            _ => {
-                self.scalar_at()?;
-                Kind::Scalar
-            }
-        };
-        let end = self.pos();
-        let node = &mut self.nodes[id as usize];
-        node.kind = kind;
-        node.end = end;
-        Ok(id)
-    }
-
-    /// A member's or an item's value: a scalar is read in place, without a call a node (most
-    /// nodes are scalars), a container by [`Scanner::value`].
-    #[inline(always)]
-    fn member(&mut self, parent: NodeId, key: KeyOf, depth: usize) -> Result<NodeId, RewriteError> {
-        if let Some(b'{' | b'[') = self.s.get(self.at) {
-            return self.value(parent, key, depth);
-        }
-        let id = self.push(parent, key)?;
-        self.scalar_at()?;
-        let end = self.pos();
-        self.nodes[id as usize].end = end;
-        Ok(id)
-    }
-
-    /// A new node starting here, a scalar until read otherwise.
-    #[inline(always)]
-    fn push(&mut self, parent: NodeId, key: KeyOf) -> Result<NodeId, RewriteError> {
         let id = NodeId::try_from(self.nodes.len()).map_err(|_| RewriteError::TooLarge)?;
         let start = self.pos();
         self.nodes.push(Node {
@@ -223,26 +182,39 @@ impl Scanner<'_> {
             key_decoded: key.decoded,
             bound: key.bound,
         });
+        let kind = match self.s.get(self.at) {
+            Some(b'{') => {
+                self.object(id, depth + 1)?;
+                Kind::Object
+            }
+            Some(b'[') => {
+                self.array(id, depth + 1)?;
+                Kind::Array
+            }
+            Some(b'"') => {
+                self.string()?;
+                Kind::Scalar
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+                Kind::Scalar
+            }
+            Some(b't') => self.literal(b"true")?,
+            Some(b'f') => self.literal(b"false")?,
+            Some(b'n') => self.literal(b"null")?,
+            _ => return Err(RewriteError::NotJson),
+        };
+        let end = self.pos();
+        let node = &mut self.nodes[id as usize];
+        node.kind = kind;
+        node.end = end;
         Ok(id)
     }
 
-    /// A string, number or literal.
-    #[inline(always)]
-    fn scalar_at(&mut self) -> Result<(), RewriteError> {
-        match self.s.get(self.at) {
-            Some(b'"') => self.string().map(drop),
-            Some(b'-' | b'0'..=b'9') => self.number(),
-            Some(b't') => self.literal(b"true"),
-            Some(b'f') => self.literal(b"false"),
-            Some(b'n') => self.literal(b"null"),
-            _ => Err(RewriteError::NotJson),
-        }
-    }
-
-    fn literal(&mut self, word: &[u8]) -> Result<(), RewriteError> {
+    fn literal(&mut self, word: &[u8]) -> Result<Kind, RewriteError> {
         if self.s[self.at..].starts_with(word) {
             self.at += word.len();
-            Ok(())
+            Ok(Kind::Scalar)
         } else {
             Err(RewriteError::NotJson)
         }
@@ -290,7 +262,7 @@ impl Scanner<'_> {
             // A key as received holds no byte below 0x20 (`string` refused it): below 0x7f
             // throughout, it is ASCII and free of control characters, known in one pass. Any
             // other key is read as text (`None`: a plain key).
-            let plain = decoded.is_none() && key.iter().fold(0, |m, &b| m.max(b)) < 0x7f;
+            let plain = decoded.is_none() && key.iter().all(|&b| b < 0x7f);
             let text = if plain {
                 None
             } else {
@@ -360,7 +332,7 @@ impl Scanner<'_> {
             self.ws();
             self.eat(b':')?;
             self.ws();
-            let member = self.member(id, key, depth)?;
+            let member = self.value(id, key, depth)?;
             self.open.push(member);
             self.ws();
             match self.s.get(self.at) {
@@ -387,7 +359,7 @@ impl Scanner<'_> {
         }
         loop {
             self.ws();
-            let item = self.member(id, NO_KEY, depth)?;
+            let item = self.value(id, NO_KEY, depth)?;
             self.open.push(item);
             self.ws();
             match self.s.get(self.at) {
