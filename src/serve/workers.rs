@@ -67,3 +67,29 @@ impl Drop for Workers {
         self.stop.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_goes_round_robin_to_threads_of_its_own() {
+        let workers = Workers::start().expect("workers start");
+        let n = workers.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..2 * n {
+            let tx = tx.clone();
+            workers.spawn(async move {
+                let name = std::thread::current().name().map(str::to_string);
+                let _ = tx.send(name);
+            });
+        }
+        let mut names: Vec<String> = rx.iter().take(2 * n).flatten().collect();
+        names.sort();
+        let mut expected: Vec<String> = (0..n)
+            .flat_map(|i| std::iter::repeat_n(format!("consent-proxy-worker-{i}"), 2))
+            .collect();
+        expected.sort();
+        assert_eq!(names, expected);
+    }
+}
