@@ -36,7 +36,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "shared/payload.rs"]
 mod payload;
-use payload::payload;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -188,7 +187,7 @@ async fn bench(scenarios: &[&Scenario], opts: &Options) -> Result<(), Error> {
     let (secs, runs) = (opts.secs, opts.runs);
     let dir = tempdir()?;
     let pki = Pki::create(&dir)?;
-    let (small, large) = (payload(3, 1024), payload(1077, 256 * 1024));
+    let (small, large) = (payload::small(), payload::large());
     let upstream_port = free_port()?;
     let mut upstream = Command::new(std::env::current_exe()?)
         .args(["upstream", &upstream_port.to_string()])

@@ -24,8 +24,8 @@ fn main() -> Result<(), Error> {
     let (body, n) = match args.as_slice() {
         [size, n] => {
             let body = match size.as_str() {
-                "small" => payload::payload(3, 1024),
-                "large" => payload::payload(1077, 256 * 1024),
+                "small" => payload::small(),
+                "large" => payload::large(),
                 other => return Err(format!("small or large, not {other:?}").into()),
             };
             (body, n.parse::<usize>()?)

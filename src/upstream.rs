@@ -94,20 +94,21 @@ pub trait AddressCheck: Send + Sync + 'static {
 pub const POOLED_HOSTS: usize = 1024;
 
 thread_local! {
-    /// Which of an [`Upstream`]'s pools this thread's requests use.
+    /// Which of an [`Upstream`]'s pools this thread's requests use: 0 is the one threads that
+    /// are no worker share, worker `i` uses `i + 1`.
     static POOL: Cell<usize> = const { Cell::new(0) };
 }
 
-/// From now on, requests made on this thread use pool `i` of every [`Upstream`] (wrapping
-/// around past its last). A worker thread takes one of its own; other threads share pool 0.
-pub fn use_pool(i: usize) {
-    POOL.with(|p| p.set(i));
+/// From now on, requests made on this thread use worker `worker`'s pool of every [`Upstream`]
+/// (wrapping around past its last); threads that never call this share one pool.
+pub fn use_pool(worker: usize) {
+    POOL.with(|p| p.set(worker + 1));
 }
 
 /// Pooled, verified connections to upstreams.
 #[derive(Clone)]
 pub struct Upstream {
-    /// One pool a thread that asked for one ([`use_pool`]), and one for the others.
+    /// One pool a worker thread ([`use_pool`]), after the one for the others.
     pools: Arc<[Pool]>,
     seen: Arc<Mutex<LruCache<String, ()>>>,
     dialer: Dialer,
@@ -137,13 +138,13 @@ impl Pool {
 }
 
 impl Upstream {
-    /// `pools`: how many threads take a pool of their own ([`use_pool`]), plus one.
+    /// `workers`: how many threads take a pool of their own ([`use_pool`]).
     pub fn new(
         settings: &UpstreamSettings,
         provider: Arc<CryptoProvider>,
         connect_timeout: Duration,
         check: Arc<dyn AddressCheck>,
-        pools: usize,
+        workers: usize,
     ) -> Result<Self, UpstreamSetupError> {
         let mut roots = RootCertStore::empty();
         match settings.roots {
@@ -193,7 +194,7 @@ impl Upstream {
         };
         let hosts = NonZeroUsize::new(POOLED_HOSTS).unwrap_or(NonZeroUsize::MIN);
         Ok(Upstream {
-            pools: (0..pools.max(1)).map(|_| Pool::new(&connector)).collect(),
+            pools: (0..=workers).map(|_| Pool::new(&connector)).collect(),
             seen: Arc::new(Mutex::new(LruCache::new(hosts))),
             dialer,
             tls,

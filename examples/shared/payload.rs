@@ -2,10 +2,20 @@
 
 use bytes::Bytes;
 
+/// The 1 KiB batch of the `small` scenarios: three events.
+pub fn small() -> Bytes {
+    payload(3, 1024)
+}
+
+/// The 256 KiB batch of `large-c16`: 1,077 events.
+pub fn large() -> Bytes {
+    payload(1077, 256 * 1024)
+}
+
 /// A JSON batch of `events` telemetry events shaped as the shared harness's payloads (eight
 /// members and a nested object each), padded to `size` bytes; each event holds an `email` and an
 /// `ip` for the rules to remove.
-pub fn payload(events: usize, size: usize) -> Bytes {
+fn payload(events: usize, size: usize) -> Bytes {
     let mut items = Vec::with_capacity(events);
     for i in 0..events {
         items.push(format!(

@@ -168,7 +168,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         provider,
         config.limits.connect_timeout,
         gate.clone(),
-        workers.len() + 1,
+        workers.len(),
     )?;
     let audit = AuditLog::open(
         &config.audit,

@@ -35,7 +35,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("consent-proxy-worker-{i}"))
                 .spawn(move || {
-                    upstream::use_pool(i + 1);
+                    upstream::use_pool(i);
                     runtime.block_on(stop.cancelled());
                 })?;
         }
