@@ -10,6 +10,7 @@ use http::header::{
 };
 use http::HeaderName;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::error::RewriteError;
@@ -114,11 +115,12 @@ pub struct Drift<'k> {
     pub remove: bool,
 }
 
-/// One step of the path to an unclassified member, as the record names it.
-pub(super) enum Label {
-    Name(String),
+/// One step of the path to an unclassified member, as the record names it: borrowed from the
+/// document (a name is copied once, into the record's string).
+pub(super) enum Label<'d> {
+    Name(&'d str),
     /// An array item, by the `event` member it holds (Rudder's and Segment's event name).
-    Item(Option<String>),
+    Item(Option<Cow<'d, str>>),
 }
 
 /// Whether a name may stand in the record: it looks like an identifier a program chose, not
@@ -142,8 +144,16 @@ pub(super) fn named(kind: &str, name: &str) -> String {
 
 /// A JSON member's path as JSONPath: names in dot notation, array items by their `event`
 /// (`[?@.event == 'activity']`) or `[*]`; `within` names the part of an envelope.
-pub(super) fn json_path(within: Option<&str>, labels: &[Label]) -> String {
-    let mut out = String::new();
+pub(super) fn json_path(within: Option<&str>, labels: &[Label<'_>]) -> String {
+    // What the longest rendering takes: one allocation a name.
+    let room = labels
+        .iter()
+        .map(|l| match l {
+            Label::Name(n) => n.len() + 4,
+            Label::Item(e) => e.as_ref().map_or(0, |e| e.len()) + 16,
+        })
+        .sum::<usize>();
+    let mut out = String::with_capacity(within.map_or(0, |w| w.len() + 1) + 6 + room);
     if let Some(within) = within {
         out.push_str(within);
         out.push(':');
@@ -283,11 +293,9 @@ pub(super) fn check(
     } else {
         body.each_json(|part| {
             let within = part.within.label();
-            let (n, labels) = part.doc.unclassified(known, drift.remove);
-            let named: Vec<String> = labels
-                .iter()
-                .map(|l| json_path(within.as_deref(), l))
-                .collect();
+            let (n, named) = part
+                .doc
+                .unclassified(known, drift.remove, within.as_deref());
             unnamed += n - named.len();
             if drift.remove && n > 0 {
                 *part.changed = true;
@@ -323,20 +331,20 @@ mod tests {
         assert_eq!(named("query", "jane.doe@acme.example"), "query:*");
         assert_eq!(named("header", &"x".repeat(65)), "header:*");
         let labels = [
-            Label::Name("batch".into()),
+            Label::Name("batch"),
             Label::Item(Some("nps_nps_feedback".into())),
-            Label::Name("properties".into()),
-            Label::Name("email".into()),
+            Label::Name("properties"),
+            Label::Name("email"),
         ];
         assert_eq!(
             json_path(None, &labels),
             "json:$.batch[?@.event == 'nps_nps_feedback'].properties.email"
         );
         let labels = [
-            Label::Name("48".into()),
+            Label::Name("48"),
             Label::Item(Some("it's".into())),
-            Label::Name("Alice Smith".into()),
-            Label::Name("x-y".into()),
+            Label::Name("Alice Smith"),
+            Label::Name("x-y"),
         ];
         assert_eq!(
             json_path(Some("envelope.items[0]"), &labels),

@@ -213,20 +213,15 @@ pub(super) fn render_into(out: &mut String, path: &[Step]) {
     for step in path {
         match step {
             Step::Index(i) => {
-                let mut digits = [0u8; 20];
-                let mut at = digits.len();
-                let mut n = *i;
-                loop {
-                    at -= 1;
-                    digits[at] = b'0' + (n % 10) as u8;
-                    n /= 10;
-                    if n == 0 {
-                        break;
-                    }
-                }
                 out.push('[');
-                out.extend(digits[at..].iter().map(|&d| char::from(d)));
+                out.push_str(itoa::Buffer::new().format(*i));
                 out.push(']');
+            }
+            // Most names need no escape: copied whole.
+            Step::Name(n) if !n.bytes().any(|b| b == b'\'' || b == b'\\' || b < 0x20) => {
+                out.push_str("['");
+                out.push_str(n);
+                out.push_str("']");
             }
             Step::Name(n) => {
                 out.push_str("['");

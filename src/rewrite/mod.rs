@@ -32,7 +32,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use drift::Label;
 pub use drift::{Drift, Known};
 use envelope::Envelope;
 pub use error::RewriteError;
@@ -535,42 +534,47 @@ impl Doc {
     /// What no selector of `known` names, is in or leads to: a member, or the whole event (an
     /// array item holding a string `event`) when it is in one no selector names whole, an event
     /// the pack does not know. Returns how many, and the record's names of the first
-    /// [`drift::NAMED`] of them; with `remove`, each is removed.
-    fn unclassified(&mut self, known: &Known, remove: bool) -> (usize, Vec<Vec<Label>>) {
+    /// [`drift::NAMED`] of them (as JSONPath, within the part `within` of an envelope); with
+    /// `remove`, each is removed.
+    fn unclassified(
+        &mut self,
+        known: &Known,
+        remove: bool,
+        within: Option<&str>,
+    ) -> (usize, Vec<String>) {
         match self {
             Doc::Spans(d) => {
-                let covered: Vec<NodeId> = known
-                    .json
-                    .iter()
-                    .flat_map(|s| d.located(s, simple_path(s)))
-                    .collect();
+                let mut covered: Vec<NodeId> = Vec::new();
+                for s in &known.json {
+                    covered.extend(d.located(s, simple_path(s)));
+                }
                 let unknown = d.unknown(&covered);
-                let labels = unknown
+                let names = unknown
                     .iter()
                     .take(drift::NAMED)
-                    .map(|id| d.labels(*id))
+                    .map(|id| drift::json_path(within, &d.labels(*id)))
                     .collect();
                 if remove {
                     for id in &unknown {
                         d.remove(*id);
                     }
                 }
-                (unknown.len(), labels)
+                (unknown.len(), names)
             }
             Doc::Tree(d) => {
                 let covered: Vec<Vec<Step>> =
                     known.json.iter().flat_map(|s| d.located(s)).collect();
                 let unknown = d.unknown(&covered);
-                let labels = unknown
+                let names = unknown
                     .iter()
                     .take(drift::NAMED)
-                    .map(|p| d.labels(p))
+                    .map(|p| drift::json_path(within, &d.labels(p)))
                     .collect();
                 let n = unknown.len();
                 if remove {
                     d.remove_paths(unknown);
                 }
-                (n, labels)
+                (n, names)
             }
         }
     }

@@ -112,32 +112,37 @@ impl SpanDoc {
 
     /// The nodes `sel` selects, in the order the tree engine finds them.
     pub(crate) fn located(&self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
-        let mut found: Vec<NodeId> = vec![0];
+        // Two buffers, filled in turn: a segment reads one and fills the other.
+        let mut found: Vec<NodeId> = Vec::with_capacity(8);
+        found.push(0);
+        let mut next = Vec::with_capacity(8);
+        let mut bound = Vec::new();
         for segment in &path.segments {
             // What each name of the segment binds to, found once for every node it is read on.
-            let bound: Vec<u32> = match segment {
-                SimpleSegment::Names(wanted) => wanted
-                    .iter()
-                    .map(|name| self.names.bind(name).unwrap_or(NONE))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let mut next = Vec::new();
+            bound.clear();
+            if let SimpleSegment::Names(wanted) = segment {
+                bound.extend(
+                    wanted
+                        .iter()
+                        .map(|name| self.names.bind(name).unwrap_or(NONE)),
+                );
+            }
+            next.clear();
             for node in &found {
                 self.select(segment, &bound, *node, &mut next);
             }
-            found = next;
+            std::mem::swap(&mut found, &mut next);
         }
         let Some(pattern) = &sel.pattern else {
             return found;
         };
-        let mut out = Vec::new();
+        next.clear();
         for node in found {
             if self.node(node).kind == Kind::Object {
-                out.extend(self.live_kids(node).filter(|m| glob(pattern, self.key(*m))));
+                next.extend(self.live_kids(node).filter(|m| glob(pattern, self.key(*m))));
             }
         }
-        out
+        next
     }
 
     /// The children of `node` that `segment` selects; `bound`: what each of its names binds
@@ -155,7 +160,10 @@ impl SpanDoc {
                 }
             }
             (SimpleSegment::Index(i), Kind::Array) => out.extend(self.nth_live(node, *i)),
-            (SimpleSegment::Wildcard, _) => out.extend(self.live_kids(node)),
+            (SimpleSegment::Wildcard, _) => {
+                out.reserve(self.node(node).len as usize);
+                out.extend(self.live_kids(node));
+            }
             (SimpleSegment::Filter(f), _) => {
                 out.extend(self.live_kids(node).filter(|k| self.passes(f, *k)));
             }
@@ -182,7 +190,7 @@ impl SpanDoc {
     /// The normalized path of a node in the document as received (names as received, positions
     /// counting items earlier rules removed): the audit names what the client sent.
     pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step> {
-        let mut steps = Vec::new();
+        let mut steps = Vec::with_capacity(self.depth(id));
         loop {
             let parent = self.node(id).parent;
             if parent == NONE {
@@ -263,21 +271,42 @@ impl SpanDoc {
 
     /// The path to a node as the record names it: member names, and array items by the string
     /// `event` they hold.
-    pub(crate) fn labels(&self, mut id: NodeId) -> Vec<Label> {
-        let mut labels = Vec::new();
+    pub(crate) fn labels(&self, mut id: NodeId) -> Vec<Label<'_>> {
+        let mut labels = Vec::with_capacity(self.depth(id));
         loop {
             let parent = self.node(id).parent;
             if parent == NONE {
                 break;
             }
             labels.push(match self.node(parent).kind {
-                Kind::Object => Label::Name(self.key(id).to_string()),
-                _ => Label::Item(self.event_member(id).and_then(|m| self.string(m))),
+                Kind::Object => Label::Name(self.key(id)),
+                _ => Label::Item(self.event_member(id).and_then(|m| self.text(m))),
             });
             id = parent;
         }
         labels.reverse();
         labels
+    }
+
+    /// How many steps lead from the root to a node.
+    fn depth(&self, mut id: NodeId) -> usize {
+        let mut n = 0;
+        while self.node(id).parent != NONE {
+            id = self.node(id).parent;
+            n += 1;
+        }
+        n
+    }
+
+    /// A node's value, when it is a string: borrowed from the body when it holds no escape.
+    fn text(&self, id: NodeId) -> Option<Cow<'_, str>> {
+        let bytes = self.value_bytes(id);
+        match bytes {
+            [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
+                std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+            }
+            _ => self.string(id).map(Cow::Owned),
+        }
     }
 
     /// Remove a node (not the root); false when it is already gone.

@@ -2,6 +2,7 @@
 //! engine's subset and for allowlists. Re-serialized compactly with member order and number
 //! text kept (string escapes may then be normalized). Pure.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -299,7 +300,7 @@ impl TreeDoc {
 
     /// The path as the record names it: member names, and array items by the string `event`
     /// they hold.
-    pub(super) fn labels(&self, path: &[Step]) -> Vec<Label> {
+    pub(super) fn labels<'a>(&'a self, path: &'a [Step]) -> Vec<Label<'a>> {
         let mut at = &self.value;
         let mut labels = Vec::with_capacity(path.len());
         for step in path {
@@ -310,12 +311,10 @@ impl TreeDoc {
             };
             let Some(next) = next else { break };
             labels.push(match step {
-                Step::Name(n) => Label::Name(n.clone()),
-                Step::Index(_) => Label::Item(
-                    next.get("event")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                ),
+                Step::Name(n) => Label::Name(n),
+                Step::Index(_) => {
+                    Label::Item(next.get("event").and_then(Value::as_str).map(Cow::Borrowed))
+                }
             });
             at = next;
         }

@@ -252,17 +252,27 @@ impl Scanner<'_> {
         loop {
             self.ws();
             let quote = self.at;
-            let decoded = self.string()?;
+            // A key below 0x7f throughout, without escapes, is ASCII and free of control
+            // characters: known in the one pass that finds its end ([`key_stop`]). Any other
+            // key is read as a string and then as text (`None`: a plain key).
+            self.eat(b'"')?;
+            let rest = self.s.get(self.at..).unwrap_or_default();
+            let (decoded, plain) = match key_stop(rest) {
+                Some(n) if rest[n] == b'"' => {
+                    self.at += n + 1;
+                    (None, true)
+                }
+                _ => {
+                    self.at = quote;
+                    (self.string()?, false)
+                }
+            };
             let (start, end) = (quote + 1, self.at - 1);
             let src = self.s;
             let key: &[u8] = match &decoded {
                 None => src.get(start..end).unwrap_or_default(),
                 Some(d) => d.as_bytes(),
             };
-            // A key as received holds no byte below 0x20 (`string` refused it): below 0x7f
-            // throughout, it is ASCII and free of control characters, known in one pass. Any
-            // other key is read as text (`None`: a plain key).
-            let plain = decoded.is_none() && key.iter().all(|&b| b < 0x7f);
             let text = if plain {
                 None
             } else {
@@ -504,11 +514,24 @@ impl Scanner<'_> {
 }
 
 /// The position of the first byte of `s` that ends a string's plain run: a quote, a backslash
-/// or a control character. Eight bytes are tested at once: in a word, the lowest byte flagged
-/// by each test is exact (a borrow only runs upwards from a byte that was flagged), so the
-/// lowest flag of all three is the first stop.
+/// or a control character.
 #[inline(always)]
 pub(super) fn string_stop(s: &[u8]) -> Option<usize> {
+    stop::<false>(s)
+}
+
+/// [`string_stop`] for a key, which also stops at a byte of 0x7f or above (where a key stops
+/// being plain ASCII).
+#[inline(always)]
+pub(super) fn key_stop(s: &[u8]) -> Option<usize> {
+    stop::<true>(s)
+}
+
+/// Eight bytes are tested at once: in a word, the lowest byte flagged by each test is exact (a
+/// borrow or a carry only runs upwards from a byte that was flagged), so the lowest flag of
+/// all is the first stop. `HIGH_TOO`: bytes of 0x7f and above stop too.
+#[inline(always)]
+fn stop<const HIGH_TOO: bool>(s: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     const QUOTES: u64 = ONES * b'"' as u64;
@@ -521,7 +544,12 @@ pub(super) fn string_stop(s: &[u8]) -> Option<usize> {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
         let w = u64::from_le_bytes(word);
-        let stops = (zero(w ^ QUOTES) | zero(w ^ SLASHES) | (w.wrapping_sub(SPACES) & !w)) & HIGH;
+        let mut stops = zero(w ^ QUOTES) | zero(w ^ SLASHES) | (w.wrapping_sub(SPACES) & !w);
+        if HIGH_TOO {
+            // 0x7f + 1 sets the high bit; 0x80 and above have it.
+            stops |= w | w.wrapping_add(ONES);
+        }
+        let stops = stops & HIGH;
         if stops != 0 {
             return Some(at + (stops.trailing_zeros() / 8) as usize);
         }
@@ -530,6 +558,6 @@ pub(super) fn string_stop(s: &[u8]) -> Option<usize> {
     chunks
         .remainder()
         .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20 || (HIGH_TOO && b >= 0x7f))
         .map(|n| at + n)
 }

@@ -1,6 +1,6 @@
 //! The span scanner read against serde_json, byte for byte.
 
-use super::scan::string_stop;
+use super::scan::{key_stop, string_stop};
 use super::*;
 
 /// Strings holding escapes are read as serde_json reads them: the same refusals (a raw
@@ -37,15 +37,29 @@ fn escaped_strings_read_as_serde_json_reads_them() {
 #[test]
 fn string_stop_agrees_with_a_byte_search() {
     let naive = |s: &[u8]| s.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+    let naive_key = |s: &[u8]| {
+        s.iter()
+            .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
+    };
     for filler in 0u8..=255 {
         for len in 0..24 {
-            for stop in [None, Some(b'"'), Some(b'\\'), Some(0x00), Some(0x1f)] {
+            for stop in [
+                None,
+                Some(b'"'),
+                Some(b'\\'),
+                Some(0x00),
+                Some(0x1f),
+                Some(0x7f),
+                Some(0x80),
+                Some(0xff),
+            ] {
                 for at in 0..=len {
                     let mut s = vec![filler; len];
                     if let (Some(b), true) = (stop, at < len) {
                         s[at] = b;
                     }
                     assert_eq!(string_stop(&s), naive(&s), "{s:?}");
+                    assert_eq!(key_stop(&s), naive_key(&s), "{s:?}");
                 }
             }
         }
@@ -62,6 +76,7 @@ fn string_stop_agrees_with_a_byte_search() {
             })
             .collect();
         assert_eq!(string_stop(&s), naive(&s), "{s:?}");
+        assert_eq!(key_stop(&s), naive_key(&s), "{s:?}");
         x = x.wrapping_add(1);
     }
 }
