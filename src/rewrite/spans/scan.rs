@@ -163,13 +163,62 @@ impl Scanner<'_> {
         u32::try_from(self.at).unwrap_or(NONE)
     }
 
+    /// A value and its node. A scalar is read here, inlined into the member and item loops; a
+    /// container is read by [`Scanner::container`], which recurses.
+    #[inline(always)]
     fn value(&mut self, parent: NodeId, key: KeyOf, depth: usize) -> Result<NodeId, RewriteError> {
-        let id = NodeId::try_from(self.nodes.len()).map_err(|_| RewriteError::TooLarge)?;
         let start = self.pos();
+        match self.s.get(self.at) {
+            Some(b'{' | b'[') => return self.container(parent, key, depth),
+            Some(b'"') => {
+                self.string()?;
+            }
+            Some(b'-' | b'0'..=b'9') => self.number()?,
+            Some(b't') => self.literal(b"true")?,
+            Some(b'f') => self.literal(b"false")?,
+            Some(b'n') => self.literal(b"null")?,
+            _ => return Err(RewriteError::NotJson),
+        }
+        self.push(parent, key, start, Kind::Scalar)
+    }
+
+    /// An object or an array: its node (first, so node ids follow the document), then what it
+    /// holds, then its end.
+    #[inline(never)]
+    fn container(
+        &mut self,
+        parent: NodeId,
+        key: KeyOf,
+        depth: usize,
+    ) -> Result<NodeId, RewriteError> {
+        let start = self.pos();
+        if self.s.get(self.at) == Some(&b'{') {
+            let id = self.push(parent, key, start, Kind::Object)?;
+            self.object(id, depth + 1)?;
+            self.nodes[id as usize].end = self.pos();
+            Ok(id)
+        } else {
+            let id = self.push(parent, key, start, Kind::Array)?;
+            self.array(id, depth + 1)?;
+            self.nodes[id as usize].end = self.pos();
+            Ok(id)
+        }
+    }
+
+    /// A node for the value from `start` to `at`.
+    #[inline(always)]
+    fn push(
+        &mut self,
+        parent: NodeId,
+        key: KeyOf,
+        start: u32,
+        kind: Kind,
+    ) -> Result<NodeId, RewriteError> {
+        let id = NodeId::try_from(self.nodes.len()).map_err(|_| RewriteError::TooLarge)?;
         self.nodes.push(Node {
             start,
-            end: start,
-            kind: Kind::Scalar,
+            end: self.pos(),
+            kind,
             removed: false,
             dirty: false,
             replaced: NONE,
@@ -182,39 +231,13 @@ impl Scanner<'_> {
             key_decoded: key.decoded,
             bound: key.bound,
         });
-        let kind = match self.s.get(self.at) {
-            Some(b'{') => {
-                self.object(id, depth + 1)?;
-                Kind::Object
-            }
-            Some(b'[') => {
-                self.array(id, depth + 1)?;
-                Kind::Array
-            }
-            Some(b'"') => {
-                self.string()?;
-                Kind::Scalar
-            }
-            Some(b'-' | b'0'..=b'9') => {
-                self.number()?;
-                Kind::Scalar
-            }
-            Some(b't') => self.literal(b"true")?,
-            Some(b'f') => self.literal(b"false")?,
-            Some(b'n') => self.literal(b"null")?,
-            _ => return Err(RewriteError::NotJson),
-        };
-        let end = self.pos();
-        let node = &mut self.nodes[id as usize];
-        node.kind = kind;
-        node.end = end;
         Ok(id)
     }
 
-    fn literal(&mut self, word: &[u8]) -> Result<Kind, RewriteError> {
+    fn literal(&mut self, word: &[u8]) -> Result<(), RewriteError> {
         if self.s[self.at..].starts_with(word) {
             self.at += word.len();
-            Ok(Kind::Scalar)
+            Ok(())
         } else {
             Err(RewriteError::NotJson)
         }
