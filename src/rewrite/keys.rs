@@ -146,11 +146,22 @@ fn ascii_filter(name: &[u8]) -> u64 {
     1 << ((name.len().wrapping_mul(7).wrapping_add(last)) % 64)
 }
 
-/// One step of a normalized JSONPath, owned so the document can be changed after the query.
+/// One step of a normalized JSONPath. Names are owned by default, so the document can be
+/// changed after the query; the span engine's borrow the body (`Step<&str>`), whose keys no
+/// change moves.
 #[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
-pub(super) enum Step {
-    Name(String),
+pub(super) enum Step<N = String> {
+    Name(N),
     Index(usize),
+}
+
+impl Step<&str> {
+    pub(super) fn owned(&self) -> Step {
+        match self {
+            Step::Name(n) => Step::Name((*n).to_string()),
+            Step::Index(i) => Step::Index(*i),
+        }
+    }
 }
 
 /// At most this many normalized paths are recorded per selector; beyond, the selector and its
@@ -160,7 +171,7 @@ pub(super) const MAX_PATHS: usize = 16;
 /// The record of what `sel` changed: each normalized path, or the selector and a count when
 /// there are more than [`MAX_PATHS`] or a path holds a member name the selector does not spell
 /// (a pattern's or a wildcard's match): such a name is the client's text, and may carry a value.
-pub(super) fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> {
+pub(super) fn summarize<N: AsRef<str>>(sel: &JsonSelector, paths: &[Vec<Step<N>>]) -> Vec<String> {
     // ASCII names fold to their upper case: compared without folding (or allocating).
     let spelt = |name: &str| {
         sel.names.iter().any(|n| {
@@ -175,7 +186,7 @@ pub(super) fn summarize(sel: &JsonSelector, paths: &[Vec<Step>]) -> Vec<String> 
         paths
             .iter()
             .flatten()
-            .any(|step| matches!(step, Step::Name(n) if !spelt(n)))
+            .any(|step| matches!(step, Step::Name(n) if !spelt(n.as_ref())))
     };
     if paths.len() > MAX_PATHS || foreign() {
         summarize_count(sel, paths.len())
@@ -198,14 +209,14 @@ pub(super) fn summarize_count(sel: &JsonSelector, n: usize) -> Vec<String> {
 
 /// Append the RFC 9535 normalized path of `path` to `out`: `$['batch'][3]`. (Written by hand,
 /// not with `write!`: a request's audit record names up to 16 paths a selector.)
-pub(super) fn render_into(out: &mut String, path: &[Step]) {
+pub(super) fn render_into<N: AsRef<str>>(out: &mut String, path: &[Step<N>]) {
     use std::fmt::Write;
     out.reserve(
         1 + path
             .iter()
             .map(|s| match s {
                 Step::Index(_) => 6,
-                Step::Name(n) => n.len() + 4,
+                Step::Name(n) => n.as_ref().len() + 4,
             })
             .sum::<usize>(),
     );
@@ -218,14 +229,19 @@ pub(super) fn render_into(out: &mut String, path: &[Step]) {
                 out.push(']');
             }
             // Most names need no escape: copied whole.
-            Step::Name(n) if !n.bytes().any(|b| b == b'\'' || b == b'\\' || b < 0x20) => {
+            Step::Name(n)
+                if !n
+                    .as_ref()
+                    .bytes()
+                    .any(|b| b == b'\'' || b == b'\\' || b < 0x20) =>
+            {
                 out.push_str("['");
-                out.push_str(n);
+                out.push_str(n.as_ref());
                 out.push_str("']");
             }
             Step::Name(n) => {
                 out.push_str("['");
-                for c in n.chars() {
+                for c in n.as_ref().chars() {
                     match c {
                         '\'' => out.push_str("\\'"),
                         '\\' => out.push_str("\\\\"),

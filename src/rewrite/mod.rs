@@ -525,7 +525,7 @@ impl Doc {
             Doc::Spans(d) => d
                 .located(sel, simple_path(sel))
                 .into_iter()
-                .map(|id| d.path_of(id))
+                .map(|id| d.path_of(id).iter().map(Step::owned).collect())
                 .collect(),
             Doc::Tree(d) => d.located(sel),
         }
@@ -549,10 +549,14 @@ impl Doc {
                     covered.extend(d.located(s, simple_path(s)));
                 }
                 let unknown = d.unknown(&covered);
+                let mut labels = Vec::new();
                 let names = unknown
                     .iter()
                     .take(drift::NAMED)
-                    .map(|id| drift::json_path(within, &d.labels(*id)))
+                    .map(|id| {
+                        d.labels(*id, &mut labels);
+                        drift::json_path(within, &labels)
+                    })
                     .collect();
                 if remove {
                     for id in &unknown {
@@ -612,7 +616,7 @@ impl Doc {
                 if changed.len() > MAX_PATHS {
                     return summarize_count(sel, changed.len());
                 }
-                let paths: Vec<Vec<Step>> = changed.iter().map(|id| d.path_of(*id)).collect();
+                let paths: Vec<Vec<Step<&str>>> = changed.iter().map(|id| d.path_of(*id)).collect();
                 summarize(sel, &paths)
             }
             Doc::Tree(d) => d.replace_all(sel, text),
@@ -802,14 +806,10 @@ fn remove_nodes(d: &mut SpanDoc, sel: &JsonSelector) -> Vec<String> {
         let n = ids.into_iter().filter(|id| d.remove(*id)).count();
         return summarize_count(sel, n);
     }
-    // Paths as they were before any of these removals.
-    let paths: Vec<Vec<Step>> = ids.iter().map(|id| d.path_of(*id)).collect();
-    let mut removed: Vec<Vec<Step>> = ids
-        .into_iter()
-        .zip(paths)
-        .filter(|(id, _)| d.remove(*id))
-        .map(|(_, path)| path)
-        .collect();
+    // A path counts the items removed before it (`path_of`), so it is the same after these
+    // removals as before them.
+    ids.retain(|id| d.remove(*id));
+    let mut removed: Vec<Vec<Step<&str>>> = ids.iter().map(|id| d.path_of(*id)).collect();
     removed.sort();
     summarize(sel, &removed)
 }

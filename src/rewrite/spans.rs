@@ -116,20 +116,28 @@ impl SpanDoc {
         let mut found: Vec<NodeId> = Vec::with_capacity(8);
         found.push(0);
         let mut next = Vec::with_capacity(8);
-        let mut bound = Vec::new();
         for segment in &path.segments {
-            // What each name of the segment binds to, found once for every node it is read on.
-            bound.clear();
-            if let SimpleSegment::Names(wanted) = segment {
-                bound.extend(
-                    wanted
-                        .iter()
-                        .map(|name| self.names.bind(name).unwrap_or(NONE)),
-                );
-            }
+            // What each name of the segment binds to, found once for every node it is read on
+            // (on the stack for the few names a segment has, as a rule).
+            let bind = |name: &String| self.names.bind(name).unwrap_or(NONE);
+            let mut few = [NONE; 4];
+            let many: Vec<u32>;
+            let bound: &[u32] = match segment {
+                SimpleSegment::Names(wanted) if wanted.len() <= few.len() => {
+                    for (slot, name) in few.iter_mut().zip(wanted) {
+                        *slot = bind(name);
+                    }
+                    &few[..wanted.len()]
+                }
+                SimpleSegment::Names(wanted) => {
+                    many = wanted.iter().map(bind).collect();
+                    &many
+                }
+                _ => &[],
+            };
             next.clear();
             for node in &found {
-                self.select(segment, &bound, *node, &mut next);
+                self.select(segment, bound, *node, &mut next);
             }
             std::mem::swap(&mut found, &mut next);
         }
@@ -189,7 +197,7 @@ impl SpanDoc {
 
     /// The normalized path of a node in the document as received (names as received, positions
     /// counting items earlier rules removed): the audit names what the client sent.
-    pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step> {
+    pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step<&str>> {
         let mut steps = Vec::with_capacity(self.depth(id));
         loop {
             let parent = self.node(id).parent;
@@ -197,7 +205,7 @@ impl SpanDoc {
                 break;
             }
             steps.push(match self.node(parent).kind {
-                Kind::Object => Step::Name(self.key(id).to_string()),
+                Kind::Object => Step::Name(self.key(id)),
                 _ => Step::Index(self.kids_of(parent).partition_point(|k| *k < id)),
             });
             id = parent;
@@ -271,8 +279,9 @@ impl SpanDoc {
 
     /// The path to a node as the record names it: member names, and array items by the string
     /// `event` they hold.
-    pub(crate) fn labels(&self, mut id: NodeId) -> Vec<Label<'_>> {
-        let mut labels = Vec::with_capacity(self.depth(id));
+    /// (Into `labels`, emptied first: one buffer serves every name a body's record holds.)
+    pub(crate) fn labels<'d>(&'d self, mut id: NodeId, labels: &mut Vec<Label<'d>>) {
+        labels.clear();
         loop {
             let parent = self.node(id).parent;
             if parent == NONE {
@@ -285,7 +294,6 @@ impl SpanDoc {
             id = parent;
         }
         labels.reverse();
-        labels
     }
 
     /// How many steps lead from the root to a node.

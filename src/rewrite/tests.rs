@@ -800,13 +800,17 @@ fn normalized_paths_escape_names() {
     render_into(
         &mut out,
         &[
-            Step::Name("it's\u{1}".into()),
+            Step::Name("it's\u{1}"),
             Step::Index(2),
             Step::Index(0),
             Step::Index(1907),
         ],
     );
     assert_eq!(out, "json:$['it\\'s\\u0001'][2][0][1907]");
+    // A name that needs no escape is copied whole, borrowed or owned.
+    let mut out = String::new();
+    render_into(&mut out, &[Step::Name(String::from("a b")), Step::Index(0)]);
+    assert_eq!(out, "$['a b'][0]");
 }
 
 #[test]
