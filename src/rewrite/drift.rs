@@ -18,10 +18,10 @@ use super::fold::fold;
 use super::keys::Names;
 use super::params::{edit_params, form_edit, query_edit, Params};
 use super::selector::{Guarded, JsonSelector, Selector};
-use super::{hop_by_hop, Body, Edits, FormBody, Message};
+use super::{Body, Edits, FormBody, HopByHop, Message};
 
 /// Headers every HTTP client sends (framing, negotiation, the client's name): known to every
-/// feature. (Those for one hop only are never forwarded: `super::hop_by_hop`.)
+/// feature. (Those for one hop only are never forwarded: `super::HopByHop`.)
 const EVERY_CLIENT: [HeaderName; 7] = [
     HOST,
     USER_AGENT,
@@ -238,7 +238,7 @@ pub(super) fn check(
         removed.extend(query.iter().map(|n| named("query", n)));
     }
     // Headers for one hop only never leave: nothing to name.
-    let hop = hop_by_hop(&msg.headers);
+    let hop = HopByHop::of(&msg.headers);
     let headers: Vec<HeaderName> = msg
         .headers
         .keys()

@@ -75,7 +75,7 @@ const FRAMING_HEADERS: [HeaderName; 5] = [
 
 /// Headers for one hop only (RFC 9110 §7.6.1, and the proxy's own), never forwarded: typed, so
 /// naming them parses no name.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     http::header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -87,16 +87,32 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     http::header::UPGRADE,
 ];
 
-/// The headers of `headers` that are for one hop only: the fixed ones, and those `Connection`
-/// names. The proxy never forwards them, and they are no request data.
-pub fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
-    let named = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
-    HOP_BY_HOP.into_iter().chain(named).collect()
+/// The headers of a message that are for one hop only: the fixed ones, and those its
+/// `Connection` header names. The proxy never forwards them, and they are no request data.
+pub struct HopByHop {
+    /// What `Connection` names (most messages name nothing: then nothing is allocated).
+    named: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    pub fn of(headers: &HeaderMap) -> HopByHop {
+        let named = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        HopByHop { named }
+    }
+
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(name) || self.named.contains(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &HeaderName> {
+        HOP_BY_HOP.iter().chain(&self.named)
+    }
 }
 
 /// Apply `rules` in order. A body a rule reads is first decoded from its content codings (each

@@ -461,7 +461,7 @@ fn with_target(uri: &Uri, path: &str, query: Option<&str>) -> Uri {
 
 /// Remove connection-scoped headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in rewrite::hop_by_hop(headers) {
+    for name in rewrite::HopByHop::of(headers).iter() {
         headers.remove(name);
     }
 }
