@@ -192,17 +192,19 @@ impl Scanner<'_> {
         depth: usize,
     ) -> Result<NodeId, RewriteError> {
         let start = self.pos();
-        if self.s.get(self.at) == Some(&b'{') {
-            let id = self.push(parent, key, start, Kind::Object)?;
-            self.object(id, depth + 1)?;
-            self.nodes[id as usize].end = self.pos();
-            Ok(id)
+        let kind = if self.s.get(self.at) == Some(&b'{') {
+            Kind::Object
         } else {
-            let id = self.push(parent, key, start, Kind::Array)?;
+            Kind::Array
+        };
+        let id = self.push(parent, key, start, kind)?;
+        if kind == Kind::Object {
+            self.object(id, depth + 1)?;
+        } else {
             self.array(id, depth + 1)?;
-            self.nodes[id as usize].end = self.pos();
-            Ok(id)
         }
+        self.nodes[id as usize].end = self.pos();
+        Ok(id)
     }
 
     /// A node for the value from `start` to `at`.
