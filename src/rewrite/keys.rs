@@ -72,6 +72,7 @@ impl Names {
 
     /// [`Names::bind`] for a key known to be ASCII: it folds to its upper case, so it is
     /// compared with the ASCII names alone, without hashing or allocating.
+    #[inline]
     pub(super) fn bind_ascii(&self, key: &[u8]) -> Option<u32> {
         if self.filter & ascii_filter(key) == 0 {
             return None;
