@@ -248,7 +248,8 @@ impl Scanner<'_> {
     /// The children read since `mark` become the container's.
     fn close(&mut self, id: NodeId, mark: usize) -> Result<(), RewriteError> {
         let first = u32::try_from(self.kids.len()).map_err(|_| RewriteError::TooLarge)?;
-        self.kids.extend(self.open.drain(mark..));
+        self.kids.extend_from_slice(&self.open[mark..]);
+        self.open.truncate(mark);
         let node = &mut self.nodes[id as usize];
         node.first_kid = first;
         node.len = u32::try_from(self.kids.len()).map_err(|_| RewriteError::TooLarge)? - first;
