@@ -560,10 +560,11 @@ impl Doc {
     ) -> (usize, Vec<String>) {
         match self {
             Doc::Spans(d) => {
-                let mut covered: Vec<NodeId> = Vec::new();
-                for s in &known.json {
-                    covered.extend(d.located(s, simple_path(s)));
-                }
+                let covered: Vec<NodeId> = known
+                    .json
+                    .iter()
+                    .flat_map(|s| d.located(s, simple_path(s)))
+                    .collect();
                 let unknown = d.unknown(&covered);
                 let mut labels = Vec::new();
                 let names = unknown

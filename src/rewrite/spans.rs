@@ -198,7 +198,7 @@ impl SpanDoc {
     /// The normalized path of a node in the document as received (names as received, positions
     /// counting items earlier rules removed): the audit names what the client sent.
     pub(crate) fn path_of(&self, mut id: NodeId) -> Vec<Step<&str>> {
-        let mut steps = Vec::with_capacity(self.depth(id));
+        let mut steps = Vec::new();
         loop {
             let parent = self.node(id).parent;
             if parent == NONE {
@@ -294,16 +294,6 @@ impl SpanDoc {
             id = parent;
         }
         labels.reverse();
-    }
-
-    /// How many steps lead from the root to a node.
-    fn depth(&self, mut id: NodeId) -> usize {
-        let mut n = 0;
-        while self.node(id).parent != NONE {
-            id = self.node(id).parent;
-            n += 1;
-        }
-        n
     }
 
     /// A node's value, when it is a string: borrowed from the body when it holds no escape.
