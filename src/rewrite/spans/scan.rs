@@ -171,7 +171,7 @@ impl Scanner<'_> {
         match self.s.get(self.at) {
             Some(b'{' | b'[') => return self.container(parent, key, depth),
             Some(b'"') => {
-                self.string()?;
+                self.string::<false>()?;
             }
             Some(b'-' | b'0'..=b'9') => self.number()?,
             Some(b't') => self.literal(b"true")?,
@@ -290,7 +290,7 @@ impl Scanner<'_> {
                 }
                 _ => {
                     self.at = quote;
-                    (self.string()?, false)
+                    (self.string::<true>()?, false)
                 }
             };
             let (start, end) = (quote + 1, self.at - 1);
@@ -410,10 +410,10 @@ impl Scanner<'_> {
     }
 
     /// A string literal: `None` when its text is its bytes (no escape), else the decoded
-    /// text. Raw control characters, bad escapes and lone surrogates are refused (as serde_json
-    /// refuses them).
+    /// text (`DECODE`: a key's; a value's is only checked, and `Some` of nothing). Raw control
+    /// characters, bad escapes and lone surrogates are refused (as serde_json refuses them).
     #[inline(always)]
-    fn string(&mut self) -> Result<Option<String>, RewriteError> {
+    fn string<const DECODE: bool>(&mut self) -> Result<Option<String>, RewriteError> {
         self.eat(b'"')?;
         // Fast path, inline: no escapes.
         let rest = self.s.get(self.at..).unwrap_or_default();
@@ -422,20 +422,23 @@ impl Scanner<'_> {
                 self.at += n + 1;
                 Ok(None)
             }
-            Some(n) if rest[n] == b'\\' => self.escaped(n).map(Some),
+            Some(n) if rest[n] == b'\\' => self.escaped::<DECODE>(n).map(Some),
             _ => Err(RewriteError::NotJson),
         }
     }
 
     /// The rest of a string whose first escape is `n` bytes past its opening quote (`at` is
     /// just past the quote): decoded. Plain runs between escapes are found as the fast path
-    /// finds them ([`string_stop`]) and copied whole.
+    /// finds them ([`string_stop`]) and copied whole. Without `DECODE` nothing is copied (a
+    /// value is only checked: the body's bytes are what leaves).
     #[inline(never)]
-    fn escaped(&mut self, n: usize) -> Result<String, RewriteError> {
+    fn escaped<const DECODE: bool>(&mut self, n: usize) -> Result<String, RewriteError> {
         let mut out: Vec<u8> = Vec::new();
         let mut run = n;
         loop {
-            out.extend_from_slice(&self.s[self.at..self.at + run]);
+            if DECODE {
+                out.extend_from_slice(&self.s[self.at..self.at + run]);
+            }
             self.at += run;
             match self.s.get(self.at) {
                 Some(b'"') => {
@@ -477,8 +480,10 @@ impl Scanner<'_> {
                         _ => return Err(RewriteError::NotJson),
                     };
                     self.at += 1;
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    if DECODE {
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
                 }
                 // A raw control character, or the end of the body inside the string.
                 _ => return Err(RewriteError::NotJson),

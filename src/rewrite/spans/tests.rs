@@ -19,6 +19,13 @@ fn escaped_strings_read_as_serde_json_reads_them() {
         r#"{"\udc00":1}"#,
         r#"{"\ud800\u0041":1}"#,
         r#"{"\q":1}"#,
+        // Values are checked without being decoded: the same refusals.
+        r#"{"v":"ok \u003c\"\\ end \ud83d\ude00"}"#,
+        r#"{"v":"\udc00"}"#,
+        r#"{"v":"\ud800\u0041"}"#,
+        r#"{"v":"x\u00"}"#,
+        r#"{"v":"\q"}"#,
+        "{\"v\":\"a\\nb\u{1}\"}",
     ] {
         let ours = SpanDoc::parse(&Bytes::from(body), Arc::default());
         let theirs = serde_json::from_str::<serde_json::Map<String, Value>>(body);
