@@ -449,7 +449,9 @@ impl Pinned {
             None => false,
         };
         if !alive {
-            *slot = Some(self.connect().await?);
+            // Boxed: the handshake's future is several KiB, and inline it would be carried
+            // (and copied) by every request's future, though only the first one connects.
+            *slot = Some(Box::pin(self.connect()).await?);
         }
         match slot.as_mut() {
             Some(Sender::H2(s)) => {
