@@ -189,7 +189,7 @@ pub(super) fn json_path(within: Option<&str>, labels: &[Label<'_>]) -> String {
 /// The names as the record holds them: each once, in the order met, at most [`MAX_NAMES`], then
 /// a count of the rest (the names past those, and `unnamed` more found but not named).
 pub(super) fn bounded(names: Vec<String>, unnamed: usize) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+    let mut out: Vec<String> = Vec::with_capacity(names.len().min(MAX_NAMES) + 1);
     let mut more = unnamed;
     for name in names {
         if out.contains(&name) {

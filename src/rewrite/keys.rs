@@ -195,7 +195,8 @@ pub(super) fn summarize<N: AsRef<str>>(sel: &JsonSelector, paths: &[Vec<Step<N>>
         paths
             .iter()
             .map(|p| {
-                let mut out = String::from("json:");
+                let mut out = String::with_capacity("json:".len() + rendered_len(p));
+                out.push_str("json:");
                 render_into(&mut out, p);
                 out
             })
@@ -208,19 +209,23 @@ pub(super) fn summarize_count(sel: &JsonSelector, n: usize) -> Vec<String> {
     vec![format!("json:{} ({n} {noun})", sel.source)]
 }
 
+/// About the length of `path` rendered (exact for names without escapes and indexes below
+/// 10,000): what a string is sized for before [`render_into`] writes it.
+fn rendered_len<N: AsRef<str>>(path: &[Step<N>]) -> usize {
+    1 + path
+        .iter()
+        .map(|s| match s {
+            Step::Index(_) => 6,
+            Step::Name(n) => n.as_ref().len() + 4,
+        })
+        .sum::<usize>()
+}
+
 /// Append the RFC 9535 normalized path of `path` to `out`: `$['batch'][3]`. (Written by hand,
 /// not with `write!`: a request's audit record names up to 16 paths a selector.)
 pub(super) fn render_into<N: AsRef<str>>(out: &mut String, path: &[Step<N>]) {
     use std::fmt::Write;
-    out.reserve(
-        1 + path
-            .iter()
-            .map(|s| match s {
-                Step::Index(_) => 6,
-                Step::Name(n) => n.as_ref().len() + 4,
-            })
-            .sum::<usize>(),
-    );
+    out.reserve(rendered_len(path));
     out.push('$');
     for step in path {
         match step {
