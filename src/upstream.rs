@@ -450,7 +450,8 @@ impl Pinned {
         };
         if !alive {
             // Boxed: the handshake's future is several KiB, and inline it would be carried
-            // (and copied) by every request's future, though only the first one connects.
+            // (and copied) by every request's future, though only a request that finds no live
+            // connection connects.
             *slot = Some(Box::pin(self.connect()).await?);
         }
         match slot.as_mut() {

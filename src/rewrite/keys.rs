@@ -209,8 +209,8 @@ pub(super) fn summarize_count(sel: &JsonSelector, n: usize) -> Vec<String> {
     vec![format!("json:{} ({n} {noun})", sel.source)]
 }
 
-/// About the length of `path` rendered (exact for names without escapes and indexes below
-/// 10,000): what a string is sized for before [`render_into`] writes it.
+/// Room for `path` rendered, so that a record's name is one allocation: enough when its names
+/// need no escape and its indexes are below 10,000.
 fn rendered_len<N: AsRef<str>>(path: &[Step<N>]) -> usize {
     1 + path
         .iter()
@@ -221,11 +221,11 @@ fn rendered_len<N: AsRef<str>>(path: &[Step<N>]) -> usize {
         .sum::<usize>()
 }
 
-/// Append the RFC 9535 normalized path of `path` to `out`: `$['batch'][3]`. (Written by hand,
-/// not with `write!`: a request's audit record names up to 16 paths a selector.)
+/// Append the RFC 9535 normalized path of `path` to `out`, which the caller sized
+/// ([`rendered_len`]): `$['batch'][3]`. (Written by hand, not with `write!`: a request's audit
+/// record names up to 16 paths a selector.)
 pub(super) fn render_into<N: AsRef<str>>(out: &mut String, path: &[Step<N>]) {
     use std::fmt::Write;
-    out.reserve(rendered_len(path));
     out.push('$');
     for step in path {
         match step {
