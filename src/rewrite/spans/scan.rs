@@ -169,7 +169,7 @@ impl Scanner<'_> {
     fn value(&mut self, parent: NodeId, key: KeyOf, depth: usize) -> Result<NodeId, RewriteError> {
         let start = self.pos();
         match self.s.get(self.at) {
-            Some(b'{' | b'[') => return self.container(parent, key, depth),
+            Some(b'{' | b'[') => return self.container(parent, key, start, depth),
             Some(b'"') => {
                 self.string::<false>()?;
             }
@@ -182,16 +182,16 @@ impl Scanner<'_> {
         self.push(parent, key, start, Kind::Scalar)
     }
 
-    /// An object or an array: its node (first, so node ids follow the document), then what it
-    /// holds, then its end.
+    /// An object or an array starting at `start` (`at`): its node (first, so node ids follow
+    /// the document), then what it holds, then its end.
     #[inline(never)]
     fn container(
         &mut self,
         parent: NodeId,
         key: KeyOf,
+        start: u32,
         depth: usize,
     ) -> Result<NodeId, RewriteError> {
-        let start = self.pos();
         let kind = if self.s.get(self.at) == Some(&b'{') {
             Kind::Object
         } else {
