@@ -560,11 +560,10 @@ impl Doc {
     ) -> (usize, Vec<String>) {
         match self {
             Doc::Spans(d) => {
-                let covered: Vec<NodeId> = known
-                    .json
-                    .iter()
-                    .flat_map(|s| d.located(s, simple_path(s)))
-                    .collect();
+                let mut covered: Vec<NodeId> = Vec::new();
+                for sel in &known.json {
+                    covered.extend(d.located_once(sel, simple_path(sel)));
+                }
                 let unknown = d.unknown(&covered);
                 let mut labels = Vec::new();
                 let names = unknown
@@ -626,7 +625,7 @@ impl Doc {
         match self {
             Doc::Spans(d) => {
                 let changed: Vec<NodeId> = d
-                    .located(sel, simple_path(sel))
+                    .located_once(sel, simple_path(sel))
                     .into_iter()
                     .filter(|id| d.replace(*id, text))
                     .collect();
@@ -816,7 +815,7 @@ fn simple_path(sel: &JsonSelector) -> &SimplePath {
 
 /// Remove the nodes `sel` selects: nodes, not paths, so removing one never moves another.
 fn remove_nodes(d: &mut SpanDoc, sel: &JsonSelector) -> Vec<String> {
-    let mut ids = d.located(sel, simple_path(sel));
+    let mut ids = d.located_once(sel, simple_path(sel));
     ids.sort_unstable();
     ids.dedup();
     if ids.len() > MAX_PATHS {

@@ -4,6 +4,7 @@
 //! ([`SimplePath`]) is recognised here, once, when the policy is loaded. Pure.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderName;
 use serde_json_path::JsonPath;
@@ -39,7 +40,8 @@ pub enum Selector {
 /// brackets stays the literal name.) Names compare as the receivers read them ([`super::fold`]).
 #[derive(Clone, Debug)]
 pub struct JsonSelector {
-    pub source: String,
+    /// As written (shared: a body's memo of what it selects keys on it without a copy).
+    pub source: Arc<str>,
     /// The RFC 9535 part (all of the selector, when it has no pattern).
     pub path: JsonPath,
     /// The trailing member-name pattern, if any.
@@ -222,7 +224,7 @@ impl JsonSelector {
         }
         let names = path_names(path_src)?;
         Ok(JsonSelector {
-            source: source.to_string(),
+            source: source.into(),
             path,
             pattern,
             names,

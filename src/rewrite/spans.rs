@@ -43,6 +43,9 @@ pub(crate) struct SpanDoc {
     names: Arc<Names>,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
+    /// What [`SpanDoc::located`] found for each selector (by its text) since the body last
+    /// changed: the drift check and then the rules look for the same members.
+    found: Vec<(Arc<str>, Vec<NodeId>)>,
 }
 
 #[derive(Clone, Copy, Eq, PartialEq)]
@@ -151,6 +154,17 @@ impl SpanDoc {
             }
         }
         next
+    }
+
+    /// [`SpanDoc::located`], remembered until the body changes: the first of two asks keeps a
+    /// copy, the second takes it. (`path` is `sel`'s, which is what makes its text the key.)
+    pub(crate) fn located_once(&mut self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
+        if let Some(i) = self.found.iter().position(|(s, _)| *s == sel.source) {
+            return self.found.swap_remove(i).1;
+        }
+        let found = self.located(sel, path);
+        self.found.push((sel.source.clone(), found.clone()));
+        found
     }
 
     /// The children of `node` that `segment` selects; `bound`: what each of its names binds
@@ -273,8 +287,10 @@ impl SpanDoc {
         if self.node(id).kind != Kind::Object {
             return None;
         }
-        self.live_kids(id)
-            .find(|m| self.key(*m) == "event" && self.value_bytes(*m).first() == Some(&b'"'))
+        self.live_kids(id).find(|m| {
+            key_bytes(self.node(*m), &self.src, &self.decoded) == b"event"
+                && self.value_bytes(*m).first() == Some(&b'"')
+        })
     }
 
     /// The path to a node as the record names it: member names, and array items by the string
@@ -322,6 +338,7 @@ impl SpanDoc {
         }
         self.nodes[id as usize].removed = true;
         self.mark_dirty(parent);
+        self.found.clear();
         true
     }
 
@@ -352,6 +369,7 @@ impl SpanDoc {
         if parent != NONE {
             self.mark_dirty(parent);
         }
+        self.found.clear();
         true
     }
 

@@ -56,6 +56,7 @@ impl SpanDoc {
             replaced: Vec::new(),
             names,
             respelt,
+            found: Vec::new(),
         })
     }
 }

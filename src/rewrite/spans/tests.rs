@@ -2,6 +2,7 @@
 
 use super::scan::{key_stop, string_stop};
 use super::*;
+use crate::rewrite::selector::JsonSelector;
 
 /// Strings holding escapes are read as serde_json reads them: the same refusals (a raw
 /// control character or the body's end after an escape, a lone surrogate) and the same
@@ -86,4 +87,32 @@ fn string_stop_agrees_with_a_byte_search() {
         assert_eq!(key_stop(&s), naive_key(&s), "{s:?}");
         x = x.wrapping_add(1);
     }
+}
+
+/// What a selector selects is remembered only while the body is unchanged: after a removal or
+/// a replacement it is looked for again (an index then names the next item; a filter sees the
+/// new value).
+#[test]
+fn what_a_selector_found_is_forgotten_when_the_body_changes() {
+    let sel = |s: &str| JsonSelector::parse(s).expect("a selector");
+    let find = |doc: &mut SpanDoc, sel: &JsonSelector| {
+        doc.located_once(sel, sel.simple.as_ref().expect("a simple path"))
+    };
+    let mut doc = SpanDoc::parse(&Bytes::from(r#"{"a":["x","y"]}"#), Arc::default()).expect("JSON");
+    let (first, x) = (sel("$.a[0]"), sel("$.a[?@ == 'x']"));
+    let found = find(&mut doc, &first);
+    assert_eq!(find(&mut doc, &x), found);
+    assert_eq!(find(&mut doc, &first), found, "remembered");
+    assert!(doc.remove(found[0]));
+    assert!(find(&mut doc, &x).is_empty(), "the filter's item is gone");
+    let next = find(&mut doc, &first);
+    assert_eq!(
+        doc.string(next[0]).as_deref(),
+        Some("y"),
+        "looked for again"
+    );
+    assert!(doc.replace(next[0], "x"));
+    assert_eq!(find(&mut doc, &x), next, "the filter sees the new value");
+    assert!(doc.replace(next[0], "z"));
+    assert!(find(&mut doc, &x).is_empty());
 }
