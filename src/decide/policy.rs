@@ -2,6 +2,7 @@
 //! and which rules apply to a request. Pure: it takes names and paths and returns verdicts; it
 //! never touches a socket, a file or a clock. `config` builds a [`Policy`] from TOML.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
@@ -173,7 +174,7 @@ impl Policy {
     /// Decide one request by host and path: the feature with the longest matching path prefix on
     /// the host wins (a feature without paths matches with length zero).
     pub fn decide(&self, host: &str, path: &str) -> Verdict<'_> {
-        let host = normalize_host(host);
+        let host = normalized_host(host);
         let best = self
             .features
             .iter()
@@ -323,7 +324,17 @@ impl Guarded for Rule {
 
 /// Lowercase, without a trailing dot: the form in which hosts are compared.
 pub fn normalize_host(host: &str) -> String {
-    host.trim_end_matches('.').to_ascii_lowercase()
+    normalized_host(host).into_owned()
+}
+
+/// [`normalize_host`], borrowed when `host` is in that form already.
+pub fn normalized_host(host: &str) -> Cow<'_, str> {
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// An address in the form in which addresses are compared: an IPv4-mapped IPv6 address (what a
@@ -339,6 +350,26 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
     use crate::rewrite::selector::Selector;
+
+    /// Borrowed or not, a host reads the same: lowercase ASCII, no trailing dots, other
+    /// characters as they came.
+    #[test]
+    fn hosts_normalize_alike_borrowed_or_owned() {
+        for host in [
+            "example.com",
+            "Example.COM.",
+            "a..",
+            ".",
+            "",
+            "ÉxAmple.test",
+            "xn--bcher-kva.ch.",
+        ] {
+            let want = host.trim_end_matches('.').to_ascii_lowercase();
+            assert_eq!(normalized_host(host), want.as_str(), "{host}");
+            assert_eq!(normalize_host(host), want, "{host}");
+        }
+        assert!(matches!(normalized_host("example.com"), Cow::Borrowed(_)));
+    }
 
     fn feature(name: &str, hosts: &[&str], paths: &[&str], on_block: OnBlock) -> Feature {
         Feature {

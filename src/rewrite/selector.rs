@@ -447,11 +447,12 @@ impl Action {
         self.selectors().any(|s| s.param().is_some())
     }
 
-    pub fn selectors(&self) -> Box<dyn Iterator<Item = &Selector> + '_> {
-        match self {
-            Action::Remove(s) | Action::Keep(s) => Box::new(s.iter()),
-            Action::Replace(pairs) => Box::new(pairs.iter().map(|(s, _)| s)),
-        }
+    pub fn selectors(&self) -> impl Iterator<Item = &Selector> + '_ {
+        let (listed, paired): (&[Selector], &[(Selector, String)]) = match self {
+            Action::Remove(s) | Action::Keep(s) => (s, &[]),
+            Action::Replace(pairs) => (&[], pairs),
+        };
+        listed.iter().chain(paired.iter().map(|(s, _)| s))
     }
 }
 

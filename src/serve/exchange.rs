@@ -22,7 +22,7 @@ use super::shared::{Peer, Shared, Target, TargetForm};
 use crate::audit::{AuditLog, Entry, Outcome};
 use crate::decide::path;
 use crate::decide::plan::{self, plan_request, RequestPlan};
-use crate::decide::policy::{normalize_host, Mode};
+use crate::decide::policy::{normalized_host, Mode};
 use crate::decide::Refusal;
 use crate::rewrite::{self, Message};
 use crate::upstream::{self, ConnectError, OutBody, PinnedError};
@@ -411,7 +411,7 @@ fn strict_http1(parts: &Parts, target: &Target) -> Result<(), &'static str> {
 fn names_agree(parts: &Parts, target: &Target) -> Result<(), &'static str> {
     let default_port = if target.scheme == "https" { 443 } else { 80 };
     let matches = |host: &str, port: Option<u16>| {
-        normalize_host(host) == target.host && port.unwrap_or(default_port) == target.port
+        normalized_host(host) == target.host.as_str() && port.unwrap_or(default_port) == target.port
     };
     if let Some(a) = parts.uri.authority() {
         if !matches(a.host(), a.port_u16()) {

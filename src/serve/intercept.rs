@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::accept::until_cancelled;
 use super::h2_resets::{Refused, Watched};
 use super::shared::{Peer, Shared, Target};
-use crate::decide::policy::normalize_host;
+use crate::decide::policy::normalized_host;
 use crate::decide::Decision;
 
 impl Shared {
@@ -35,7 +35,7 @@ impl Shared {
             }
         };
         if let Some(sni) = start.client_hello().server_name() {
-            if normalize_host(sni) != target.host {
+            if normalized_host(sni) != target.host.as_str() {
                 let why = "TLS SNI does not match the CONNECT target".to_string();
                 return self
                     .record_blocked(peer, Some(&target), Some(&Method::CONNECT), why)
