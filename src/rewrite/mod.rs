@@ -562,7 +562,7 @@ impl Doc {
             Doc::Spans(d) => {
                 let mut covered: Vec<NodeId> = Vec::new();
                 for sel in &known.json {
-                    covered.extend(d.located_once(sel, simple_path(sel)));
+                    covered.extend_from_slice(d.locate_and_keep(sel, simple_path(sel)));
                 }
                 let unknown = d.unknown(&covered);
                 let mut labels = Vec::new();
@@ -625,7 +625,7 @@ impl Doc {
         match self {
             Doc::Spans(d) => {
                 let changed: Vec<NodeId> = d
-                    .located_once(sel, simple_path(sel))
+                    .take_located(sel, simple_path(sel))
                     .into_iter()
                     .filter(|id| d.replace(*id, text))
                     .collect();
@@ -815,7 +815,7 @@ fn simple_path(sel: &JsonSelector) -> &SimplePath {
 
 /// Remove the nodes `sel` selects: nodes, not paths, so removing one never moves another.
 fn remove_nodes(d: &mut SpanDoc, sel: &JsonSelector) -> Vec<String> {
-    let mut ids = d.located_once(sel, simple_path(sel));
+    let mut ids = d.take_located(sel, simple_path(sel));
     ids.sort_unstable();
     ids.dedup();
     if ids.len() > MAX_PATHS {

@@ -43,8 +43,8 @@ pub(crate) struct SpanDoc {
     names: Arc<Names>,
     /// Some member is spelt otherwise than the rules spell the name it binds to.
     respelt: bool,
-    /// What [`SpanDoc::located`] found for each selector (by its text) since the body last
-    /// changed: the drift check and then the rules look for the same members.
+    /// What [`SpanDoc::locate_and_keep`] found for each selector (by its text) since the body
+    /// last changed.
     found: Vec<(Arc<str>, Vec<NodeId>)>,
 }
 
@@ -156,15 +156,28 @@ impl SpanDoc {
         next
     }
 
-    /// [`SpanDoc::located`], remembered until the body changes: the first of two asks keeps a
-    /// copy, the second takes it. (`path` is `sel`'s, which is what makes its text the key.)
-    pub(crate) fn located_once(&mut self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
-        if let Some(i) = self.found.iter().position(|(s, _)| *s == sel.source) {
-            return self.found.swap_remove(i).1;
+    /// [`SpanDoc::located`], kept until the body changes for [`SpanDoc::take_located`] (the
+    /// drift check looks first for what the rules then look for). `path` is `sel`'s: that is
+    /// what makes its text the key.
+    pub(crate) fn locate_and_keep(&mut self, sel: &JsonSelector, path: &SimplePath) -> &[NodeId] {
+        let i = match self.found.iter().position(|(s, _)| *s == sel.source) {
+            Some(i) => i,
+            None => {
+                let found = self.located(sel, path);
+                self.found.push((sel.source.clone(), found));
+                self.found.len() - 1
+            }
+        };
+        &self.found[i].1
+    }
+
+    /// What [`SpanDoc::locate_and_keep`] kept for `sel`, if the body has not changed since;
+    /// else [`SpanDoc::located`].
+    pub(crate) fn take_located(&mut self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
+        match self.found.iter().position(|(s, _)| *s == sel.source) {
+            Some(i) => self.found.swap_remove(i).1,
+            None => self.located(sel, path),
         }
-        let found = self.located(sel, path);
-        self.found.push((sel.source.clone(), found.clone()));
-        found
     }
 
     /// The children of `node` that `segment` selects; `bound`: what each of its names binds

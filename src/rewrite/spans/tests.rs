@@ -89,30 +89,34 @@ fn string_stop_agrees_with_a_byte_search() {
     }
 }
 
-/// What a selector selects is remembered only while the body is unchanged: after a removal or
-/// a replacement it is looked for again (an index then names the next item; a filter sees the
+/// What a selector selected is kept only while the body is unchanged: after a removal or a
+/// replacement it is looked for again (an index then names the next item; a filter sees the
 /// new value).
 #[test]
 fn what_a_selector_found_is_forgotten_when_the_body_changes() {
     let sel = |s: &str| JsonSelector::parse(s).expect("a selector");
-    let find = |doc: &mut SpanDoc, sel: &JsonSelector| {
-        doc.located_once(sel, sel.simple.as_ref().expect("a simple path"))
-    };
+    let path = |sel: &JsonSelector| sel.simple.clone().expect("a simple path");
+    let keep =
+        |doc: &mut SpanDoc, sel: &JsonSelector| doc.locate_and_keep(sel, &path(sel)).to_vec();
+    let take = |doc: &mut SpanDoc, sel: &JsonSelector| doc.take_located(sel, &path(sel));
     let mut doc = SpanDoc::parse(&Bytes::from(r#"{"a":["x","y"]}"#), Arc::default()).expect("JSON");
     let (first, x) = (sel("$.a[0]"), sel("$.a[?@ == 'x']"));
-    let found = find(&mut doc, &first);
-    assert_eq!(find(&mut doc, &x), found);
-    assert_eq!(find(&mut doc, &first), found, "remembered");
+    let found = keep(&mut doc, &first);
+    assert_eq!(keep(&mut doc, &x), found);
+    assert_eq!(keep(&mut doc, &first), found, "kept once");
+    assert_eq!(take(&mut doc, &first), found, "taken");
     assert!(doc.remove(found[0]));
-    assert!(find(&mut doc, &x).is_empty(), "the filter's item is gone");
-    let next = find(&mut doc, &first);
+    assert!(take(&mut doc, &x).is_empty(), "the filter's item is gone");
+    let next = keep(&mut doc, &first);
     assert_eq!(
         doc.string(next[0]).as_deref(),
         Some("y"),
         "looked for again"
     );
+    assert_eq!(keep(&mut doc, &x), Vec::<NodeId>::new());
     assert!(doc.replace(next[0], "x"));
-    assert_eq!(find(&mut doc, &x), next, "the filter sees the new value");
+    assert_eq!(take(&mut doc, &x), next, "the filter sees the new value");
+    assert_eq!(keep(&mut doc, &x), next);
     assert!(doc.replace(next[0], "z"));
-    assert!(find(&mut doc, &x).is_empty());
+    assert!(take(&mut doc, &x).is_empty());
 }
