@@ -755,25 +755,43 @@ fn span_and_tree_engines_agree() {
             ("pdat.matterlytics.com", "/v1/batch"),
             ("push.mattermost.com", "/api/v1/send_push"),
         ] {
-            let crate::decide::policy::Verdict::Granted { rules, .. } = policy.decide(host, path)
+            let crate::decide::policy::Verdict::Granted { rules, feature, .. } =
+                policy.decide(host, path)
             else {
                 panic!("granted");
             };
             if rules.is_empty() {
                 continue;
             }
+            let known = feature.known.as_ref().expect("the pack knows its features");
             assert_eq!(
-                Engine::for_rules(&rules, None),
+                Engine::for_rules(&rules, Some(known)),
                 Engine::Spans,
-                "the pack's rules are in the span subset"
+                "the pack's rules and known names are in the span subset"
             );
-            for body in &bodies {
+            // Without the drift check, and with it naming or removing what the pack does not
+            // know (the span engine then keeps what the check found for the rules).
+            let drifts = [
+                None,
+                Some(Drift {
+                    known,
+                    remove: false,
+                }),
+                Some(Drift {
+                    known,
+                    remove: true,
+                }),
+            ];
+            for (body, drift) in bodies
+                .iter()
+                .flat_map(|b| drifts.iter().map(move |d| (b, d)))
+            {
                 let mut a = msg(None, &[], "");
                 a.body = Bytes::from(body.clone());
                 let mut b = msg(None, &[], "");
                 b.body = Bytes::from(body.clone());
-                let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans, None);
-                let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree, None);
+                let spans = apply_with(&rules, &mut a, 1 << 20, Engine::Spans, *drift);
+                let tree = apply_with(&rules, &mut b, 1 << 20, Engine::Tree, *drift);
                 let shown = String::from_utf8_lossy(body);
                 assert_eq!(spans, tree, "{withheld:?} {shown}");
                 if spans.is_ok() {
