@@ -38,7 +38,7 @@ pub use error::RewriteError;
 use keys::{summarize, summarize_count, Names, Step, MAX_PATHS};
 use multipart::Multipart;
 use params::{edit_params, form_edit, query_edit, Params};
-use selector::{Action, Condition, Guarded, JsonSelector, Selector, SimplePath};
+use selector::{Action, Condition, Guarded, JsonSelector, Selector};
 use spans::{NodeId, SpanDoc};
 use tree::{parse_json, TreeDoc};
 
@@ -539,7 +539,7 @@ impl Doc {
     fn located(&self, sel: &JsonSelector) -> Vec<Vec<Step>> {
         match self {
             Doc::Spans(d) => d
-                .located(sel, simple_path(sel))
+                .located(sel)
                 .into_iter()
                 .map(|id| d.path_of(id).iter().map(Step::owned).collect())
                 .collect(),
@@ -562,7 +562,7 @@ impl Doc {
             Doc::Spans(d) => {
                 let mut covered: Vec<NodeId> = Vec::new();
                 for sel in &known.json {
-                    covered.extend_from_slice(d.locate_and_keep(sel, simple_path(sel)));
+                    covered.extend_from_slice(d.locate_and_keep(sel));
                 }
                 let unknown = d.unknown(&covered);
                 let mut labels = Vec::new();
@@ -603,7 +603,7 @@ impl Doc {
     fn strings(&self, sel: &JsonSelector) -> Vec<String> {
         match self {
             Doc::Spans(d) => d
-                .located(sel, simple_path(sel))
+                .located(sel)
                 .into_iter()
                 .filter_map(|id| d.string(id))
                 .collect(),
@@ -625,7 +625,7 @@ impl Doc {
         match self {
             Doc::Spans(d) => {
                 let changed: Vec<NodeId> = d
-                    .take_located(sel, simple_path(sel))
+                    .take_located(sel)
                     .into_iter()
                     .filter(|id| d.replace(*id, text))
                     .collect();
@@ -804,18 +804,9 @@ impl Body {
     }
 }
 
-/// The span engine's path of a selector (the engine is chosen only when every selector has one:
-/// [`Engine::for_rules`]).
-fn simple_path(sel: &JsonSelector) -> &SimplePath {
-    match &sel.simple {
-        Some(simple) => simple,
-        None => unreachable!("the span engine is used only for simple paths"),
-    }
-}
-
 /// Remove the nodes `sel` selects: nodes, not paths, so removing one never moves another.
 fn remove_nodes(d: &mut SpanDoc, sel: &JsonSelector) -> Vec<String> {
-    let mut ids = d.take_located(sel, simple_path(sel));
+    let mut ids = d.take_located(sel);
     ids.sort_unstable();
     ids.dedup();
     if ids.len() > MAX_PATHS {

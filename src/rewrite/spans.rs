@@ -114,7 +114,8 @@ impl SpanDoc {
     }
 
     /// The nodes `sel` selects, in the order the tree engine finds them.
-    pub(crate) fn located(&self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
+    pub(crate) fn located(&self, sel: &JsonSelector) -> Vec<NodeId> {
+        let path = simple_path(sel);
         // Two buffers, filled in turn: a segment reads one and fills the other.
         let mut found: Vec<NodeId> = Vec::with_capacity(8);
         found.push(0);
@@ -156,14 +157,13 @@ impl SpanDoc {
         next
     }
 
-    /// [`SpanDoc::located`], kept until the body changes for [`SpanDoc::take_located`] (the
-    /// drift check looks first for what the rules then look for). `path` is `sel`'s: that is
-    /// what makes its text the key.
-    pub(crate) fn locate_and_keep(&mut self, sel: &JsonSelector, path: &SimplePath) -> &[NodeId] {
+    /// [`SpanDoc::located`], kept by the selector's text until the body changes, for
+    /// [`SpanDoc::take_located`] (the drift check looks first for what the rules then look for).
+    pub(crate) fn locate_and_keep(&mut self, sel: &JsonSelector) -> &[NodeId] {
         let i = match self.found.iter().position(|(s, _)| *s == sel.source) {
             Some(i) => i,
             None => {
-                let found = self.located(sel, path);
+                let found = self.located(sel);
                 self.found.push((sel.source.clone(), found));
                 self.found.len() - 1
             }
@@ -173,10 +173,10 @@ impl SpanDoc {
 
     /// What [`SpanDoc::locate_and_keep`] kept for `sel`, if the body has not changed since;
     /// else [`SpanDoc::located`].
-    pub(crate) fn take_located(&mut self, sel: &JsonSelector, path: &SimplePath) -> Vec<NodeId> {
+    pub(crate) fn take_located(&mut self, sel: &JsonSelector) -> Vec<NodeId> {
         match self.found.iter().position(|(s, _)| *s == sel.source) {
             Some(i) => self.found.swap_remove(i).1,
-            None => self.located(sel, path),
+            None => self.located(sel),
         }
     }
 
@@ -489,6 +489,15 @@ impl SpanDoc {
         }
         flush(&mut run, out, &mut written);
         out.push(close);
+    }
+}
+
+/// The span engine's path of a selector (the engine is chosen only when every selector has one:
+/// `Engine::for_rules`).
+fn simple_path(sel: &JsonSelector) -> &SimplePath {
+    match &sel.simple {
+        Some(simple) => simple,
+        None => unreachable!("the span engine is used only for simple paths"),
     }
 }
 

@@ -95,10 +95,8 @@ fn string_stop_agrees_with_a_byte_search() {
 #[test]
 fn what_a_selector_found_is_forgotten_when_the_body_changes() {
     let sel = |s: &str| JsonSelector::parse(s).expect("a selector");
-    let path = |sel: &JsonSelector| sel.simple.clone().expect("a simple path");
-    let keep =
-        |doc: &mut SpanDoc, sel: &JsonSelector| doc.locate_and_keep(sel, &path(sel)).to_vec();
-    let take = |doc: &mut SpanDoc, sel: &JsonSelector| doc.take_located(sel, &path(sel));
+    let keep = |doc: &mut SpanDoc, sel: &JsonSelector| doc.locate_and_keep(sel).to_vec();
+    let take = |doc: &mut SpanDoc, sel: &JsonSelector| doc.take_located(sel);
     let mut doc = SpanDoc::parse(&Bytes::from(r#"{"a":["x","y"]}"#), Arc::default()).expect("JSON");
     let (first, x) = (sel("$.a[0]"), sel("$.a[?@ == 'x']"));
     let found = keep(&mut doc, &first);
